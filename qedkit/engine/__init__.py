@@ -1,0 +1,1 @@
+"""The format layer: open images (QED, raw), their backing chains, check and repair."""

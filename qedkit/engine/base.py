@@ -1,0 +1,148 @@
+"""The contract every image format driver keeps (QED, raw; qcow2 later).
+
+Modelled on QEMU's BlockDriver: a driver answers for its *own layer* only. Its
+``block_status`` says, for each range, whether this layer holds data, holds zeros, or
+leaves the range to the layer below (UNALLOCATED); code in engine.mapping walks the
+backing chain. Reads, by contrast, are complete: a driver reads through its own
+backing image.
+
+Preconditions of every call, checked by the driver: ``0 <= offset`` and
+``offset + length <= size``; any alignment (requests need none). On error the image
+is left consistent, and data acknowledged before the call is intact.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from ..errors import InvalidRequestError, ReadOnlyError
+from ..store.base import Buffer, ByteStore
+
+
+class ExtentKind(enum.Enum):
+    DATA = "data"  # this layer holds the bytes at host_offset
+    ZERO = "zero"  # this layer says: zeros (a QED zero cluster, a hole in a raw file)
+    UNALLOCATED = "unallocated"  # this layer says nothing: look below
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of guest bytes with one status in one layer.
+
+    ``host_offset`` is the byte offset in the layer's store where the run starts,
+    when the bytes have a place there (DATA; ZERO holes in a raw file); else None.
+    """
+
+    start: int
+    length: int
+    kind: ExtentKind
+    host_offset: int | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """What ``qemu-img info`` reports, for one image of a chain."""
+
+    filename: str
+    format: str
+    virtual_size: int
+    actual_size: int
+    cluster_size: int | None = None
+    backing_filename: str | None = None
+    full_backing_filename: str | None = None
+    backing_format: str | None = None
+    dirty: bool = False
+
+
+class BlockImage(ABC):
+    """An open image of some format. All I/O methods are coroutines."""
+
+    filename: str
+    format_name: str
+    readonly: bool
+    store: ByteStore
+    backing: BlockImage | None = None
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Guest-visible size in bytes."""
+
+    @property
+    def cluster_size(self) -> int | None:
+        return None
+
+    # ---- I/O -----------------------------------------------------------------
+
+    @abstractmethod
+    async def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
+        """Fill ``buf`` with guest bytes from ``offset`` (the range must be in the image)."""
+
+    async def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        await self.readinto(offset, buf)
+        return bytes(buf)
+
+    @abstractmethod
+    async def write(self, offset: int, data: Buffer) -> None: ...
+
+    @abstractmethod
+    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make the range read as zeros. ``unmap`` allows releasing host space."""
+
+    @abstractmethod
+    async def discard(self, offset: int, length: int) -> None:
+        """Advisory: the range may afterwards read as zeros (never as backing data)."""
+
+    @abstractmethod
+    async def flush(self) -> None: ...
+
+    @abstractmethod
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Status of ``[offset, offset+length)`` in this layer only, as sorted extents
+        covering the whole range."""
+
+    @abstractmethod
+    async def resize(self, new_size: int) -> None: ...
+
+    @abstractmethod
+    async def info(self) -> ImageInfo: ...
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Flush, mark clean and release the store (and the backing chain)."""
+
+    # ---- helpers for drivers -------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidRequestError(
+                f"request [{offset}, {offset + length}) is outside the image "
+                f"(size {self.size})",
+                filename=self.filename,
+            )
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError("image is open read-only", filename=self.filename)
+
+    def chain(self) -> list[BlockImage]:
+        """This image and its backing images, top first."""
+        out: list[BlockImage] = []
+        img: BlockImage | None = self
+        while img is not None:
+            out.append(img)
+            img = img.backing
+        return out
+
+    async def __aenter__(self) -> BlockImage:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,808 @@
+"""The QED driver: an open QED image with reads, writes, zeroing and block status.
+
+Theory of operation
+-------------------
+*Lookup.* The L1 table lives in memory for the life of the image; L2 tables come
+through a write-through LRU cache (engine.l2cache). ``_table_runs`` turns one L2
+table and a guest range into runs of DATA / ZERO / UNALLOCATED clusters, merging
+neighbours whose host clusters are contiguous. That one primitive serves read,
+write, zeroing, block status and the jobs.
+
+*Allocation* happens at ``_file_end``: the file length rounded down to a whole
+cluster at open, advanced by each allocation (QEMU's rule; bytes after the last
+whole cluster are overwritten). There is no free list. Allocating requests take
+``_alloc_lock``, one at a time for the whole image (QEMU does the same), and redo
+their lookup once they hold it; reads and writes to allocated clusters never take it.
+
+*Write ordering* (what makes a power loss harmless):
+
+1. without a backing file, set NEED_CHECK in the header and flush, once per dirty
+   period, before the first allocation;
+2. write the new data clusters whole (the request's data plus copy-on-write fill:
+   zeros, or the backing image's bytes for a cluster that was unallocated);
+3. with a backing file, flush, so that no L2 entry can reach the disk before the
+   data it points to (without one, an entry to unwritten data reads zeros, which is
+   what the cluster held before, and the open-time check covers the rest);
+4. update the L2 table: an existing table has only the changed 512-byte sectors
+   rewritten; a new table is written whole and flushed before
+5. the L1 entry pointing to it is written.
+
+NEED_CHECK is cleared by ``flush`` when no allocating request is in flight and on
+``close``, each time after a flush, so the flag is clear only when the metadata on
+disk is complete. Opening read-write an image with the flag set runs check and
+repair first (engine.check); a read-only open never writes.
+
+*Failure guarantee.* If a request fails, clusters it reserved may be leaked (space,
+never data); tables in memory change only after their on-disk update succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from array import array
+from collections.abc import Callable
+from dataclasses import replace
+
+from ..errors import CorruptImageError, InvalidRequestError, UnsupportedFeatureError
+from ..format.geometry import (
+    DEFAULT_CLUSTER_SIZE,
+    DEFAULT_TABLE_SIZE,
+    SECTOR_SIZE,
+    Geometry,
+    is_valid_cluster_size,
+    is_valid_table_size,
+    qemu_max_image_size,
+)
+from ..format.header import (
+    HEADER_SIZE_BYTES,
+    QEMU_MAX_BACKING_NAME,
+    Feature,
+    Header,
+    encode_backing_name,
+)
+from ..format.tables import (
+    L2_ZERO_CLUSTER,
+    new_table,
+    pack_table,
+    unpack_table,
+)
+from ..store.base import Buffer, ByteStore
+from .base import BlockImage, Extent, ExtentKind, ImageInfo
+from .l2cache import DEFAULT_BUDGET, L2Cache, StaleLoad
+
+DATA = ExtentKind.DATA
+ZERO = ExtentKind.ZERO
+UNALLOCATED = ExtentKind.UNALLOCATED
+
+ENTRIES_PER_SECTOR = SECTOR_SIZE // 8  # table entries rewritten together
+_ZEROS = bytes(1 << 20)  # shared source of zero bytes (1 MiB)
+
+
+def fill_zero(view: memoryview) -> None:
+    """Set every byte of ``view`` to zero without allocating more than 1 MiB."""
+    n = len(view)
+    pos = 0
+    while pos < n:
+        k = min(n - pos, len(_ZEROS))
+        view[pos : pos + k] = _ZEROS[:k]
+        pos += k
+
+
+def full_backing_filename(image_filename: str, backing_name: str) -> str:
+    """Resolve a stored backing name as QEMU does: absolute names and URLs as they are,
+    relative names against the directory of the image (not the working directory)."""
+    if os.path.isabs(backing_name) or "://" in backing_name:
+        return backing_name
+    return os.path.join(os.path.dirname(image_filename), backing_name)
+
+
+class QedImage(BlockImage):
+    format_name = "qed"
+
+    def __init__(
+        self,
+        store: ByteStore,
+        header: Header,
+        header_area: bytes,
+        l1: array[int],
+        *,
+        filename: str,
+        readonly: bool,
+        backing: BlockImage | None,
+        file_end: int,
+        cache_budget: int = DEFAULT_BUDGET,
+    ) -> None:
+        self.store = store
+        self.header = header
+        self.header_area = header_area
+        self.geo: Geometry = header.geometry
+        self.filename = filename
+        self.readonly = readonly
+        self.backing = backing
+        self.backing_filename = header.backing_filename(header_area)
+        self._l1 = l1
+        self._cache = L2Cache(self.geo.table_bytes, cache_budget)
+        self._file_end = file_end
+        self._alloc_lock = asyncio.Lock()
+        self._closed = False
+        # Hooks for jobs (defrag, streaming): called with (first_cluster, count) of
+        # guest clusters about to be written; may await to stall the write.
+        self.write_barrier: Callable[[int, int], object] | None = None
+
+    # ======================================================================
+    # open / create
+    # ======================================================================
+
+    @staticmethod
+    async def read_header(store: ByteStore) -> tuple[Header, bytes]:
+        """Read and validate the header; returns it with the header area bytes
+        (cluster 0 .. header_size, for the backing name). Never writes."""
+        size = await store.size()
+        first = await store.read(0, 4096)
+        header = Header.parse(first, size)
+        area_len = min(header.geometry.header_bytes, size)
+        area = first if area_len <= len(first) else await store.read(0, area_len)
+        return header, area
+
+    @classmethod
+    async def open(
+        cls,
+        store: ByteStore,
+        header: Header,
+        header_area: bytes,
+        *,
+        backing: BlockImage | None,
+        readonly: bool,
+        filename: str | None = None,
+        cache_budget: int = DEFAULT_BUDGET,
+        repair: bool = True,
+    ) -> QedImage:
+        """Finish opening once the header is validated and the backing chain is open.
+
+        Read-write opens clear unknown autoclear bits and, if NEED_CHECK is set,
+        check and repair the image before returning (``repair=False`` skips this,
+        for ``qed check`` itself). A read-only open never writes a byte.
+        """
+        geo = header.geometry
+        size = await store.size()
+        file_end = size - size % geo.cluster_size
+        l1 = unpack_table(await store.read_exact(header.l1_table_offset, geo.table_bytes, "L1 table"))
+        img = cls(
+            store,
+            header,
+            header_area,
+            l1,
+            filename=filename or store.name,
+            readonly=readonly,
+            backing=backing,
+            file_end=file_end,
+            cache_budget=cache_budget,
+        )
+        if readonly:
+            return img
+        if header.autoclear_features:
+            # Unknown autoclear bits (none are defined) mean a newer writer's extra
+            # data may be stale: clear them before any other write.
+            await img._write_header(replace(header, autoclear_features=0), flush=True)
+        if header.needs_check and repair:
+            from .check import RepairMode, check_image
+
+            await check_image(img, repair=RepairMode.ALL)
+        return img
+
+    @staticmethod
+    def validate_create_options(
+        size: int, cluster_size: int, table_size: int, backing_name: str | None
+    ) -> None:
+        """Raise InvalidRequestError unless QEMU could open the image these make."""
+        if not is_valid_cluster_size(cluster_size):
+            raise InvalidRequestError(
+                f"invalid cluster_size {cluster_size}: must be a power of two from 4096 "
+                f"to 67108864"
+            )
+        if not is_valid_table_size(table_size):
+            raise InvalidRequestError(
+                f"invalid table_size {table_size}: must be a power of two from 1 to 16"
+            )
+        if table_size == 1:
+            raise InvalidRequestError(
+                "table_size 1 is valid QED but QEMU cannot open such images; use 2 or more"
+            )
+        if size < 0 or size % SECTOR_SIZE:
+            raise InvalidRequestError(f"invalid image size {size}: must be a multiple of 512")
+        limit = qemu_max_image_size(cluster_size, table_size)
+        if size > limit:
+            raise InvalidRequestError(
+                f"image size {size} exceeds the maximum {limit} that QEMU accepts for "
+                f"cluster_size {cluster_size} and table_size {table_size}"
+            )
+        if backing_name is not None:
+            n = len(encode_backing_name(backing_name))
+            if n > QEMU_MAX_BACKING_NAME or HEADER_SIZE_BYTES + n > cluster_size:
+                raise InvalidRequestError(
+                    f"backing file name of {n} bytes does not fit in the header "
+                    f"(at most {min(QEMU_MAX_BACKING_NAME, cluster_size - HEADER_SIZE_BYTES)})"
+                )
+
+    @classmethod
+    async def format_store(
+        cls,
+        store: ByteStore,
+        size: int,
+        *,
+        cluster_size: int = DEFAULT_CLUSTER_SIZE,
+        table_size: int = DEFAULT_TABLE_SIZE,
+        backing_name: str | None = None,
+        backing_raw: bool = False,
+    ) -> Header:
+        """Write a new empty image into ``store`` (which should be empty): the header
+        cluster (with the backing name at offset 64) and a zeroed L1 table right after
+        it, as QEMU lays them out. The store is flushed before returning."""
+        cls.validate_create_options(size, cluster_size, table_size, backing_name)
+        features = 0
+        name = b""
+        if backing_name is not None and backing_name != "":
+            name = encode_backing_name(backing_name)
+            features |= Feature.BACKING_FILE
+            if backing_raw:
+                features |= Feature.BACKING_FORMAT_NO_PROBE
+        header = Header(
+            cluster_size=cluster_size,
+            table_size=table_size,
+            header_size=1,
+            features=features,
+            compat_features=0,
+            autoclear_features=0,
+            l1_table_offset=cluster_size,
+            image_size=size,
+            backing_filename_offset=HEADER_SIZE_BYTES if name else 0,
+            backing_filename_size=len(name),
+        )
+        cluster0 = bytearray(cluster_size)
+        packed = header.pack()
+        cluster0[: len(packed)] = packed
+        cluster0[HEADER_SIZE_BYTES : HEADER_SIZE_BYTES + len(name)] = name
+        await store.truncate(0)
+        await store.writev(0, [cluster0, bytes(table_size * cluster_size)])
+        await store.flush()
+        return header
+
+    # ======================================================================
+    # properties
+    # ======================================================================
+
+    @property
+    def size(self) -> int:
+        return self.header.image_size
+
+    @property
+    def cluster_size(self) -> int:
+        return self.geo.cluster_size
+
+    @property
+    def file_end(self) -> int:
+        """The allocation pointer: where the next cluster will be placed."""
+        return self._file_end
+
+    @property
+    def l1_table(self) -> array[int]:
+        """The in-memory L1 table (read-only use, please)."""
+        return self._l1
+
+    @property
+    def cache(self) -> L2Cache:
+        return self._cache
+
+    # ======================================================================
+    # lookup
+    # ======================================================================
+
+    def _corrupt(self, message: str, offset: int, field: str) -> CorruptImageError:
+        return CorruptImageError(message, filename=self.filename, offset=offset, field=field)
+
+    async def get_l2(self, l1_index: int) -> array[int] | None:
+        """The L2 table for ``l1_index`` (None when the L1 entry is 0)."""
+        l2_offset = self._l1[l1_index]
+        if l2_offset == 0:
+            return None
+        table = self._cache.get(l2_offset)
+        if table is not None:
+            return table
+        if not self.geo.is_valid_table_offset(l2_offset, self._file_end):
+            where = self.header.l1_table_offset + 8 * l1_index
+            raise self._corrupt(
+                f"L1 entry {l1_index} at offset {where} points to an invalid L2 table "
+                f"offset {l2_offset:#x}",
+                where,
+                "l1_entry",
+            )
+        while True:
+            generation = self._cache.generation(l2_offset)
+            data = await self.store.read_exact(l2_offset, self.geo.table_bytes, "L2 table")
+            try:
+                return self._cache.offer(l2_offset, unpack_table(data), generation)
+            except StaleLoad:
+                continue
+
+    def _table_runs(
+        self, table: array[int] | None, l1_index: int, pos: int, end: int
+    ) -> list[Extent]:
+        """Runs of ``[pos, end)`` (inside one L2 span) by kind; DATA runs are
+        host-contiguous and carry the host offset of their first byte."""
+        if table is None:
+            return [Extent(pos, end - pos, UNALLOCATED)]
+        geo = self.geo
+        bits = geo.cluster_bits
+        cs = geo.cluster_size
+        mask = geo.l2_entries - 1
+        base = l1_index * geo.l2_span
+        i = (pos >> bits) & mask
+        last = ((end - 1) >> bits) & mask
+        runs: list[Extent] = []
+        while i <= last:
+            entry = table[i]
+            j = i + 1
+            if entry > L2_ZERO_CLUSTER:
+                expect = entry + cs
+                while j <= last and table[j] == expect:
+                    j += 1
+                    expect += cs
+                self._check_data_run(entry, expect - cs, l1_index, i, j - 1)
+                kind = DATA
+            else:
+                while j <= last and table[j] == entry:
+                    j += 1
+                kind = ZERO if entry == L2_ZERO_CLUSTER else UNALLOCATED
+            start = max(pos, base + (i << bits))
+            stop = min(end, base + (j << bits))
+            host = entry + (start - base - (i << bits)) if kind is DATA else None
+            runs.append(Extent(start, stop - start, kind, host))
+            i = j
+        return runs
+
+    def _check_data_run(self, first: int, last: int, l1_index: int, i: int, j: int) -> None:
+        geo = self.geo
+        if first % geo.cluster_size == 0 and first >= geo.header_bytes and last < self._file_end:
+            return
+        bad, index = (first, i)
+        if first % geo.cluster_size == 0 and first >= geo.header_bytes:
+            bad, index = (last, j)
+        where = self._l1[l1_index] + 8 * index
+        raise self._corrupt(
+            f"L2 entry {index} of the table at {self._l1[l1_index]:#x} (offset {where}) "
+            f"holds an invalid cluster offset {bad:#x}",
+            where,
+            "l2_entry",
+        )
+
+    async def runs(self, offset: int, length: int) -> list[Extent]:
+        """All runs of ``[offset, offset + length)``, in order (this layer only)."""
+        out: list[Extent] = []
+        span = self.geo.l2_span
+        pos, end = offset, offset + length
+        while pos < end:
+            l1_index = pos // span
+            piece_end = min(end, (l1_index + 1) * span)
+            for run in self._table_runs(await self.get_l2(l1_index), l1_index, pos, piece_end):
+                prev = out[-1] if out else None
+                if (
+                    prev is not None
+                    and prev.kind is run.kind
+                    and (
+                        run.kind is not DATA
+                        or prev.host_offset is not None
+                        and prev.host_offset + prev.length == run.host_offset
+                    )
+                ):
+                    out[-1] = Extent(prev.start, prev.length + run.length, run.kind, prev.host_offset)
+                else:
+                    out.append(run)
+            pos = piece_end
+        return out
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        self._check_range(offset, length)
+        return await self.runs(offset, length)
+
+    # ======================================================================
+    # read
+    # ======================================================================
+
+    async def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
+        view = memoryview(buf).cast("B")
+        self._check_range(offset, len(view))
+        span = self.geo.l2_span
+        pos, end = offset, offset + len(view)
+        while pos < end:
+            l1_index = pos // span
+            piece_end = min(end, (l1_index + 1) * span)
+            table = await self.get_l2(l1_index)
+            for run in self._table_runs(table, l1_index, pos, piece_end):
+                dst = view[run.start - offset : run.start - offset + run.length]
+                if run.kind is DATA:
+                    assert run.host_offset is not None
+                    n = await self.store.readinto(run.host_offset, dst)
+                    if n < len(dst):
+                        fill_zero(dst[n:])
+                elif run.kind is ZERO:
+                    fill_zero(dst)
+                else:
+                    await self._read_backing(run.start, dst)
+            pos = piece_end
+
+    async def _read_backing(self, pos: int, dst: memoryview, limit: int | None = None) -> None:
+        """Guest bytes below this layer: the backing image, zeros past its end (or past
+        ``limit``), zeros if there is none."""
+        backing = self.backing
+        stop = backing.size if backing is not None else 0
+        if limit is not None:
+            stop = min(stop, limit)
+        n = max(0, min(len(dst), stop - pos))
+        if n:
+            assert backing is not None
+            await backing.readinto(pos, dst[:n])
+        if n < len(dst):
+            fill_zero(dst[n:])
+
+    # ======================================================================
+    # write
+    # ======================================================================
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view))
+        span = self.geo.l2_span
+        pos, end = offset, offset + len(view)
+        while pos < end:
+            l1_index = pos // span
+            piece_end = min(end, (l1_index + 1) * span)
+            piece = view[pos - offset : piece_end - offset]
+            if self.write_barrier is not None:
+                await self._barrier(pos, piece_end)
+            if not await self._write_in_place(l1_index, pos, piece):
+                async with self._alloc_lock:
+                    await self._allocating_write(l1_index, pos, piece)
+            pos = piece_end
+
+    async def _barrier(self, pos: int, end: int) -> None:
+        assert self.write_barrier is not None
+        first = pos >> self.geo.cluster_bits
+        last = (end - 1) >> self.geo.cluster_bits
+        waiter = self.write_barrier(first, last - first + 1)
+        if asyncio.iscoroutine(waiter) or isinstance(waiter, asyncio.Future):
+            await waiter
+
+    async def _write_in_place(self, l1_index: int, pos: int, data: memoryview) -> bool:
+        """Write ``data`` if every cluster it touches is allocated; False otherwise."""
+        table = await self.get_l2(l1_index)
+        if table is None:
+            return False
+        runs = self._table_runs(table, l1_index, pos, pos + len(data))
+        for run in runs:
+            if run.kind is not DATA:
+                return False
+        for run in runs:
+            assert run.host_offset is not None
+            await self.store.write(run.host_offset, data[run.start - pos : run.start - pos + run.length])
+        return True
+
+    async def _allocating_write(self, l1_index: int, pos: int, data: memoryview) -> None:
+        """Write ``data`` at ``pos`` (inside one L2 span), allocating clusters for the
+        unallocated and zero clusters it touches. Caller holds ``_alloc_lock``."""
+        geo = self.geo
+        table = await self.get_l2(l1_index)
+        updates: dict[int, int] = {}
+        for run in self._table_runs(table, l1_index, pos, pos + len(data)):
+            chunk = data[run.start - pos : run.start - pos + run.length]
+            if run.kind is DATA:
+                assert run.host_offset is not None
+                await self.store.write(run.host_offset, chunk)
+                continue
+            first = geo.start_of_cluster(run.start)
+            stop = geo.round_up(run.end)
+            count = (stop - first) >> geo.cluster_bits
+            await self._mark_need_check()
+            host = self._allocate(count)
+            head = await self._cow_fill(first, run.start, run.kind)
+            tail = await self._cow_fill(run.end, stop, run.kind)
+            await self.store.writev(host, [head, chunk, tail])
+            index = geo.l2_index(first)
+            for k in range(count):
+                updates[index + k] = host + (k << geo.cluster_bits)
+        if updates:
+            if self.backing is not None:
+                await self.store.flush()
+            await self._update_l2(l1_index, table, updates)
+
+    async def _cow_fill(self, start: int, end: int, kind: ExtentKind) -> bytes | memoryview:
+        """Bytes for ``[start, end)`` of a cluster being allocated: zeros for a zero
+        cluster (never the backing file: QEMU gets this wrong), else what the
+        backing chain holds there, up to the image size."""
+        n = end - start
+        if n <= 0:
+            return b""
+        if kind is ZERO or self.backing is None or start >= min(self.size, self.backing.size):
+            return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
+        buf = bytearray(n)
+        await self._read_backing(start, memoryview(buf), limit=self.size)
+        return buf
+
+    def _allocate(self, count: int) -> int:
+        """Reserve ``count`` contiguous clusters at the end of the file."""
+        offset = self._file_end
+        self._file_end += count << self.geo.cluster_bits
+        return offset
+
+    async def _update_l2(
+        self, l1_index: int, table: array[int] | None, updates: dict[int, int]
+    ) -> None:
+        """Make ``updates`` (L2 index -> entry) durable in order: into the existing
+        table's changed sectors, or into a new table written and flushed before the
+        L1 entry that links it."""
+        if table is not None:
+            l2_offset = self._l1[l1_index]
+            lo = min(updates) // ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR
+            hi = (max(updates) // ENTRIES_PER_SECTOR + 1) * ENTRIES_PER_SECTOR
+            span = array("Q", table[lo:hi])
+            for index, entry in updates.items():
+                span[index - lo] = entry
+            await self.store.write(l2_offset + 8 * lo, pack_table(span))
+            for index, entry in updates.items():
+                table[index] = entry
+            self._cache.store(l2_offset, table)
+            return
+        await self._mark_need_check()
+        new = new_table(self.geo.l2_entries)
+        for index, entry in updates.items():
+            new[index] = entry
+        l2_offset = self._allocate(self.geo.table_size)
+        await self.store.write(l2_offset, pack_table(new))
+        await self.store.flush()
+        await self.set_l1_entry(l1_index, l2_offset)
+        self._cache.store(l2_offset, new)
+
+    async def set_l1_entry(self, l1_index: int, value: int) -> None:
+        """Rewrite the L1 sector holding ``l1_index`` with ``value`` in it (no flush)."""
+        lo = l1_index // ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR
+        span = array("Q", self._l1[lo : lo + ENTRIES_PER_SECTOR])
+        span[l1_index - lo] = value
+        await self.store.write(self.header.l1_table_offset + 8 * lo, pack_table(span))
+        self._l1[l1_index] = value
+
+    # ======================================================================
+    # zeroing, discard
+    # ======================================================================
+
+    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Zero a range. Whole clusters that are unallocated become zero clusters
+        (entry 1); whole allocated clusters are zeroed in place (their space released
+        when ``unmap``); partial clusters get real zeros, skipped where the cluster
+        already reads as zeros."""
+        self._check_writable()
+        self._check_range(offset, length)
+        await self._zero_range(offset, offset + length, unmap)
+
+    async def _zero_range(self, pos: int, end: int, unmap: bool) -> None:
+        geo = self.geo
+        while pos < end:
+            l1_index = pos // geo.l2_span
+            piece_end = min(end, (l1_index + 1) * geo.l2_span)
+            if self.write_barrier is not None:
+                await self._barrier(pos, piece_end)
+            head_end = min(piece_end, geo.round_up(pos))
+            tail_start = max(head_end, geo.start_of_cluster(piece_end))
+            if head_end > pos:
+                await self._zero_partial(l1_index, pos, head_end)
+            if tail_start > head_end:
+                await self._zero_clusters(l1_index, head_end, tail_start, unmap)
+            if piece_end > tail_start:
+                await self._zero_partial(l1_index, tail_start, piece_end)
+            pos = piece_end
+
+    async def _zero_partial(self, l1_index: int, pos: int, end: int) -> None:
+        """Zero part of one cluster (or a whole last cluster cut by the image end)."""
+        if pos == end:
+            return
+        table = await self.get_l2(l1_index)
+        (run,) = self._table_runs(table, l1_index, pos, end)
+        if run.kind is ZERO or (run.kind is UNALLOCATED and self._below_is_zero(pos, end)):
+            return
+        if run.kind is DATA:
+            assert run.host_offset is not None
+            await self.store.write_zeroes(run.host_offset, end - pos)
+            return
+        async with self._alloc_lock:
+            await self._allocating_write(l1_index, pos, memoryview(_ZEROS)[: end - pos])
+
+    def _below_is_zero(self, pos: int, end: int) -> bool:
+        return self.backing is None or pos >= self.backing.size
+
+    async def _zero_clusters(self, l1_index: int, pos: int, end: int, unmap: bool) -> None:
+        """Zero whole clusters ``[pos, end)`` inside one L2 span."""
+        table = await self.get_l2(l1_index)
+        runs = self._table_runs(table, l1_index, pos, end)
+        needs_entries = False
+        for run in runs:
+            if run.kind is DATA:
+                assert run.host_offset is not None
+                await self.store.write_zeroes(run.host_offset, run.length, punch=unmap)
+            elif run.kind is UNALLOCATED:
+                needs_entries = True
+        if not needs_entries:
+            return
+        async with self._alloc_lock:
+            table = await self.get_l2(l1_index)
+            updates: dict[int, int] = {}
+            for run in self._table_runs(table, l1_index, pos, end):
+                if run.kind is DATA:  # allocated meanwhile
+                    assert run.host_offset is not None
+                    await self.store.write_zeroes(run.host_offset, run.length, punch=unmap)
+                elif run.kind is UNALLOCATED:
+                    first = self.geo.l2_index(run.start)
+                    for k in range(run.length >> self.geo.cluster_bits):
+                        updates[first + k] = L2_ZERO_CLUSTER
+            if updates:
+                await self._mark_need_check()
+                await self._update_l2(l1_index, table, updates)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Release the host space of whole allocated clusters in the range by punching
+        holes in the file. The L2 entries stay: the clusters read as zeros (never as
+        backing data), ``qemu-img check`` sees no leak, and the file's allocated size
+        shrinks. Partial clusters, zero and unallocated clusters are left alone."""
+        self._check_writable()
+        self._check_range(offset, length)
+        start = self.geo.round_up(offset)
+        end = self.geo.start_of_cluster(offset + length)
+        if end <= start:
+            return
+        if self.write_barrier is not None:
+            await self._barrier(start, end)
+        for run in await self.runs(start, end - start):
+            if run.kind is DATA:
+                assert run.host_offset is not None
+                await self.store.discard(run.host_offset, run.length)
+
+    # ======================================================================
+    # header, need-check, flush, resize, close
+    # ======================================================================
+
+    async def _write_header(self, header: Header, *, flush: bool) -> None:
+        """Rewrite the 64-byte header struct only (bytes after it are preserved)."""
+        await self.store.write(0, header.pack())
+        if flush:
+            await self.store.flush()
+        self.header = header
+
+    async def _mark_need_check(self) -> None:
+        """Set NEED_CHECK (durably) before the first allocation of a dirty period, for
+        images without a backing file."""
+        if self.backing is None and not self.header.needs_check:
+            await self._write_header(self.header.with_features(set_=Feature.NEED_CHECK), flush=True)
+
+    async def flush(self) -> None:
+        """Make every completed write durable; when no allocating request is in
+        flight, also clear NEED_CHECK (after the flush that makes the tables whole)."""
+        if self.readonly or self._closed:
+            return
+        await self.store.flush()
+        if self.header.needs_check and not self._alloc_lock.locked():
+            async with self._alloc_lock:
+                await self.mark_clean()
+
+    async def mark_clean(self) -> None:
+        """Clear NEED_CHECK: flush, write the header, flush. Caller excludes allocations."""
+        if not self.header.needs_check:
+            return
+        await self.store.flush()
+        await self._write_header(self.header.with_features(clear=Feature.NEED_CHECK), flush=True)
+
+    async def set_backing_file(self, name: str | None, *, raw: bool = False) -> None:
+        """Record a new backing file name (or none) in the header, as rebase, commit and
+        streaming do. The caller opens and attaches the new backing image."""
+        self._check_writable()
+        header = self.header
+        if name:
+            if header.compat_features:
+                raise UnsupportedFeatureError(
+                    f"cannot set a backing file: unknown compatible features "
+                    f"{header.compat_features:#x} may use the header area",
+                    filename=self.filename,
+                )
+            encoded = encode_backing_name(name)
+            if HEADER_SIZE_BYTES + len(encoded) > self.geo.header_bytes or len(encoded) > QEMU_MAX_BACKING_NAME:
+                raise InvalidRequestError(
+                    f"backing file name of {len(encoded)} bytes does not fit in the header",
+                    filename=self.filename,
+                )
+            features = Feature.BACKING_FILE | (Feature.BACKING_FORMAT_NO_PROBE if raw else 0)
+            header = replace(
+                header.with_features(
+                    set_=features,
+                    clear=0 if raw else Feature.BACKING_FORMAT_NO_PROBE,
+                ),
+                backing_filename_offset=HEADER_SIZE_BYTES,
+                backing_filename_size=len(encoded),
+            )
+            # Name first, flushed, then the header that points at it.
+            await self.store.write(HEADER_SIZE_BYTES, encoded)
+            await self.store.flush()
+            area = bytearray(self.header_area)
+            area[HEADER_SIZE_BYTES : HEADER_SIZE_BYTES + len(encoded)] = encoded
+            self.header_area = bytes(area)
+        else:
+            header = replace(
+                header.with_features(clear=Feature.BACKING_FILE | Feature.BACKING_FORMAT_NO_PROBE),
+                backing_filename_size=0,
+            )
+        await self._write_header(header, flush=True)
+        self.backing_filename = header.backing_filename(self.header_area)
+
+    async def resize(self, new_size: int) -> None:
+        """Grow the image. Data of a longer backing file (or stale bytes in the tail of
+        the last cluster) must not show through the new range, so that range is
+        zeroed first, then the new size is written to the header."""
+        self._check_writable()
+        old = self.size
+        if new_size == old:
+            return
+        if new_size < old:
+            raise UnsupportedFeatureError(
+                f"shrinking a QED image is not supported ({old} -> {new_size} bytes)",
+                filename=self.filename,
+            )
+        if new_size % SECTOR_SIZE:
+            raise InvalidRequestError(
+                f"invalid size {new_size}: must be a multiple of 512", filename=self.filename
+            )
+        limit = qemu_max_image_size(self.geo.cluster_size, self.geo.table_size)
+        if new_size > limit:
+            raise InvalidRequestError(
+                f"size {new_size} exceeds the maximum {limit} for this image's geometry",
+                filename=self.filename,
+            )
+        zero_end = old
+        if self.backing is not None:
+            zero_end = max(zero_end, min(new_size, self.backing.size))
+        if old % self.geo.cluster_size:
+            zero_end = max(zero_end, min(new_size, self.geo.round_up(old)))
+        if zero_end > old:
+            # Whole unallocated clusters become zero clusters; partial ones get zeros.
+            # Requests stay below the old size's cluster, so the range check of the
+            # public API does not apply here.
+            await self._zero_range(old, zero_end, unmap=False)
+            await self.store.flush()
+        await self._write_header(replace(self.header, image_size=new_size), flush=True)
+
+    async def info(self) -> ImageInfo:
+        name = self.backing_filename
+        return ImageInfo(
+            filename=self.filename,
+            format="qed",
+            virtual_size=self.size,
+            actual_size=await self.store.allocated_bytes(),
+            cluster_size=self.geo.cluster_size,
+            backing_filename=name,
+            full_backing_filename=full_backing_filename(self.filename, name) if name else None,
+            backing_format="raw" if name and self.header.has(Feature.BACKING_FORMAT_NO_PROBE) else None,
+            dirty=self.header.needs_check,
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.readonly:
+                await self.store.flush()
+                async with self._alloc_lock:
+                    await self.mark_clean()
+        finally:
+            self._closed = True
+            try:
+                await self.store.close()
+            finally:
+                if self.backing is not None:
+                    await self.backing.close()
+

@@ -1,0 +1,26 @@
+"""Image format probing from the first bytes of a file.
+
+References: QEMU block/qed.c (bdrv_qed_probe), block/qcow2.c (qcow2_probe), block/raw-format.c.
+
+QEMU's probes are weak: QED needs only the 4-byte magic, so raw data that happens to
+begin with ``QED\\0`` probes as QED. That is why a raw backing file is recorded with
+the BACKING_FORMAT_NO_PROBE bit and never probed.
+"""
+
+from __future__ import annotations
+
+from .header import MAGIC as QED_MAGIC
+
+QCOW2_MAGIC = b"QFI\xfb"
+PROBE_BYTES = 512  # what a probe needs to see; QEMU probes with the first 2 KiB
+
+FORMATS = ("qed", "raw", "qcow2")
+
+
+def probe_format(first_bytes: bytes) -> str:
+    """'qed', 'qcow2' or 'raw' (the fallback, as in QEMU)."""
+    if first_bytes[:4] == QED_MAGIC and len(first_bytes) >= 64:
+        return "qed"
+    if first_bytes[:4] == QCOW2_MAGIC:
+        return "qcow2"
+    return "raw"

@@ -207,9 +207,12 @@ def open(  # noqa: A001 - qedkit.open mirrors the builtin on purpose
     format: str | None = None,  # noqa: A002
     backing_chain: bool = True,
     cache_budget: int = DEFAULT_BUDGET,
+    auto_repair: bool = True,
 ) -> Image:
     """Open an image; ``format`` is probed when None. A read-write open of an image
-    whose NEED_CHECK flag is set repairs it first; a read-only open never writes."""
+    whose NEED_CHECK flag is set repairs it first (unless ``auto_repair=False``);
+    a read-only open never writes. ``backing_chain=False`` leaves the backing file
+    closed (unallocated clusters then read as zeros)."""
     return Image(
         run(
             open_image(
@@ -218,6 +221,7 @@ def open(  # noqa: A001 - qedkit.open mirrors the builtin on purpose
                 readonly=readonly,
                 backing_chain=backing_chain,
                 cache_budget=cache_budget,
+                repair=auto_repair,
             )
         )
     )

@@ -47,10 +47,10 @@ def _check_format_name(fmt: str) -> None:
         )
 
 
-def _open_store(path: str, *, readonly: bool) -> ByteStore:
+def _open_store(path: str, *, readonly: bool, unsafe: bool = False) -> ByteStore:
     if "://" in path:
         raise UnsupportedFeatureError(f"protocol of {path!r} is not supported yet")
-    return FileStore.open(path, readonly=readonly)
+    return FileStore.open(path, readonly=readonly, unsafe=unsafe)
 
 
 async def probe(store: ByteStore) -> str:
@@ -65,6 +65,7 @@ async def open_image(
     backing_chain: bool = True,
     cache_budget: int = DEFAULT_BUDGET,
     repair: bool = True,
+    unsafe_no_flush: bool = False,
     _depth: int = 0,
     _seen: frozenset[str] = frozenset(),
 ) -> BlockImage:
@@ -72,7 +73,8 @@ async def open_image(
 
     ``backing_chain=False`` opens the top image alone (reads of unallocated clusters
     then return zeros); ``repair=False`` skips the open-time repair of an image with
-    NEED_CHECK set (``qed check`` wants to see it unrepaired).
+    NEED_CHECK set (``qed check`` wants to see it unrepaired); ``unsafe_no_flush``
+    turns flushes of the top image into no-ops (qemu-img's cache=unsafe).
     """
     if fmt is not None:
         _check_format_name(fmt)
@@ -82,7 +84,7 @@ async def open_image(
     if _depth > MAX_CHAIN_DEPTH:
         raise BackingFileError(f"backing chain deeper than {MAX_CHAIN_DEPTH} images")
     try:
-        store = _open_store(path, readonly=readonly)
+        store = _open_store(path, readonly=readonly, unsafe=unsafe_no_flush)
     except QedError as exc:
         raise exc.with_filename(path) from exc.__cause__
     try:

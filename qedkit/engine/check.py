@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import QedError
 from ..format.tables import L2_ZERO_CLUSTER, pack_table, unpack_table
@@ -214,3 +214,18 @@ def _check_l2(scan: _Scan, table: array[int], l2_offset: int) -> bool:
             continue
         scan.mark(entry, 1, f"L2 entry {index} of the table at {l2_offset:#x}")
     return changed
+
+
+async def check_and_repair(img: QedImage, repair: RepairMode | None) -> CheckReport:
+    """``qemu-img check [-r]``'s flow: check (repairing if asked); if anything was
+    repaired, check again and report that second result with the repair counts."""
+    first = await check_image(img, repair)
+    if repair is None or not (first.corruptions_fixed or first.leaks_fixed):
+        return first
+    second = await check_image(img, None)
+    return replace(
+        second,
+        corruptions_fixed=first.corruptions_fixed,
+        leaks_fixed=first.leaks_fixed,
+        problems=first.problems,
+    )

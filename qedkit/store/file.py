@@ -12,12 +12,11 @@ sizes, so a stall is bounded too.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import stat
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import StoreError
 from .base import Buffer, ByteStore, StoreCapabilities, StoreExtent
@@ -29,18 +28,28 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 _IOV_MAX = 1024  # Linux UIO_MAXIOV
 
-_libc: ctypes.CDLL | None = None
+_fallocate_fn: Any = None
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with flags (os.posix_fallocate has none)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    """fallocate(2) with flags (os.posix_fallocate has none). ctypes is imported on
+    first use: it costs 15 ms of start-up that most commands never need."""
+    global _fallocate_fn
+    if _fallocate_fn is None:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        get_errno = ctypes.get_errno
+
+        def call(fd: int, mode: int, offset: int, length: int) -> None:
+            if libc.fallocate(fd, mode, offset, length) != 0:
+                err = get_errno()
+                raise OSError(err, os.strerror(err))
+
+        _fallocate_fn = call
+    _fallocate_fn(fd, mode, offset, length)
 
 
 def _store_error(name: str, what: str, exc: OSError) -> StoreError:
@@ -52,8 +61,11 @@ def _store_error(name: str, what: str, exc: OSError) -> StoreError:
 class FileStore(ByteStore):
     """A regular file (or block device) opened with ``os.open``."""
 
-    def __init__(self, fd: int, name: str, *, writable: bool) -> None:
+    def __init__(self, fd: int, name: str, *, writable: bool, unsafe: bool = False) -> None:
         self.fd = fd
+        # unsafe: flush() does nothing (qemu-img's cache=unsafe), for scratch output
+        # such as a convert target that is useless after a crash anyway.
+        self.unsafe = unsafe
         self.name = name
         self._closed = False
         st = os.fstat(fd)
@@ -66,7 +78,9 @@ class FileStore(ByteStore):
         )
 
     @classmethod
-    def open(cls, path: str, *, readonly: bool = False, create: bool = False) -> FileStore:
+    def open(
+        cls, path: str, *, readonly: bool = False, create: bool = False, unsafe: bool = False
+    ) -> FileStore:
         """Open ``path``; with ``create`` the file is created or truncated to empty."""
         flags = os.O_CLOEXEC | (os.O_RDONLY if readonly else os.O_RDWR)
         if create:
@@ -75,7 +89,7 @@ class FileStore(ByteStore):
             fd = os.open(path, flags, 0o644)
         except OSError as exc:
             raise _store_error(path, "cannot open", exc) from exc
-        return cls(fd, path, writable=not readonly)
+        return cls(fd, path, writable=not readonly, unsafe=unsafe)
 
     # ---- reads ---------------------------------------------------------------
 
@@ -162,7 +176,7 @@ class FileStore(ByteStore):
                 raise _store_error(self.name, f"discard of {length} bytes at {offset} failed", exc) from exc
 
     async def flush(self) -> None:
-        if not self.capabilities.writable:
+        if not self.capabilities.writable or self.unsafe:
             return
         try:
             os.fdatasync(self.fd)

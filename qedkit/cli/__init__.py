@@ -1,0 +1,1 @@
+"""The qed command line (see qedkit.cli.main)."""

@@ -1,0 +1,150 @@
+"""``qed io``: the subset of qemu-io that scripts and tests need.
+
+Commands (numbers take k/M/G/T suffixes, binary)::
+
+    read  [-P PATTERN] [-q] OFFSET LENGTH     read; with -P, verify every byte
+    write [-P PATTERN] [-q] OFFSET LENGTH     write PATTERN (default 0xcd) bytes
+    write -z [-u] [-q] OFFSET LENGTH          write zeroes (-u: may release space)
+    discard [-q] OFFSET LENGTH
+    flush
+
+Each command that completes prints one line as qemu-io's first line does
+("wrote 4096/4096 bytes at offset 0") and the line is flushed at once, so a
+process killed mid-script has reported exactly the commands that completed.
+A failing command prints its error and the script goes on; the exit status is 1
+if any command failed, as with qemu-io.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from ..api import Image
+from ..errors import InvalidRequestError, QedError
+from .sizes import parse_size
+
+DEFAULT_PATTERN = 0xCD  # qemu-io's default write pattern
+
+
+class IoCommandError(Exception):
+    """A command line qed io cannot parse."""
+
+
+def _parse(argv: Sequence[str], flags: str) -> tuple[dict[str, str | bool], list[str]]:
+    """Tiny getopt: ``flags`` like "P:zuq" (a colon marks an option with a value)."""
+    opts: dict[str, str | bool] = {}
+    rest: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("-") and len(arg) > 1 and not arg[1].isdigit() and not rest:
+            for k, ch in enumerate(arg[1:], start=1):
+                pos = flags.find(ch)
+                if pos < 0:
+                    raise IoCommandError(f"invalid option -{ch}")
+                if pos + 1 < len(flags) and flags[pos + 1] == ":":
+                    value = arg[k + 1 :] or next(it, None)
+                    if value is None:
+                        raise IoCommandError(f"option -{ch} needs a value")
+                    opts[ch] = value
+                    break
+                opts[ch] = True
+        else:
+            rest.append(arg)
+    return opts, rest
+
+
+def _pattern(value: str | bool | None, default: int) -> int:
+    if value is None or value is True:
+        return default
+    try:
+        pattern = int(str(value), 0)
+    except ValueError:
+        raise IoCommandError(f"invalid pattern {value!r}") from None
+    if not 0 <= pattern <= 255:
+        raise IoCommandError(f"pattern {value!r} is not a byte")
+    return pattern
+
+
+def _range(rest: list[str], name: str) -> tuple[int, int]:
+    if len(rest) != 2:
+        raise IoCommandError(f"{name} needs OFFSET and LENGTH")
+    try:
+        return parse_size(rest[0]), parse_size(rest[1])
+    except ValueError as exc:
+        raise IoCommandError(str(exc)) from None
+
+
+def run_command(image: Image, line: str, out: TextIO = sys.stdout) -> bool:
+    """Run one command; returns False if it failed (after reporting why)."""
+    argv = shlex.split(line)
+    if not argv:
+        return True
+    name, args = argv[0], argv[1:]
+    if name == "read":
+        opts, rest = _parse(args, "P:qv")
+        offset, length = _range(rest, name)
+        data = image.read(offset, length)
+        ok = True
+        if "P" in opts:
+            pattern = _pattern(opts["P"], 0)
+            bad = data.translate(None, bytes([pattern]))
+            if bad:
+                first = next(i for i, b in enumerate(data) if b != pattern)
+                out.write(f"Pattern verification failed at offset {offset + first}, {length} bytes\n")
+                ok = False
+        if not opts.get("q"):
+            out.write(f"read {length}/{length} bytes at offset {offset}\n")
+        out.flush()
+        return ok
+    if name == "write":
+        opts, rest = _parse(args, "P:zuq")
+        offset, length = _range(rest, name)
+        if opts.get("z"):
+            if "P" in opts:
+                raise IoCommandError("-z and -P cannot be combined")
+            image.write_zeroes(offset, length, unmap=bool(opts.get("u")))
+        else:
+            if opts.get("u"):
+                raise IoCommandError("-u needs -z")
+            image.write(offset, bytes([_pattern(opts.get("P"), DEFAULT_PATTERN)]) * length)
+        if not opts.get("q"):
+            out.write(f"wrote {length}/{length} bytes at offset {offset}\n")
+            out.flush()
+        return True
+    if name == "discard":
+        opts, rest = _parse(args, "q")
+        offset, length = _range(rest, name)
+        image.discard(offset, length)
+        if not opts.get("q"):
+            out.write(f"discard {length}/{length} bytes at offset {offset}\n")
+            out.flush()
+        return True
+    if name == "flush":
+        if args:
+            raise IoCommandError("flush takes no arguments")
+        image.flush()
+        return True
+    raise IoCommandError(f"unknown command {name!r} (read, write, discard, flush)")
+
+
+def run_script(image: Image, commands: Sequence[str], out: TextIO, err: TextIO) -> int:
+    """Run ``commands`` in order; 0 if all succeeded, else 1."""
+    status = 0
+    for line in commands:
+        try:
+            if not run_command(image, line, out):
+                status = 1
+        except IoCommandError as exc:
+            err.write(f"qed: io: {line!r}: {exc}\n")
+            status = 1
+        except InvalidRequestError as exc:
+            err.write(f"qed: {exc}\n")
+            status = 1
+        except QedError as exc:
+            err.write(f"qed: {exc.with_filename(image.filename)}\n")
+            status = 1
+        err.flush()
+    return status

@@ -1,0 +1,353 @@
+"""The ``qed`` command: argument parsing and output only; the work is in the library.
+
+Every command that opens an image takes ``-f FMT`` (probed when absent). Failures
+print ``qed: FILE: message`` on stderr and exit non-zero; ``check`` uses qemu-img's
+exit codes (0 clean, 1 check incomplete, 2 corruptions, 3 leaks only, 63 no check
+for this format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from .. import api
+from ..errors import InvalidRequestError, QedError
+from ..format.geometry import DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE
+from . import output
+from .sizes import parse_size
+
+EXIT_FAILURE = 1
+EXIT_NO_CHECK = 63  # qemu-img check: the format has no consistency check
+
+CREATE_OPTIONS = {
+    "size": "virtual disk size",
+    "backing_file": "file name of a base image",
+    "backing_fmt": "image format of the base image (raw or qed)",
+    "cluster_size": f"cluster size in bytes (default {DEFAULT_CLUSTER_SIZE})",
+    "table_size": f"L1/L2 table size in clusters (default {DEFAULT_TABLE_SIZE})",
+}
+
+
+class UsageError(Exception):
+    """Bad command line; printed as ``qed: message``, exit 1."""
+
+
+# ---- helpers --------------------------------------------------------------------
+
+
+def _parse_options(text: str | None) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    if not text:
+        return opts
+    for item in text.split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            if key in ("help", "?"):
+                opts["help"] = ""
+                continue
+            raise UsageError(f"invalid option {item!r}: expected name=value")
+        if key not in CREATE_OPTIONS:
+            raise UsageError(f"unknown option {key!r} (known: {', '.join(CREATE_OPTIONS)})")
+        opts[key] = value
+    return opts
+
+
+def _size_arg(text: str, what: str = "size") -> int:
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if what == "size":  # qemu-img rounds image sizes up to whole sectors
+        value = (value + 511) // 512 * 512
+    return value
+
+
+def _print_create_options() -> None:
+    print("Supported options:")
+    for key, text in CREATE_OPTIONS.items():
+        print(f"  {key:<22}- {text}")
+
+
+def _geometry(opts: dict[str, str]) -> tuple[int, int]:
+    cluster_size = _size_arg(opts["cluster_size"], "cluster_size") if "cluster_size" in opts else DEFAULT_CLUSTER_SIZE
+    table_size = int(opts["table_size"]) if "table_size" in opts else DEFAULT_TABLE_SIZE
+    return cluster_size, table_size
+
+
+# ---- commands -------------------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    opts = _parse_options(args.options)
+    if "help" in opts:
+        _print_create_options()
+        return 0
+    fmt = args.format or "qed"
+    backing = args.backing or opts.get("backing_file")
+    backing_fmt = args.backing_format or opts.get("backing_fmt")
+    size_text = args.size or opts.get("size")
+    size = _size_arg(size_text) if size_text is not None else None
+    try:
+        cluster_size, table_size = _geometry(opts)
+    except ValueError as exc:
+        raise UsageError(f"invalid table_size: {exc}") from None
+    size = api.create(
+        args.filename,
+        size,
+        format=fmt,
+        cluster_size=cluster_size,
+        table_size=table_size,
+        backing_file=backing,
+        backing_format=backing_fmt,
+    ) if not args.unsafe else _create_unchecked(args.filename, size, fmt, cluster_size, table_size, backing, backing_fmt)
+    if not args.quiet:
+        parts = [f"Formatting '{args.filename}', fmt={fmt} size={size}"]
+        if backing:
+            parts.append(f"backing_file={backing}")
+        if backing_fmt:
+            parts.append(f"backing_fmt={backing_fmt}")
+        if fmt == "qed":
+            parts.append(f"cluster_size={cluster_size}")
+            if "table_size" in opts:
+                parts.append(f"table_size={table_size}")
+        print(" ".join(parts))
+    return 0
+
+
+def _create_unchecked(
+    path: str, size: int | None, fmt: str, cluster_size: int, table_size: int,
+    backing: str | None, backing_fmt: str | None,
+) -> int:
+    from ..engine.chain import create_image
+    from ..engine.sync import run
+
+    if size is None:
+        raise UsageError("-u needs an explicit size")
+    return run(create_image(
+        path, size, fmt=fmt, cluster_size=cluster_size, table_size=table_size,
+        backing_file=backing, backing_format=backing_fmt, check_backing=False,
+    ))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with api.open(args.filename, readonly=True, format=args.format,
+                  backing_chain=args.backing_chain) as img:
+        chain = img.chain_info() if args.backing_chain else [img.info()]
+    if args.output == "json":
+        print(output.info_json(chain, args.backing_chain))
+    else:
+        sys.stdout.write(output.info_human(chain))
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    with api.open(args.filename, readonly=True, format=args.format) as img:
+        start = args.start_offset
+        length = img.size - start if args.max_length is None else min(args.max_length, img.size - start)
+        if start < 0 or start > img.size:
+            raise InvalidRequestError(f"start offset {start} is outside the image (size {img.size})")
+        entries = img.map(start, max(0, length))
+    if args.output == "json":
+        sys.stdout.write(output.map_json(entries))
+    else:
+        sys.stdout.write(output.map_human(entries))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ..engine.check import RepairMode, check_and_repair
+    from ..engine.qed import QedImage
+    from ..engine.sync import run
+
+    repair = RepairMode(args.repair) if args.repair else None
+    with api.open(args.filename, readonly=repair is None, format=args.format,
+                  backing_chain=False, auto_repair=False) as img:
+        if not isinstance(img.engine, QedImage):
+            print(f"qed: {args.filename}: this image format ({img.format}) does not support checks",
+                  file=sys.stderr)
+            return EXIT_NO_CHECK
+        report = run(check_and_repair(img.engine, repair))
+    if args.output == "json":
+        if not args.quiet:
+            print(output.check_json(report))
+    elif not args.quiet:
+        if report.corruptions_fixed or report.leaks_fixed:
+            sys.stdout.write(output.repaired_human(report))
+        sys.stdout.write(output.check_human(report))
+        details = output.problems_human(report)
+        if details and report.exit_code:
+            sys.stderr.write(details)
+    if report.check_errors:
+        print(f"qed: {args.filename}: check failed: some tables could not be read", file=sys.stderr)
+    return report.exit_code
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..engine.sync import run
+    from ..jobs.convert import convert
+    from .progress import Progress
+
+    opts = _parse_options(args.options)
+    if "help" in opts:
+        _print_create_options()
+        return 0
+    cluster_size, table_size = _geometry(opts)
+    if args.cache not in ("unsafe", "writeback", "none", "writethrough", "directsync"):
+        raise UsageError(f"invalid cache mode {args.cache!r}")
+    show = args.progress or (sys.stderr.isatty() and not args.quiet)
+    with Progress(show) as progress:
+        run(convert(
+            args.source,
+            args.target,
+            src_format=args.format,
+            dst_format=args.output_format or "raw",
+            cluster_size=cluster_size,
+            table_size=table_size,
+            flush=args.cache != "unsafe",
+            progress=progress,
+        ))
+    return 0
+
+
+def cmd_io(args: argparse.Namespace) -> int:
+    from .io import run_script
+
+    with api.open(args.filename, readonly=args.readonly, format=args.format) as img:
+        status = run_script(img, args.commands or [], sys.stdout, sys.stderr)
+    return status
+
+
+# ---- parser ---------------------------------------------------------------------
+
+
+def _add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", dest="format", metavar="FMT", choices=("qed", "raw", "qcow2"),
+                   help="image format (probed when omitted)")
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="output format (default human)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qed",
+        description="Create, inspect, check and convert QED (QEMU Enhanced Disk) images.",
+    )
+    parser.add_argument("--version", action="version", version="qed (qedkit) 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("create", help="create a new image")
+    p.add_argument("-f", dest="format", metavar="FMT", choices=("qed", "raw"), help="format (default qed)")
+    p.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (relative to FILE's directory)")
+    p.add_argument("-F", dest="backing_format", metavar="FMT", help="backing file format (required with -b)")
+    p.add_argument("-o", dest="options", metavar="OPTIONS", help="cluster_size=..,table_size=.. ('-o help' lists)")
+    p.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("filename", metavar="FILE")
+    p.add_argument("size", metavar="SIZE", nargs="?", help="size with optional k/M/G/T suffix")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("info", help="show information about an image")
+    _add_format(p)
+    _add_output(p)
+    p.add_argument("--backing-chain", action="store_true", help="also show every backing image")
+    p.add_argument("-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility")
+    p.add_argument("filename", metavar="FILE")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("map", help="show the allocation map of an image and its backing chain")
+    _add_format(p)
+    _add_output(p)
+    p.add_argument("-s", "--start-offset", type=_size_arg_plain, default=0, metavar="OFFSET")
+    p.add_argument("-l", "--max-length", type=_size_arg_plain, default=None, metavar="LENGTH")
+    p.add_argument("-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility")
+    p.add_argument("filename", metavar="FILE")
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("check", help="check (and repair) the metadata of a QED image")
+    _add_format(p)
+    _add_output(p)
+    p.add_argument("-r", dest="repair", choices=("leaks", "all"), help="repair what can be repaired")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility")
+    p.add_argument("filename", metavar="FILE")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("convert", help="copy an image (flattening its chain) into a new one")
+    _add_format(p)
+    p.add_argument("-O", dest="output_format", metavar="FMT", choices=("qed", "raw"), help="target format (default raw)")
+    p.add_argument("-o", dest="options", metavar="OPTIONS", help="target options (cluster_size, table_size)")
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("-t", dest="cache", default="unsafe", metavar="CACHE",
+                   help="target cache mode: unsafe (default, as qemu-img: no flush) or writeback (flush at the end)")
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("target", metavar="DST")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("io", help="run qemu-io style commands on an image")
+    _add_format(p)
+    p.add_argument("-r", dest="readonly", action="store_true", help="open read-only")
+    p.add_argument("-c", dest="commands", action="append", metavar="CMD",
+                   help="command to run (repeatable): read, write, write -z, discard, flush")
+    p.add_argument("filename", metavar="FILE")
+    p.set_defaults(func=cmd_io)
+    return parser
+
+
+def _size_arg_plain(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _file_of(args: argparse.Namespace) -> str | None:
+    for name in ("filename", "source"):
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UsageError as exc:
+        print(f"qed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except QedError as exc:
+        if exc.filename is None and _file_of(args):
+            exc.with_filename(_file_of(args) or "")
+        print(f"qed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("qed: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILURE
+    except OSError as exc:  # e.g. writing output failed
+        print(f"qed: {_file_of(args) or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def entry_point() -> None:
+    code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = EXIT_FAILURE
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry_point()

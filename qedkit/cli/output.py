@@ -1,0 +1,217 @@
+"""Every output format of the ``qed`` command, in one place.
+
+JSON objects are printed the way qemu-img prints them: four-space indentation and
+keys in the order of QEMU's QDict, which iterates its 512 hash buckets in order and,
+inside a bucket, the most recently inserted key first. Reproducing that order makes
+our output byte-identical to qemu-img's, not just equal as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+
+from ..engine.base import ImageInfo
+from ..engine.check import CheckReport
+from ..engine.mapping import MapEntry
+
+# ---- QEMU's JSON key order ---------------------------------------------------
+
+_QDICT_BUCKETS = 512
+
+
+def _tdb_hash(key: str) -> int:
+    """QEMU's qdict hash (tdb_hash in qobject/qdict.c), on 32-bit unsigned ints."""
+    value = (0x238F13AF * len(key)) & 0xFFFFFFFF
+    for i, ch in enumerate(key.encode()):
+        value = (value + (ch << (i * 5 % 24))) & 0xFFFFFFFF
+    return (1103515243 * value + 12345) & 0xFFFFFFFF
+
+
+def qdict_order(pairs: Sequence[tuple[str, object]]) -> dict[str, object]:
+    """``pairs`` (in QAPI schema insertion order) reordered as a QDict iterates them."""
+    indexed = list(enumerate(pairs))
+    indexed.sort(key=lambda item: (_tdb_hash(item[1][0]) % _QDICT_BUCKETS, -item[0]))
+    return {key: value for _, (key, value) in indexed}
+
+
+def dumps_qemu(obj: object) -> str:
+    return json.dumps(obj, indent=4)
+
+
+# ---- sizes ----------------------------------------------------------------------
+
+
+def size_to_str(value: int) -> str:
+    """QEMU's size_to_str: three significant digits and a binary unit ("644 KiB")."""
+    suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+    _, exponent = math.frexp(value / (1000.0 / 1024.0))
+    index = int((exponent - 1) / 10)  # C division truncates toward zero
+    index = max(0, min(index, len(suffixes) - 1))
+    return f"{value / (1 << (index * 10)):.3g} {suffixes[index]}B"
+
+
+# ---- info -----------------------------------------------------------------------
+
+
+def info_dict(info: ImageInfo) -> dict[str, object]:
+    """The ImageInfo QAPI object qemu-img prints for one image."""
+    pairs: list[tuple[str, object]] = [
+        ("filename", info.filename),
+        ("format", info.format),
+        ("dirty-flag", info.dirty),
+        ("actual-size", info.actual_size),
+        ("virtual-size", info.virtual_size),
+    ]
+    if info.cluster_size is not None:
+        pairs.append(("cluster-size", info.cluster_size))
+    if info.backing_filename is not None:
+        pairs.append(("backing-filename", info.backing_filename))
+        pairs.append(("full-backing-filename", info.full_backing_filename))
+        if info.backing_format is not None:
+            pairs.append(("backing-filename-format", info.backing_format))
+    return qdict_order(pairs)
+
+
+def info_json(chain: Sequence[ImageInfo], backing_chain: bool) -> str:
+    if backing_chain:
+        return dumps_qemu([info_dict(i) for i in chain])
+    return dumps_qemu(info_dict(chain[0]))
+
+
+def info_human(chain: Sequence[ImageInfo]) -> str:
+    blocks = []
+    for info in chain:
+        lines = [
+            f"image: {info.filename}",
+            f"file format: {info.format}",
+            f"virtual size: {size_to_str(info.virtual_size)} ({info.virtual_size} bytes)",
+            f"disk size: {size_to_str(info.actual_size)}",
+        ]
+        if info.cluster_size is not None:
+            lines.append(f"cluster_size: {info.cluster_size}")
+        if info.backing_filename is not None:
+            line = f"backing file: {info.backing_filename}"
+            if info.full_backing_filename != info.backing_filename:
+                line += f" (actual path: {info.full_backing_filename})"
+            lines.append(line)
+            if info.backing_format is not None:
+                lines.append(f"backing file format: {info.backing_format}")
+        if info.dirty:
+            lines.append("needs check: yes (the image was not closed cleanly)")
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
+# ---- map ------------------------------------------------------------------------
+
+
+def map_json(entries: Sequence[MapEntry]) -> str:
+    if not entries:
+        entries = [MapEntry(0, 0, 0, False, False, False, None, "")]
+    lines = []
+    for e in entries:
+        text = (
+            f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth}, '
+            f'"present": {_b(e.present)}, "zero": {_b(e.zero)}, "data": {_b(e.data)}'
+        )
+        if e.offset is not None:
+            text += f', "offset": {e.offset}'
+        lines.append(text + "}")
+    return "[" + ",\n".join(lines) + "]\n"
+
+
+def _b(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _hex(value: int) -> str:
+    """C's %#x: no 0x prefix for zero."""
+    return f"{value:#x}" if value else "0"
+
+
+def map_human(entries: Iterable[MapEntry]) -> str:
+    out = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+    for e in entries:
+        if e.data and not e.zero and e.offset is not None:
+            out.append(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset):<16}{e.filename}")
+    return "\n".join(out) + "\n"
+
+
+# ---- check ----------------------------------------------------------------------
+
+
+def check_dict(report: CheckReport) -> dict[str, object]:
+    pairs: list[tuple[str, object]] = [
+        ("filename", report.filename),
+        ("format", report.format),
+        ("check-errors", report.check_errors),
+    ]
+    for key, value in (
+        ("corruptions", report.corruptions),
+        ("leaks", report.leaks),
+        ("corruptions-fixed", report.corruptions_fixed),
+        ("leaks-fixed", report.leaks_fixed),
+    ):
+        if value:
+            pairs.append((key, value))
+    pairs.append(("total-clusters", report.total_clusters))
+    for key, value in (
+        ("allocated-clusters", report.allocated_clusters),
+        ("fragmented-clusters", report.fragmented_clusters),
+    ):
+        if value:
+            pairs.append((key, value))
+    return qdict_order(pairs)
+
+
+def check_json(report: CheckReport) -> str:
+    return dumps_qemu(check_dict(report))
+
+
+def repaired_human(report: CheckReport) -> str:
+    return (
+        "The following inconsistencies were found and repaired:\n\n"
+        f"    {report.leaks_fixed} leaked clusters\n"
+        f"    {report.corruptions_fixed} corruptions\n\n"
+        "Double checking the fixed image now...\n"
+    )
+
+
+def check_human(report: CheckReport) -> str:
+    out = []
+    if not (report.corruptions or report.leaks or report.check_errors):
+        out.append("No errors were found on the image.\n")
+    else:
+        if report.corruptions:
+            out.append(
+                f"\n{report.corruptions} errors were found on the image.\n"
+                "Data may be corrupted, or further writes to the image may corrupt it.\n"
+            )
+        if report.leaks:
+            out.append(
+                f"\n{report.leaks} leaked clusters were found on the image.\n"
+                "This means waste of disk space, but no harm to data.\n"
+            )
+        if report.check_errors:
+            out.append(
+                f"\n{report.check_errors} internal errors have occurred during the check.\n"
+            )
+    if report.total_clusters and report.allocated_clusters:
+        alloc = report.allocated_clusters
+        out.append(
+            f"{alloc}/{report.total_clusters} = "
+            f"{alloc * 100.0 / report.total_clusters:.2f}% allocated, "
+            f"{report.fragmented_clusters * 100.0 / alloc:.2f}% fragmented, "
+            f"{0.0:.2f}% compressed clusters\n"
+        )
+    return "".join(out)
+
+
+def problems_human(report: CheckReport, limit: int = 20) -> str:
+    """Details of what was found (stderr, human mode), at most ``limit`` lines."""
+    lines = [f"  {p.kind} at offset {p.offset:#x}: {p.message}" for p in report.problems if p.kind != "leak"]
+    if len(lines) > limit:
+        lines = [*lines[:limit], f"  ... and {len(lines) - limit} more"]
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -1,0 +1,1 @@
+"""Long-running operations on images (convert; check, defrag, stream arrive here too)."""

@@ -22,7 +22,6 @@ to the thread that opened it.
 from __future__ import annotations
 
 import io
-from .store.base import Buffer as _Buffer
 from types import TracebackType
 
 from .engine.base import BlockImage, Extent, ImageInfo
@@ -34,6 +33,7 @@ from .engine.qed import QedImage
 from .engine.sync import run
 from .errors import UnsupportedFeatureError
 from .format.geometry import DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE
+from .store.base import Buffer as _Buffer
 
 
 class Image:
@@ -128,7 +128,10 @@ class Image:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -176,7 +179,7 @@ class ImageFile(io.RawIOBase):
         self._pos = pos
         return pos
 
-    def readinto(self, buf: _Buffer) -> int:
+    def readinto(self, buf: _Buffer) -> int:  # type: ignore[override]
         view = memoryview(buf).cast("B")
         n = max(0, min(len(view), self._image.size - self._pos))
         if n:
@@ -184,7 +187,7 @@ class ImageFile(io.RawIOBase):
             self._pos += n
         return n
 
-    def write(self, data: _Buffer) -> int:
+    def write(self, data: _Buffer) -> int:  # type: ignore[override]
         if self._image.readonly:
             raise io.UnsupportedOperation("image is open read-only")
         view = memoryview(data).cast("B")
@@ -200,11 +203,11 @@ class ImageFile(io.RawIOBase):
             self._image.flush()
 
 
-def open(  # noqa: A001 - qedkit.open mirrors the builtin on purpose
+def open(
     path: str,
     *,
     readonly: bool = False,
-    format: str | None = None,  # noqa: A002
+    format: str | None = None,
     backing_chain: bool = True,
     cache_budget: int = DEFAULT_BUDGET,
     auto_repair: bool = True,
@@ -231,7 +234,7 @@ def create(
     path: str,
     size: int | None = None,
     *,
-    format: str = "qed",  # noqa: A002
+    format: str = "qed",
     cluster_size: int = DEFAULT_CLUSTER_SIZE,
     table_size: int = DEFAULT_TABLE_SIZE,
     backing_file: str | None = None,

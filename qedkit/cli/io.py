@@ -93,7 +93,9 @@ def run_command(image: Image, line: str, out: TextIO = sys.stdout) -> bool:
             bad = data.translate(None, bytes([pattern]))
             if bad:
                 first = next(i for i, b in enumerate(data) if b != pattern)
-                out.write(f"Pattern verification failed at offset {offset + first}, {length} bytes\n")
+                out.write(
+                    f"Pattern verification failed at offset {offset + first}, {length} bytes\n"
+                )
                 ok = False
         if not opts.get("q"):
             out.write(f"read {length}/{length} bytes at offset {offset}\n")

@@ -73,7 +73,11 @@ def _print_create_options() -> None:
 
 
 def _geometry(opts: dict[str, str]) -> tuple[int, int]:
-    cluster_size = _size_arg(opts["cluster_size"], "cluster_size") if "cluster_size" in opts else DEFAULT_CLUSTER_SIZE
+    cluster_size = (
+        _size_arg(opts["cluster_size"], "cluster_size")
+        if "cluster_size" in opts
+        else DEFAULT_CLUSTER_SIZE
+    )
     table_size = int(opts["table_size"]) if "table_size" in opts else DEFAULT_TABLE_SIZE
     return cluster_size, table_size
 
@@ -95,15 +99,21 @@ def cmd_create(args: argparse.Namespace) -> int:
         cluster_size, table_size = _geometry(opts)
     except ValueError as exc:
         raise UsageError(f"invalid table_size: {exc}") from None
-    size = api.create(
-        args.filename,
-        size,
-        format=fmt,
-        cluster_size=cluster_size,
-        table_size=table_size,
-        backing_file=backing,
-        backing_format=backing_fmt,
-    ) if not args.unsafe else _create_unchecked(args.filename, size, fmt, cluster_size, table_size, backing, backing_fmt)
+    size = (
+        api.create(
+            args.filename,
+            size,
+            format=fmt,
+            cluster_size=cluster_size,
+            table_size=table_size,
+            backing_file=backing,
+            backing_format=backing_fmt,
+        )
+        if not args.unsafe
+        else _create_unchecked(
+            args.filename, size, fmt, cluster_size, table_size, backing, backing_fmt
+        )
+    )
     if not args.quiet:
         parts = [f"Formatting '{args.filename}', fmt={fmt} size={size}"]
         if backing:
@@ -119,23 +129,37 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def _create_unchecked(
-    path: str, size: int | None, fmt: str, cluster_size: int, table_size: int,
-    backing: str | None, backing_fmt: str | None,
+    path: str,
+    size: int | None,
+    fmt: str,
+    cluster_size: int,
+    table_size: int,
+    backing: str | None,
+    backing_fmt: str | None,
 ) -> int:
     from ..engine.chain import create_image
     from ..engine.sync import run
 
     if size is None:
         raise UsageError("-u needs an explicit size")
-    return run(create_image(
-        path, size, fmt=fmt, cluster_size=cluster_size, table_size=table_size,
-        backing_file=backing, backing_format=backing_fmt, check_backing=False,
-    ))
+    return run(
+        create_image(
+            path,
+            size,
+            fmt=fmt,
+            cluster_size=cluster_size,
+            table_size=table_size,
+            backing_file=backing,
+            backing_format=backing_fmt,
+            check_backing=False,
+        )
+    )
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with api.open(args.filename, readonly=True, format=args.format,
-                  backing_chain=args.backing_chain) as img:
+    with api.open(
+        args.filename, readonly=True, format=args.format, backing_chain=args.backing_chain
+    ) as img:
         chain = img.chain_info() if args.backing_chain else [img.info()]
     if args.output == "json":
         print(output.info_json(chain, args.backing_chain))
@@ -147,9 +171,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_map(args: argparse.Namespace) -> int:
     with api.open(args.filename, readonly=True, format=args.format) as img:
         start = args.start_offset
-        length = img.size - start if args.max_length is None else min(args.max_length, img.size - start)
+        length = (
+            img.size - start if args.max_length is None else min(args.max_length, img.size - start)
+        )
         if start < 0 or start > img.size:
-            raise InvalidRequestError(f"start offset {start} is outside the image (size {img.size})")
+            raise InvalidRequestError(
+                f"start offset {start} is outside the image (size {img.size})"
+            )
         entries = img.map(start, max(0, length))
     if args.output == "json":
         sys.stdout.write(output.map_json(entries))
@@ -164,11 +192,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ..engine.sync import run
 
     repair = RepairMode(args.repair) if args.repair else None
-    with api.open(args.filename, readonly=repair is None, format=args.format,
-                  backing_chain=False, auto_repair=False) as img:
+    with api.open(
+        args.filename,
+        readonly=repair is None,
+        format=args.format,
+        backing_chain=False,
+        auto_repair=False,
+    ) as img:
         if not isinstance(img.engine, QedImage):
-            print(f"qed: {args.filename}: this image format ({img.format}) does not support checks",
-                  file=sys.stderr)
+            print(
+                f"qed: {args.filename}: this image format ({img.format}) does not support checks",
+                file=sys.stderr,
+            )
             return EXIT_NO_CHECK
         report = run(check_and_repair(img.engine, repair))
     if args.output == "json":
@@ -200,16 +235,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError(f"invalid cache mode {args.cache!r}")
     show = args.progress or (sys.stderr.isatty() and not args.quiet)
     with Progress(show) as progress:
-        run(convert(
-            args.source,
-            args.target,
-            src_format=args.format,
-            dst_format=args.output_format or "raw",
-            cluster_size=cluster_size,
-            table_size=table_size,
-            flush=args.cache != "unsafe",
-            progress=progress,
-        ))
+        run(
+            convert(
+                args.source,
+                args.target,
+                src_format=args.format,
+                dst_format=args.output_format or "raw",
+                cluster_size=cluster_size,
+                table_size=table_size,
+                flush=args.cache != "unsafe",
+                progress=progress,
+            )
+        )
     return 0
 
 
@@ -225,13 +262,19 @@ def cmd_io(args: argparse.Namespace) -> int:
 
 
 def _add_format(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", dest="format", metavar="FMT", choices=("qed", "raw", "qcow2"),
-                   help="image format (probed when omitted)")
+    p.add_argument(
+        "-f",
+        dest="format",
+        metavar="FMT",
+        choices=("qed", "raw", "qcow2"),
+        help="image format (probed when omitted)",
+    )
 
 
 def _add_output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", choices=("human", "json"), default="human",
-                   help="output format (default human)")
+    p.add_argument(
+        "--output", choices=("human", "json"), default="human", help="output format (default human)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,10 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("create", help="create a new image")
-    p.add_argument("-f", dest="format", metavar="FMT", choices=("qed", "raw"), help="format (default qed)")
-    p.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (relative to FILE's directory)")
-    p.add_argument("-F", dest="backing_format", metavar="FMT", help="backing file format (required with -b)")
-    p.add_argument("-o", dest="options", metavar="OPTIONS", help="cluster_size=..,table_size=.. ('-o help' lists)")
+    p.add_argument(
+        "-f", dest="format", metavar="FMT", choices=("qed", "raw"), help="format (default qed)"
+    )
+    p.add_argument(
+        "-b", dest="backing", metavar="BACKING", help="backing file (relative to FILE's directory)"
+    )
+    p.add_argument(
+        "-F", dest="backing_format", metavar="FMT", help="backing file format (required with -b)"
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        metavar="OPTIONS",
+        help="cluster_size=..,table_size=.. ('-o help' lists)",
+    )
     p.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("filename", metavar="FILE")
@@ -257,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_format(p)
     _add_output(p)
     p.add_argument("--backing-chain", action="store_true", help="also show every backing image")
-    p.add_argument("-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility")
+    p.add_argument(
+        "-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility"
+    )
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_info)
 
@@ -266,27 +322,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p)
     p.add_argument("-s", "--start-offset", type=_size_arg_plain, default=0, metavar="OFFSET")
     p.add_argument("-l", "--max-length", type=_size_arg_plain, default=None, metavar="LENGTH")
-    p.add_argument("-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility")
+    p.add_argument(
+        "-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility"
+    )
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_map)
 
     p = sub.add_parser("check", help="check (and repair) the metadata of a QED image")
     _add_format(p)
     _add_output(p)
-    p.add_argument("-r", dest="repair", choices=("leaks", "all"), help="repair what can be repaired")
+    p.add_argument(
+        "-r", dest="repair", choices=("leaks", "all"), help="repair what can be repaired"
+    )
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
-    p.add_argument("-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility")
+    p.add_argument(
+        "-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility"
+    )
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("convert", help="copy an image (flattening its chain) into a new one")
     _add_format(p)
-    p.add_argument("-O", dest="output_format", metavar="FMT", choices=("qed", "raw"), help="target format (default raw)")
-    p.add_argument("-o", dest="options", metavar="OPTIONS", help="target options (cluster_size, table_size)")
+    p.add_argument(
+        "-O",
+        dest="output_format",
+        metavar="FMT",
+        choices=("qed", "raw"),
+        help="target format (default raw)",
+    )
+    p.add_argument(
+        "-o", dest="options", metavar="OPTIONS", help="target options (cluster_size, table_size)"
+    )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
-    p.add_argument("-t", dest="cache", default="unsafe", metavar="CACHE",
-                   help="target cache mode: unsafe (default, as qemu-img: no flush) or writeback (flush at the end)")
+    p.add_argument(
+        "-t",
+        dest="cache",
+        default="unsafe",
+        metavar="CACHE",
+        help="target cache mode: unsafe (default, as qemu-img: no flush) "
+        "or writeback (flush at the end)",
+    )
     p.add_argument("source", metavar="SRC")
     p.add_argument("target", metavar="DST")
     p.set_defaults(func=cmd_convert)
@@ -294,8 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("io", help="run qemu-io style commands on an image")
     _add_format(p)
     p.add_argument("-r", dest="readonly", action="store_true", help="open read-only")
-    p.add_argument("-c", dest="commands", action="append", metavar="CMD",
-                   help="command to run (repeatable): read, write, write -z, discard, flush")
+    p.add_argument(
+        "-c",
+        dest="commands",
+        action="append",
+        metavar="CMD",
+        help="command to run (repeatable): read, write, write -z, discard, flush",
+    )
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_io)
     return parser

@@ -195,9 +195,7 @@ def check_human(report: CheckReport) -> str:
                 "This means waste of disk space, but no harm to data.\n"
             )
         if report.check_errors:
-            out.append(
-                f"\n{report.check_errors} internal errors have occurred during the check.\n"
-            )
+            out.append(f"\n{report.check_errors} internal errors have occurred during the check.\n")
     if report.total_clusters and report.allocated_clusters:
         alloc = report.allocated_clusters
         out.append(
@@ -211,7 +209,11 @@ def check_human(report: CheckReport) -> str:
 
 def problems_human(report: CheckReport, limit: int = 20) -> str:
     """Details of what was found (stderr, human mode), at most ``limit`` lines."""
-    lines = [f"  {p.kind} at offset {p.offset:#x}: {p.message}" for p in report.problems if p.kind != "leak"]
+    lines = [
+        f"  {p.kind} at offset {p.offset:#x}: {p.message}"
+        for p in report.problems
+        if p.kind != "leak"
+    ]
     if len(lines) > limit:
         lines = [*lines[:limit], f"  ... and {len(lines) - limit} more"]
     return "\n".join(lines) + ("\n" if lines else "")

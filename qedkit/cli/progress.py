@@ -20,13 +20,18 @@ class Progress:
             return
         if self._bar is None:
             try:
-                from tqdm import tqdm
+                from tqdm import tqdm  # type: ignore[import-untyped]
             except ImportError:
                 self._bar = False
             else:
                 self._bar = tqdm(
-                    total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=self._description, file=sys.stderr, leave=True,
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=self._description,
+                    file=sys.stderr,
+                    leave=True,
                 )
         if self._bar is False:
             percent = 100.0 * done / total if total else 100.0

@@ -12,7 +12,9 @@ def parse_size(text: str) -> int:
     """Bytes in ``text``; ValueError naming the text if it is not a size."""
     match = _SIZE.match(text.strip())
     if not match:
-        raise ValueError(f"invalid size {text!r} (use a number with an optional k, M, G or T suffix)")
+        raise ValueError(
+            f"invalid size {text!r} (use a number with an optional k, M, G or T suffix)"
+        )
     hex_part, dec_part, suffix = match.groups()
     shift = _SUFFIXES[suffix.lower()]
     if hex_part:

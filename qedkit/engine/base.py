@@ -123,8 +123,7 @@ class BlockImage(ABC):
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise InvalidRequestError(
-                f"request [{offset}, {offset + length}) is outside the image "
-                f"(size {self.size})",
+                f"request [{offset}, {offset + length}) is outside the image (size {self.size})",
                 filename=self.filename,
             )
 

@@ -130,7 +130,8 @@ async def open_image(
             raise
     except QedError as exc:
         await store.close()
-        raise exc.with_filename(path)
+        exc.with_filename(path)
+        raise
     except BaseException:
         await store.close()
         raise
@@ -199,8 +200,8 @@ async def create_image(
             await store.truncate(size)
             await store.flush()
     except QedError as exc:
-        raise exc.with_filename(path)
+        exc.with_filename(path)
+        raise
     finally:
         await store.close()
     return size
-

@@ -138,7 +138,9 @@ async def check_image(img: QedImage, repair: RepairMode | None = None) -> CheckR
             continue
         where = header.l1_table_offset + 8 * l1_index
         if not geo.is_valid_table_offset(l2_offset, file_end):
-            scan.invalid(where, f"L1 entry {l1_index} at {where}: invalid L2 table offset {l2_offset:#x}")
+            scan.invalid(
+                where, f"L1 entry {l1_index} at {where}: invalid L2 table offset {l2_offset:#x}"
+            )
             if fix:
                 l1[l1_index] = 0
                 l1_fixed = True
@@ -156,7 +158,9 @@ async def check_image(img: QedImage, repair: RepairMode | None = None) -> CheckR
                 await img.store.write(l2_offset, pack_table(table))
             except QedError as exc:
                 scan.check_errors += 1
-                scan.note("check-error", l2_offset, f"cannot write L2 table at {l2_offset:#x}: {exc}")
+                scan.note(
+                    "check-error", l2_offset, f"cannot write L2 table at {l2_offset:#x}: {exc}"
+                )
                 continue
             img.cache.forget(l2_offset)
     if l1_fixed:
@@ -171,7 +175,11 @@ async def check_image(img: QedImage, repair: RepairMode | None = None) -> CheckR
         for index in range(geo.header_size, len(scan.used)):
             if not scan.used[index]:
                 leaks += 1
-                scan.note("leak", index << geo.cluster_bits, f"cluster at {index << geo.cluster_bits:#x} is not referenced")
+                scan.note(
+                    "leak",
+                    index << geo.cluster_bits,
+                    f"cluster at {index << geo.cluster_bits:#x} is not referenced",
+                )
         if fix and not scan.corruptions:
             async with img._alloc_lock:
                 await img.mark_clean()

@@ -57,7 +57,9 @@ class MapEntry:
         return out
 
 
-async def map_chain(image: BlockImage, offset: int = 0, length: int | None = None) -> list[MapEntry]:
+async def map_chain(
+    image: BlockImage, offset: int = 0, length: int | None = None
+) -> list[MapEntry]:
     """Merged map entries covering ``[offset, offset + length)`` of ``image``."""
     if length is None:
         length = image.size - offset
@@ -67,8 +69,14 @@ async def map_chain(image: BlockImage, offset: int = 0, length: int | None = Non
         if out and out[-1].mergeable(entry):
             prev = out[-1]
             out[-1] = MapEntry(
-                prev.start, prev.length + entry.length, prev.depth, prev.present,
-                prev.zero, prev.data, prev.offset, prev.filename,
+                prev.start,
+                prev.length + entry.length,
+                prev.depth,
+                prev.present,
+                prev.zero,
+                prev.data,
+                prev.offset,
+                prev.filename,
             )
         else:
             out.append(entry)
@@ -76,9 +84,31 @@ async def map_chain(image: BlockImage, offset: int = 0, length: int | None = Non
     async def walk(img: BlockImage, depth: int, start: int, end: int) -> None:
         for ext in await img.block_status(start, end - start):
             if ext.kind is ExtentKind.DATA:
-                emit(MapEntry(ext.start, ext.length, depth, True, False, True, ext.host_offset, img.filename))
+                emit(
+                    MapEntry(
+                        ext.start,
+                        ext.length,
+                        depth,
+                        True,
+                        False,
+                        True,
+                        ext.host_offset,
+                        img.filename,
+                    )
+                )
             elif ext.kind is ExtentKind.ZERO:
-                emit(MapEntry(ext.start, ext.length, depth, True, True, False, ext.host_offset, img.filename))
+                emit(
+                    MapEntry(
+                        ext.start,
+                        ext.length,
+                        depth,
+                        True,
+                        True,
+                        False,
+                        ext.host_offset,
+                        img.filename,
+                    )
+                )
             else:
                 below = img.backing
                 covered = ext.start
@@ -87,7 +117,18 @@ async def map_chain(image: BlockImage, offset: int = 0, length: int | None = Non
                     if covered > ext.start:
                         await walk(below, depth + 1, ext.start, covered)
                 if covered < ext.end:
-                    emit(MapEntry(covered, ext.end - covered, depth, False, True, False, None, img.filename))
+                    emit(
+                        MapEntry(
+                            covered,
+                            ext.end - covered,
+                            depth,
+                            False,
+                            True,
+                            False,
+                            None,
+                            img.filename,
+                        )
+                    )
 
     if length > 0:
         await walk(image, 0, offset, offset + length)

@@ -167,7 +167,9 @@ class QedImage(BlockImage):
         geo = header.geometry
         size = await store.size()
         file_end = size - size % geo.cluster_size
-        l1 = unpack_table(await store.read_exact(header.l1_table_offset, geo.table_bytes, "L1 table"))
+        l1 = unpack_table(
+            await store.read_exact(header.l1_table_offset, geo.table_bytes, "L1 table")
+        )
         img = cls(
             store,
             header,
@@ -198,8 +200,7 @@ class QedImage(BlockImage):
         """Raise InvalidRequestError unless QEMU could open the image these make."""
         if not is_valid_cluster_size(cluster_size):
             raise InvalidRequestError(
-                f"invalid cluster_size {cluster_size}: must be a power of two from 4096 "
-                f"to 67108864"
+                f"invalid cluster_size {cluster_size}: must be a power of two from 4096 to 67108864"
             )
         if not is_valid_table_size(table_size):
             raise InvalidRequestError(
@@ -391,11 +392,13 @@ class QedImage(BlockImage):
                     and prev.kind is run.kind
                     and (
                         run.kind is not DATA
-                        or prev.host_offset is not None
-                        and prev.host_offset + prev.length == run.host_offset
+                        or (prev.host_offset is not None
+                        and prev.host_offset + prev.length == run.host_offset)
                     )
                 ):
-                    out[-1] = Extent(prev.start, prev.length + run.length, run.kind, prev.host_offset)
+                    out[-1] = Extent(
+                        prev.start, prev.length + run.length, run.kind, prev.host_offset
+                    )
                 else:
                     out.append(run)
             pos = piece_end
@@ -485,7 +488,9 @@ class QedImage(BlockImage):
                 return False
         for run in runs:
             assert run.host_offset is not None
-            await self.store.write(run.host_offset, data[run.start - pos : run.start - pos + run.length])
+            await self.store.write(
+                run.host_offset, data[run.start - pos : run.start - pos + run.length]
+            )
         return True
 
     async def _allocating_write(self, l1_index: int, pos: int, data: memoryview) -> None:
@@ -516,7 +521,7 @@ class QedImage(BlockImage):
                 await self.store.flush()
             await self._update_l2(l1_index, table, updates)
 
-    async def _cow_fill(self, start: int, end: int, kind: ExtentKind) -> bytes | memoryview:
+    async def _cow_fill(self, start: int, end: int, kind: ExtentKind) -> Buffer:
         """Bytes for ``[start, end)`` of a cluster being allocated: zeros for a zero
         cluster (never the backing file: QEMU gets this wrong), else what the
         backing chain holds there, up to the image size."""
@@ -712,7 +717,10 @@ class QedImage(BlockImage):
                     filename=self.filename,
                 )
             encoded = encode_backing_name(name)
-            if HEADER_SIZE_BYTES + len(encoded) > self.geo.header_bytes or len(encoded) > QEMU_MAX_BACKING_NAME:
+            if (
+                HEADER_SIZE_BYTES + len(encoded) > self.geo.header_bytes
+                or len(encoded) > QEMU_MAX_BACKING_NAME
+            ):
                 raise InvalidRequestError(
                     f"backing file name of {len(encoded)} bytes does not fit in the header",
                     filename=self.filename,
@@ -786,7 +794,9 @@ class QedImage(BlockImage):
             cluster_size=self.geo.cluster_size,
             backing_filename=name,
             full_backing_filename=full_backing_filename(self.filename, name) if name else None,
-            backing_format="raw" if name and self.header.has(Feature.BACKING_FORMAT_NO_PROBE) else None,
+            backing_format="raw"
+            if name and self.header.has(Feature.BACKING_FORMAT_NO_PROBE)
+            else None,
             dirty=self.header.needs_check,
         )
 
@@ -805,4 +815,3 @@ class QedImage(BlockImage):
             finally:
                 if self.backing is not None:
                     await self.backing.close()
-

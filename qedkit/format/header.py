@@ -201,7 +201,9 @@ class Header:
         geo = self.geometry
         file_end = file_size - file_size % self.cluster_size
         if not geo.is_valid_table_offset(self.l1_table_offset, file_end):
-            raise _bad("l1_table_offset", f"{self.l1_table_offset:#x}: {self._table_problem(file_end)}")
+            raise _bad(
+                "l1_table_offset", f"{self.l1_table_offset:#x}: {self._table_problem(file_end)}"
+            )
         if self.header_size < 1 or self.header_size * self.cluster_size > U32_MAX:
             raise _bad(
                 "header_size",

@@ -113,14 +113,18 @@ class FileStore(ByteStore):
                     break
                 total += n
         except OSError as exc:
-            raise _store_error(self.name, f"read of {want} bytes at offset {offset} failed", exc) from exc
+            raise _store_error(
+                self.name, f"read of {want} bytes at offset {offset} failed", exc
+            ) from exc
         return total
 
     async def read(self, offset: int, length: int) -> bytes:
         try:
             data = os.pread(self.fd, length, offset)
         except OSError as exc:
-            raise _store_error(self.name, f"read of {length} bytes at offset {offset} failed", exc) from exc
+            raise _store_error(
+                self.name, f"read of {length} bytes at offset {offset} failed", exc
+            ) from exc
         if len(data) < length and data:
             rest = await ByteStore.read(self, offset + len(data), length - len(data))
             return data + rest
@@ -162,7 +166,9 @@ class FileStore(ByteStore):
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise _store_error(self.name, f"zeroing {length} bytes at {offset} failed", exc) from exc
+                    raise _store_error(
+                        self.name, f"zeroing {length} bytes at {offset} failed", exc
+                    ) from exc
         await ByteStore.write_zeroes(self, offset, length)
 
     async def discard(self, offset: int, length: int) -> None:
@@ -173,7 +179,9 @@ class FileStore(ByteStore):
             _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise _store_error(self.name, f"discard of {length} bytes at {offset} failed", exc) from exc
+                raise _store_error(
+                    self.name, f"discard of {length} bytes at {offset} failed", exc
+                ) from exc
 
     async def flush(self) -> None:
         if not self.capabilities.writable or self.unsafe:

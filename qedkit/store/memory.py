@@ -10,8 +10,9 @@ from .base import Buffer, ByteStore, StoreCapabilities
 class MemoryStore(ByteStore):
     """A growable bytearray. Holes are not tracked: everything reads as data."""
 
-    def __init__(self, data: bytes | bytearray = b"", *, name: str = "<memory>",
-                 writable: bool = True) -> None:
+    def __init__(
+        self, data: bytes | bytearray = b"", *, name: str = "<memory>", writable: bool = True
+    ) -> None:
         self.data = bytearray(data)
         self.name = name
         self.capabilities = StoreCapabilities(writable=writable)

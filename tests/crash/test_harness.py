@@ -1,0 +1,834 @@
+"""The crash-simulation and fault-injection stores, and the first engine crash tests.
+
+Part 1 tests the harness itself (qedkit/store/crash.py, qedkit/store/faults.py).
+Part 2 runs small workloads through the async QED engine on a CrashStore and, for
+every crash point and every possible disk state there, recovers the image the way a
+user would (a read-write open, which repairs when NEED_CHECK is set), checks it, and
+compares what the guest reads with what may legitimately be there:
+
+* a guest request is *guaranteed* at crash point k when a store flush completed
+  after it was acknowledged (``CrashStore.durable_at(ack, k)``): it must read back
+  exactly (unless a later request overwrote it);
+* every byte of a request that was not guaranteed but had started (issued at least
+  one store op before k) may read old or new: per byte, the candidates are the last
+  guaranteed content and the content of each later started request covering it.
+
+Totals are printed (run with ``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import importlib.util
+import itertools
+import random
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from qedkit.engine.base import BlockImage, ExtentKind
+from qedkit.engine.check import check_image
+from qedkit.engine.qed import QedImage
+from qedkit.engine.raw import RawImage
+from qedkit.errors import QedError, StoreError
+from qedkit.format.header import Feature
+from qedkit.store import ByteStore, CrashStore, FaultStore, MemoryStore
+
+T = TypeVar("T")
+KiB = 1 << 10
+MiB = 1 << 20
+CS = 4096  # cluster size of the engine tests: small clusters, few sectors per write
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def pattern(seed: int, n: int) -> bytes:
+    """``n`` pseudo-random non-zero bytes, different for each seed."""
+    return random.Random(seed).randbytes(n).replace(b"\0", b"\x01")
+
+
+# =====================================================================================
+# Part 1: the harness
+# =====================================================================================
+
+# The store contract suite (tests/unit/test_store_conformance.py) runs on both new
+# stores too. It is loaded by path because tests/ is not a package.
+_contract_path = Path(__file__).parents[1] / "unit" / "test_store_conformance.py"
+_spec = importlib.util.spec_from_file_location("_qedkit_store_contract", _contract_path)
+assert _spec is not None and _spec.loader is not None
+_contract = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_contract)
+StoreContract: type = _contract.StoreContract
+
+
+class TestCrashStoreContract(StoreContract):  # type: ignore[misc]
+    def make(self, tmp_path: Path, data: bytes = b"", *, writable: bool = True) -> ByteStore:
+        if not writable:
+            return MemoryStore(data, writable=False)  # a CrashStore is always writable
+        return CrashStore(data)
+
+
+class TestFaultStoreContract(StoreContract):  # type: ignore[misc]
+    def make(self, tmp_path: Path, data: bytes = b"", *, writable: bool = True) -> ByteStore:
+        return FaultStore(MemoryStore(data, writable=writable))
+
+
+def _log(store: CrashStore, *calls: tuple[str, Any]) -> None:
+    async def go() -> None:
+        for name, args in calls:
+            await getattr(store, name)(*args)
+
+    run(go())
+
+
+def test_durable_state_after_a_flush_holds_every_flushed_write() -> None:
+    store = CrashStore(b"\0" * 4096)
+    _log(
+        store,
+        ("write", (0, b"a" * 100)),
+        ("writev", (1000, [b"b" * 50, b"c" * 50])),
+        ("flush", ()),
+        ("write", (2000, b"d" * 10)),
+    )
+    assert store.crash_points() == 4
+    assert [op.kind for op in store.ops] == ["write", "write", "flush", "write"]
+    assert store.ops[1].data == b"b" * 50 + b"c" * 50 and store.ops[1].source == "writev"
+    assert store.last_flush_before(0) == 0
+    assert store.last_flush_before(2) == 0
+    assert store.last_flush_before(3) == 3
+    assert store.last_flush_before(4) == 3
+    expected = bytearray(4096)
+    expected[0:100] = b"a" * 100
+    expected[1000:1100] = b"b" * 50 + b"c" * 50
+    for k in (3, 4):
+        assert store.durable_state(k) == bytes(expected)
+        # Every possible state holds the flushed writes.
+        for state in store.states(k, torn=True):
+            assert state[0:100] == b"a" * 100 and state[1000:1100] == expected[1000:1100]
+    assert store.durable_state(2) == bytes(4096)
+    assert store.is_durable(0, 3) and store.is_durable(1, 4) and not store.is_durable(3, 4)
+    assert not store.is_durable(0, 2)
+    # Reads see everything, flushed or not.
+    assert run(store.read(2000, 10)) == b"d" * 10
+
+
+def test_states_are_every_subset_of_the_unflushed_writes_in_log_order() -> None:
+    store = CrashStore(bytes(64))
+    _log(
+        store,
+        ("write", (0, b"x" * 8)),
+        ("flush", ()),
+        ("write", (10, b"A" * 4)),
+        ("write", (20, b"B" * 4)),
+        ("write", (12, b"C" * 10)),  # overlaps both earlier ones
+    )
+    base = bytearray(64)
+    base[0:8] = b"x" * 8
+    got = list(store.scenarios(5))
+    assert len(got) == 8
+    seen = set()
+    for state in got:
+        expect = bytearray(base)
+        for op in sorted(state.persisted_ops):  # log order: later wins
+            o = store.ops[op]
+            expect[o.offset : o.end] = o.data
+        assert state.data == bytes(expect), state.describe()
+        seen.add(state.persisted_ops)
+    assert len(seen) == 8  # 2**3 distinct subsets
+    # The tail of crash point 3 is one write: two states.
+    assert sorted(s[10:14] for s in store.states(3)) == [bytes(4), b"A" * 4]
+    assert list(store.states(2)) == [bytes(base)]  # just after the flush
+    assert sorted(store.states(1)) == [bytes(64), bytes(base)]
+    assert list(store.states(0)) == [bytes(64)]
+    with pytest.raises(ValueError):
+        next(store.states(6))
+
+
+def test_torn_writes_give_sector_mixtures_only() -> None:
+    old = bytes([0xEE]) * 8192
+    store = CrashStore(old)
+    new = pattern(1, 2048 + 300)
+    _log(store, ("write", (1024 + 100, new)))  # not sector aligned: 5 sector pieces
+    assert [(u.start, u.end) for u in store.units(1, torn=True)] == [
+        (1124, 1536),
+        (1536, 2048),
+        (2048, 2560),
+        (2560, 3072),
+        (3072, 3472),
+    ]
+    final = bytearray(old)
+    final[1124 : 1124 + len(new)] = new
+    mixtures = set()
+    for state in store.states(1, torn=True):
+        assert len(state) == 8192
+        key = []
+        for sector in range(0, 8192, 512):
+            piece = state[sector : sector + 512]
+            is_old, is_new = (
+                piece == old[sector : sector + 512],
+                piece == final[sector : sector + 512],
+            )
+            assert is_old or is_new, f"sector {sector} mixes bytes"
+            key.append(is_new and not is_old)
+        mixtures.add(tuple(key))
+    assert len(mixtures) == 32  # every combination of the 5 touched sectors
+
+
+def test_size_changes_persist_with_their_writes_and_truncates() -> None:
+    store = CrashStore(b"h" * 1000)
+    _log(
+        store,
+        ("write", (2000, b"e" * 24)),  # extends to 2024
+        ("truncate", (500,)),
+        ("write_zeroes", (0, 100)),
+    )
+    op0, op1, op2 = store.ops
+    assert op0.extends and op1.kind == "truncate" and op2.source == "write_zeroes"
+    sizes = {}
+    for state in store.scenarios(3):
+        sizes[state.persisted_ops] = len(state.data)
+    assert sizes[frozenset()] == 1000  # the extension was lost: the file is shorter
+    assert sizes[frozenset({0})] == 2024
+    assert sizes[frozenset({1})] == 500
+    assert sizes[frozenset({0, 1})] == 500  # truncate after the write wins
+    # Torn: the size of an extending write is a unit of its own.
+    torn = list(store.scenarios(1, torn=True))
+    assert {len(s.data) for s in torn} == {1000, 2024}
+    size_only = [s for s in torn if any(u.size_only for u in s.units) and len(s.units) == 1]
+    assert size_only and size_only[0].data == b"h" * 1000 + bytes(1024)
+
+
+def test_write_zeroes_punch_and_discard_never_extend_the_file() -> None:
+    store = CrashStore(b"\xff" * 4096)
+    _log(
+        store,
+        (
+            "write_zeroes",
+            (
+                4000,
+                1000,
+            ),
+        ),
+    )
+    assert run(store.size()) == 5000
+    run(store.truncate(4096))
+    run(store.write_zeroes(4000, 1000, punch=True))
+    run(store.discard(0, 100_000))
+    assert run(store.size()) == 4096
+    assert store.ops[-2].end == 4096 and store.ops[-1].end == 4096
+    assert store.ops[-1].source == "discard" and not any(store.ops[-1].data)
+    # The discard may or may not have happened.
+    assert {s[:10] for s in store.states(store.crash_points())} == {b"\xff" * 10, bytes(10)}
+    keep = CrashStore(b"\xff" * 4096, discard="keep")
+    run(keep.discard(0, 4096))
+    assert keep.crash_points() == 0 and run(keep.read(0, 4)) == b"\xff" * 4
+
+
+def test_marks_and_durability_questions() -> None:
+    store = CrashStore()
+    _log(store, ("write", (0, b"1")))
+    ack = store.mark("first acknowledged")
+    _log(store, ("write", (1, b"2")), ("flush", ()), ("write", (2, b"3")))
+    assert ack == 1
+    assert not store.durable_at("first acknowledged", 2)
+    assert store.durable_at("first acknowledged", 3)
+    assert store.durable_at(ack, 4)
+    assert [op.index for op in store.pending(4)] == [3]
+    assert "#2 flush" in store.describe_ops()
+
+
+def test_large_tails_are_sampled_reproducibly_within_max_states() -> None:
+    store = CrashStore(bytes(64 * 1024))
+    _log(store, *[("write", (i * 512, pattern(i, 512))) for i in range(40)])
+    first = [s.units for s in store.scenarios(40, max_states=50)]
+    again = [s.units for s in store.scenarios(40, max_states=50)]
+    assert first == again and len(first) == 50 and len(set(first)) == 50
+    assert first[0] == () and len(first[1]) == 40  # nothing, then everything
+    other = [s.units for s in store.scenarios(40, max_states=50, rng=random.Random(7))]
+    assert other != first
+    # Small tails are exhaustive unless max_states is smaller than 2**n.
+    assert len(list(store.states(3))) == 8
+    assert len(list(store.states(3, max_states=4))) == 4
+
+
+# ---- FaultStore ----------------------------------------------------------------------
+
+
+def test_fault_store_fails_the_nth_write_and_leaves_the_data_untouched() -> None:
+    inner = MemoryStore(b"." * 100, name="disk.img")
+    store = FaultStore(inner)
+    rule = store.fail("write", nth=3, errno=errno.ENOSPC)
+
+    async def go() -> None:
+        await store.write(0, b"a")
+        await store.writev(1, [b"v"])  # a writev is not a write: not counted by the rule
+        await store.write(2, b"b")
+        with pytest.raises(StoreError) as info:
+            await store.write(3, b"c" * 10)
+        err = info.value
+        assert err.errno == errno.ENOSPC and err.filename == "disk.img"
+        assert str(err).startswith("disk.img: write of 10 bytes at offset 3 failed")
+        assert isinstance(err.__cause__, OSError) and err.__cause__.errno == errno.ENOSPC
+        assert inner.data[3:13] == b"." * 10  # not performed
+        await store.write(3, b"d")  # once: disarmed
+        assert bytes(inner.data[:5]) == b"avbd."
+
+    run(go())
+    assert store.calls["write"] == 4 and store.calls["writev"] == 1
+    assert rule.fired == 1 and rule.seen == 3
+    assert [(f.op, f.call, f.offset) for f in store.injected] == [("write", 3, 3)]
+
+
+def test_fault_store_rules_by_range_sticky_and_other_operations() -> None:
+    inner = MemoryStore(bytes(8192))
+    store = FaultStore(inner, name="f")
+    store.fail("writev", offset_range=(4096, 8192), once=False)
+    store.fail("flush", nth=2)
+    store.fail("read", offset_range=(100, 101))
+    store.fail("truncate", offset_range=(0, 10))
+    store.fail("write_zeroes")
+
+    async def go() -> None:
+        await store.writev(0, [b"x" * 4096])  # outside the range
+        for _ in range(2):  # sticky: every call in range fails
+            with pytest.raises(StoreError, match="writev of 2 bytes at offset 4095"):
+                await store.writev(4095, [b"y", b"y"])
+        assert inner.data[4095] == ord("x") and inner.data[4096] == 0
+        await store.flush()
+        with pytest.raises(StoreError, match="flush failed"):
+            await store.flush()
+        await store.flush()
+        assert await store.read(0, 100) == b"x" * 100
+        with pytest.raises(StoreError) as info:
+            await store.read_exact(50, 100, "L2 table")
+        assert info.value.errno == errno.EIO
+        with pytest.raises(StoreError):
+            await store.truncate(5)
+        await store.truncate(9000)
+        with pytest.raises(StoreError):
+            await store.write_zeroes(0, 10)
+        assert await store.read(0, 10) == b"x" * 10
+        assert await store.size() == 9000
+
+    run(go())
+    with pytest.raises(ValueError):
+        store.fail("flush", offset_range=(0, 1))
+    with pytest.raises(ValueError):
+        store.fail("flush", partial=True)
+    with pytest.raises(ValueError):
+        store.fail("seek")
+
+
+def test_fault_store_partial_writes_persist_the_first_half() -> None:
+    crash = CrashStore(bytes(4096))
+    store = FaultStore(crash)
+    store.fail("writev", partial=True)
+    store.fail("write", nth=2, partial=True)
+
+    async def go() -> None:
+        with pytest.raises(StoreError):
+            await store.writev(0, [b"a" * 600, b"b" * 400])
+        assert await crash.read(0, 1000) == b"a" * 500 + bytes(500)
+        await store.write(2000, b"c")
+        with pytest.raises(StoreError):
+            await store.write(3000, b"d" * 10)
+        assert await crash.read(3000, 10) == b"d" * 5 + bytes(5)
+
+    run(go())
+    # The partial writes reached the crash log like any other write.
+    assert [(op.offset, len(op.data)) for op in crash.ops] == [(0, 500), (2000, 1), (3000, 5)]
+    assert store.injected[0].partial
+
+
+# =====================================================================================
+# Part 2: the engine under crashes
+# =====================================================================================
+
+
+@dataclass
+class GuestOp:
+    """One request of the workload and where its store ops sit in the crash log."""
+
+    kind: str  # write, zero, discard, flush
+    offset: int = 0
+    length: int = 0
+    data: bytes = b""
+    start: int = 0  # log position before its first store op
+    end: int = 0  # log position when it was acknowledged
+
+    def describe(self) -> str:
+        where = f" {self.length} bytes at {self.offset:#x}" if self.kind != "flush" else ""
+        return f"{self.kind}{where} (store ops {self.start}..{self.end - 1})"
+
+
+@dataclass
+class Totals:
+    states: int = 0
+    crash_points: int = 0
+    dirty_states: int = 0  # NEED_CHECK set: recovery repaired the image
+    entries_repaired: int = 0  # corruptions found (and fixed) by that repair
+    lost_writes: int = 0  # (state, acknowledged unflushed request) pairs not read back
+    corruptions: int = 0  # found by check_image AFTER recovery: must be 0
+    failing_states: int = 0
+    failures: list[str] = field(default_factory=list)  # reports of the first few
+
+
+@dataclass
+class Scenario:
+    name: str
+    initial: bytes
+    size: int
+    baseline: bytes  # what the guest reads before the workload
+    backing: BlockImage | None
+    ops: list[GuestOp]
+    crash: CrashStore
+
+
+Step = Callable[[QedImage], Awaitable[None]]
+
+
+async def _build(
+    name: str,
+    size: int,
+    backing_bytes: bytes | None,
+    steps: list[tuple[GuestOp, Step]],
+    store_class: type[CrashStore] = CrashStore,
+) -> Scenario:
+    fmt = MemoryStore(name=name)
+    await QedImage.format_store(
+        fmt,
+        size,
+        cluster_size=CS,
+        table_size=2,
+        backing_name="base.raw" if backing_bytes is not None else None,
+        backing_raw=True,
+    )
+    initial = bytes(fmt.data)
+    backing: BlockImage | None = None
+    baseline = bytes(size)
+    if backing_bytes is not None:
+        backing = RawImage(MemoryStore(backing_bytes, name="base.raw", writable=False), size)
+        baseline = (backing_bytes + bytes(size))[:size]
+    crash = store_class(initial, name=name)
+    header, area = await QedImage.read_header(crash)
+    img = await QedImage.open(crash, header, area, backing=backing, readonly=False)
+    ops = []
+    for op, step in steps:
+        op.start = crash.position
+        await step(img)
+        op.end = crash.position
+        ops.append(op)
+    # No close: the power goes out after the last request.
+    return Scenario(name, initial, size, baseline, backing, ops, crash)
+
+
+def _write(offset: int, data: bytes) -> tuple[GuestOp, Step]:
+    async def step(img: QedImage) -> None:
+        await img.write(offset, data)
+
+    return GuestOp("write", offset, len(data), data), step
+
+
+def _zero(offset: int, length: int) -> tuple[GuestOp, Step]:
+    async def step(img: QedImage) -> None:
+        await img.write_zeroes(offset, length)
+
+    return GuestOp("zero", offset, length, bytes(length)), step
+
+
+def _discard(offset: int, length: int) -> tuple[GuestOp, Step]:
+    async def step(img: QedImage) -> None:
+        await img.discard(offset, length)
+
+    return GuestOp("discard", offset, length, bytes(length)), step
+
+
+def _flush() -> tuple[GuestOp, Step]:
+    async def step(img: QedImage) -> None:
+        await img.flush()
+
+    return GuestOp("flush"), step
+
+
+def fresh_image_workload() -> Scenario:
+    """No backing file: NEED_CHECK protects the allocations."""
+    return run(
+        _build(
+            "fresh.qed",
+            5 * MiB,
+            None,
+            [
+                _write(0, pattern(1, 6000)),  # allocating, new L2 table
+                _write(3 * CS, pattern(2, CS)),  # allocating into the existing L2
+                _write(1000, pattern(3, 100)),  # in place
+                _flush(),
+                _write(4 * MiB + 512, pattern(4, 1024)),  # a second L2 table
+                _zero(5 * CS, 2 * CS),  # whole unallocated clusters: zero clusters
+                _zero(512, 1024),  # partial, allocated: zeros in place
+                _write(5 * CS + 100, pattern(5, 200)),  # into a zero cluster
+                _write(CS + 2000, pattern(6, CS)),  # allocated cluster 1 + new cluster 2
+                _flush(),  # clears NEED_CHECK: the next allocation sets it again
+                _write(4 * MiB - 1000, pattern(7, 3000)),  # across the two L2 tables
+                _discard(3 * CS, CS),  # punches cluster 3
+            ],
+        )
+    )
+
+
+def backing_file_workload(store_class: type[CrashStore] = CrashStore) -> Scenario:
+    """A raw backing file: copy-on-write, and the flush before every L2 update."""
+    size = 1 * MiB
+    return run(
+        _build(
+            "overlay.qed",
+            size,
+            pattern(99, size),
+            [
+                _write(CS + 100, pattern(11, 200)),  # partial cluster over backing data
+                _write(2 * CS + 3000, pattern(12, 2000)),  # two partial clusters
+                _write(CS + 500, pattern(13, 10)),  # in place
+                _flush(),
+                _zero(5 * CS, CS),  # unallocated whole cluster: zero cluster
+                _zero(6 * CS + 100, 300),  # partial over backing: allocating zeros
+                _write(5 * CS + 1000, pattern(14, 100)),  # into a zero cluster: zero fill
+                _zero(2 * CS + 3500, 100),  # partial, allocated: zeros in place
+                _write(8 * CS, pattern(15, 2 * CS)),  # whole clusters over backing
+                _discard(8 * CS, CS),
+            ],
+            store_class,
+        )
+    )
+
+
+class Expectation:
+    """What the guest may read at one crash point (see the module docstring)."""
+
+    def __init__(self, sc: Scenario, k: int) -> None:
+        self.sc = sc
+        data_ops = [op for op in sc.ops if op.kind != "flush"]
+        guaranteed = [op for op in data_ops if sc.crash.durable_at(op.end, k)]
+        self.maybe = [op for op in data_ops if op not in guaranteed and op.start < k]
+        self.acknowledged = [op for op in self.maybe if op.end <= k]
+        base = bytearray(sc.baseline)
+        for op in guaranteed:
+            base[op.offset : op.offset + op.length] = op.data
+        self.base = bytes(base)
+
+    def mismatch(self, got: bytes, lo: int, hi: int) -> str | None:
+        """None if ``got`` (guest bytes ``[lo, hi)``) is possible, else why not."""
+        if got == self.base[lo:hi]:
+            return None
+        # Candidates are constant between request boundaries; the engine maps whole
+        # clusters and the disk persists whole sectors, so try those pieces first.
+        cuts = {lo, hi, *range(lo - lo % CS + CS, hi, CS)}
+        for op in self.maybe:
+            for c in (op.offset, op.offset + op.length):
+                if lo < c < hi:
+                    cuts.add(c)
+        bounds = sorted(cuts)
+        for a, b in itertools.pairwise(bounds):
+            covering = [op for op in self.maybe if op.offset <= a and b <= op.offset + op.length]
+            options = [self.base[a:b]] + [op.data[a - op.offset : b - op.offset] for op in covering]
+            if got[a - lo : b - lo] in options:
+                continue
+            sa = a
+            while sa < b:  # per sector, then per byte
+                sb = min(b, sa - sa % 512 + 512)
+                if got[sa - lo : sb - lo] not in [opt[sa - a : sb - a] for opt in options]:
+                    for i in range(sa, sb):
+                        value = got[i - lo]
+                        if all(opt[i - a] != value for opt in options):
+                            return self._explain(i, value, covering)
+                sa = sb
+        return None
+
+    def _explain(self, i: int, value: int, covering: list[GuestOp]) -> str:
+        names = ", ".join(op.describe() for op in covering) or "none"
+        news = "".join(f", {op.kind} {op.data[i - op.offset]:#04x}" for op in covering)
+        return (
+            f"guest byte {i:#x} reads {value:#04x}; possible: old {self.base[i]:#04x}{news} "
+            f"(unflushed requests covering it: {names})"
+        )
+
+
+def _touched_ranges(sc: Scenario) -> list[tuple[int, int]]:
+    """Cluster-rounded ranges the workload touches, merged."""
+    spans = sorted(
+        (op.offset // CS * CS, -(-(op.offset + op.length) // CS) * CS)
+        for op in sc.ops
+        if op.kind != "flush"
+    )
+    merged: list[tuple[int, int]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+async def _recover_and_verify(
+    sc: Scenario, state_bytes: bytes, exp: Expectation, totals: Totals
+) -> list[str]:
+    """Recover one crash state as a user would and return what is wrong with it."""
+    try:
+        return await _recover_and_verify_inner(sc, state_bytes, exp, totals)
+    except QedError as exc:
+        return [f"recovery raised {type(exc).__name__}: {exc}"]
+
+
+async def _recover_and_verify_inner(
+    sc: Scenario, state_bytes: bytes, exp: Expectation, totals: Totals
+) -> list[str]:
+    problems: list[str] = []
+    # What a read-only check sees before any repair (for the totals).
+    ro = MemoryStore(state_bytes, writable=False)
+    header, area = await QedImage.read_header(ro)
+    if header.needs_check:
+        totals.dirty_states += 1
+        img_ro = await QedImage.open(ro, header, area, backing=sc.backing, readonly=True)
+        totals.entries_repaired += (await check_image(img_ro)).corruptions
+    # The real recovery: a read-write open repairs a dirty image.
+    store = MemoryStore(state_bytes, name=sc.name)
+    header, area = await QedImage.read_header(store)
+    img = await QedImage.open(store, header, area, backing=sc.backing, readonly=False)
+    report = await check_image(img)
+    if report.corruptions or report.check_errors:
+        totals.corruptions += report.corruptions
+        problems.append(
+            f"check after recovery: {report.corruptions} corruptions, "
+            f"{report.check_errors} check errors: "
+            + "; ".join(p.message for p in report.problems if p.kind != "leak")
+        )
+        return problems  # reading would only repeat it
+    if img.header.needs_check:
+        problems.append("NEED_CHECK still set after the recovering open")
+    # Guest contents: touched ranges hold old or new data, the rest is untouched.
+    touched = _touched_ranges(sc)
+    contents = []
+    for a, b in touched:
+        got = await img.read(a, b - a)
+        contents.append(got)
+        why = exp.mismatch(got, a, b)
+        if why:
+            problems.append(why)
+    pos = 0
+    for a, b in [*touched, (sc.size, sc.size)]:
+        if a > pos:
+            for ext in await img.block_status(pos, a - pos):
+                if ext.kind is not ExtentKind.UNALLOCATED:
+                    problems.append(f"untouched range {ext.start:#x}+{ext.length:#x} is {ext.kind}")
+        pos = b
+    for op in exp.acknowledged:
+        if await img.read(op.offset, op.length) != op.data:
+            later = [o for o in exp.maybe if o.start >= op.end]
+            if not any(
+                o.offset < op.offset + op.length and op.offset < o.offset + o.length for o in later
+            ):
+                totals.lost_writes += 1
+    # The recovered image keeps working: a new allocation lands on no live cluster.
+    new_at = sc.size - CS
+    await img.write(new_at, b"N" * 700)
+    await img.flush()
+    after = await check_image(img)
+    if after.corruptions or await img.read(new_at, 700) != b"N" * 700:
+        problems.append(f"after a new write the image has {after.corruptions} corruptions")
+    for (a, b), before in zip(touched, contents, strict=True):
+        if await img.read(a, b - a) != before:
+            problems.append(f"a write after recovery changed guest range {a:#x}..{b:#x}")
+    return problems
+
+
+def _crash_all(sc: Scenario, *, torn: bool, max_states: int | None) -> Totals:
+    totals = Totals()
+    crash = sc.crash
+
+    async def go() -> None:
+        for k in range(crash.crash_points() + 1):
+            totals.crash_points += 1
+            exp = Expectation(sc, k)
+            for state in crash.scenarios(k, torn=torn, max_states=max_states):
+                totals.states += 1
+                problems = await _recover_and_verify(sc, state.data, exp, totals)
+                if problems:
+                    totals.failing_states += 1
+                    if len(totals.failures) < 5:
+                        totals.failures.append(_report(sc, k, state.describe(), problems))
+
+    run(go())
+    return totals
+
+
+def _report(sc: Scenario, k: int, state: str, problems: list[str]) -> str:
+    crash = sc.crash
+    p = crash.last_flush_before(k)
+    lines = [f"[{sc.name}] {state}", *("  " + p_ for p_ in problems), "  guest requests:"]
+    lines += [f"    {op.describe()}" for op in sc.ops]
+    lines.append("  store ops from the last flush to the crash point:")
+    lines += [f"    {line}" for line in crash.describe_ops(max(0, p - 1), k).splitlines()]
+    return "\n".join(lines)
+
+
+def _summary(name: str, totals: Totals) -> str:
+    return (
+        f"{name}: {totals.crash_points} crash points, {totals.states} states, "
+        f"{totals.dirty_states} dirty (repaired {totals.entries_repaired} entries), "
+        f"{totals.lost_writes} acknowledged unflushed requests lost (summed over states), "
+        f"{totals.corruptions} corruptions after recovery, {totals.failing_states} failing states"
+    )
+
+
+@pytest.fixture(scope="module")
+def fresh() -> Scenario:
+    return fresh_image_workload()
+
+
+@pytest.fixture(scope="module")
+def overlay() -> Scenario:
+    return backing_file_workload()
+
+
+def test_workloads_issue_the_documented_ordering(fresh: Scenario, overlay: Scenario) -> None:
+    """Sanity of the workloads themselves: the flags and flushes DESIGN.md §2 promises."""
+    first = fresh.crash.ops[fresh.ops[0].start : fresh.ops[0].end]
+    assert [(op.kind, op.source) for op in first] == [
+        ("write", "write"),  # header with NEED_CHECK
+        ("flush", "flush"),
+        ("write", "writev"),  # the data clusters
+        ("write", "write"),  # the new L2 table
+        ("flush", "flush"),
+        ("write", "write"),  # the L1 sector
+    ]
+    assert int.from_bytes(first[0].data[16:24], "little") & Feature.NEED_CHECK
+    cow = overlay.crash.ops[overlay.ops[1].start : overlay.ops[1].end]
+    assert [op.kind for op in cow] == ["write", "flush", "write"]  # data, flush, L2 sector
+    assert fresh.crash.crash_points() > 20 and overlay.crash.crash_points() > 15
+
+
+@pytest.mark.parametrize("torn", [False, True], ids=["whole-writes", "torn-sectors"])
+@pytest.mark.parametrize("which", ["fresh", "overlay"])
+def test_every_crash_state_recovers_to_old_or_new_data(
+    which: str, torn: bool, request: pytest.FixtureRequest
+) -> None:
+    sc: Scenario = request.getfixturevalue(which)
+    totals = _crash_all(sc, torn=torn, max_states=64 if torn else None)
+    summary = _summary(f"{sc.name} {'torn' if torn else 'whole'}", totals)
+    print("\n" + summary)
+    assert totals.states > totals.crash_points
+    assert not totals.failures, summary + "\n\n" + "\n\n".join(totals.failures)
+
+
+def test_a_failed_allocating_write_leaves_a_checkable_image() -> None:
+    """FaultStore against the engine: the data write of an allocation fails."""
+
+    async def go() -> None:
+        fmt = MemoryStore()
+        await QedImage.format_store(fmt, MiB, cluster_size=CS, table_size=2)
+        store = FaultStore(MemoryStore(fmt.data, name="img.qed"))
+        header, area = await QedImage.read_header(store)
+        img = await QedImage.open(store, header, area, backing=None, readonly=False)
+        await img.write(0, b"a" * 100)
+        store.fail("writev", errno=errno.ENOSPC)
+        with pytest.raises(StoreError) as info:
+            await img.write(CS, b"b" * 100)
+        assert info.value.errno == errno.ENOSPC and info.value.filename == "img.qed"
+        assert await img.read(0, 100) == b"a" * 100
+        assert await img.read(CS, 100) == bytes(100)
+        report = await check_image(img)
+        assert report.corruptions == 0
+        await img.write(CS, b"c" * 100)  # the store works again
+        await img.flush()
+        assert await img.read(CS, 100) == b"c" * 100
+        assert (await check_image(img)).corruptions == 0
+
+    run(go())
+
+
+class _DropsTheDataFlush(CrashStore):
+    """A broken disk for the self-test below: it ignores the flush the engine issues
+    between an allocation's data and its L2 entry (DESIGN.md §2, step 3)."""
+
+    async def flush(self) -> None:
+        if sys._getframe(1).f_code.co_name == "_allocating_write":
+            return
+        await super().flush()
+
+
+def test_the_harness_catches_a_missing_flush() -> None:
+    """Without step 3 an L2 entry can reach the disk before its data: the harness
+    must see it (entries past the end of the file, or clusters reading zeros
+    instead of the backing file's data)."""
+    sc = backing_file_workload(_DropsTheDataFlush)
+    totals = _crash_all(sc, torn=False, max_states=None)
+    print("\n" + _summary("overlay.qed without the data flush", totals))
+    assert totals.failures
+    assert "overlay.qed" in totals.failures[0] and "store ops" in totals.failures[0]
+
+
+async def _guest_after_recovery(sc: Scenario, image: bytes) -> tuple[list[bytes], int]:
+    """Open ``image`` read-write (repairing), return the touched guest ranges and the
+    corruptions a check then finds."""
+    store = MemoryStore(image, name=sc.name)
+    header, area = await QedImage.read_header(store)
+    img = await QedImage.open(store, header, area, backing=sc.backing, readonly=False)
+    report = await check_image(img)
+    return [await img.read(a, b - a) for a, b in _touched_ranges(sc)], report.corruptions
+
+
+def test_a_crash_during_repair_is_repaired_again_to_the_same_result(fresh: Scenario) -> None:
+    """Take crash states that need a repair, run the repair on a CrashStore, and crash
+    it at every point: opening any of those states must repair to the same guest
+    content as the uninterrupted repair."""
+    crash = fresh.crash
+    needing_repair: dict[bytes, None] = {}
+
+    async def collect() -> None:
+        for k in range(crash.crash_points() + 1):
+            for data in crash.states(k):
+                store = MemoryStore(data, writable=False)
+                header, area = await QedImage.read_header(store)
+                if not header.needs_check or data in needing_repair:
+                    continue
+                img = await QedImage.open(store, header, area, backing=None, readonly=True)
+                if (await check_image(img)).corruptions:
+                    needing_repair[data] = None
+
+    run(collect())
+    assert len(needing_repair) >= 10
+    states = 0
+    failures: list[str] = []
+
+    async def go() -> None:
+        nonlocal states
+        for image in list(needing_repair)[:40]:
+            expected, corruptions = await _guest_after_recovery(fresh, image)
+            assert corruptions == 0
+            repair = CrashStore(image, name="repairing.qed")
+            header, area = await QedImage.read_header(repair)
+            await QedImage.open(repair, header, area, backing=None, readonly=False)
+            assert repair.crash_points() >= 3  # table rewrites, then flush, header, flush
+            for k in range(repair.crash_points() + 1):
+                for state in repair.scenarios(k, torn=True, max_states=16):
+                    states += 1
+                    got, corruptions = await _guest_after_recovery(fresh, state.data)
+                    if corruptions or got != expected:
+                        failures.append(
+                            f"{state.describe()}: {corruptions} corruptions, guest content "
+                            f"{'differs' if got != expected else 'same'}; repair log:\n"
+                            + repair.describe_ops(0, k)
+                        )
+
+    run(go())
+    summary = (
+        f"crash during repair: {min(40, len(needing_repair))} images needing repair, "
+        f"{states} states, {len(failures)} failures"
+    )
+    print("\n" + summary)
+    assert not failures, summary + "\n" + "\n\n".join(failures[:3])

@@ -80,7 +80,20 @@ class CorruptImageError(FormatError):
 
 
 class UnsupportedFeatureError(QedError):
-    """A valid image or request that needs a feature qedkit does not implement."""
+    """A valid image or request that needs a feature qedkit does not implement.
+    For an on-disk feature, ``offset`` and ``field`` say where it is recorded."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        filename: str | None = None,
+        offset: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message, filename=filename)
+        self.offset = offset
+        self.field = field
 
 
 class BackingFileError(QedError):

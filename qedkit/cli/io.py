@@ -79,7 +79,10 @@ def _range(rest: list[str], name: str) -> tuple[int, int]:
 
 def run_command(image: Image, line: str, out: TextIO = sys.stdout) -> bool:
     """Run one command; returns False if it failed (after reporting why)."""
-    argv = shlex.split(line)
+    try:
+        argv = shlex.split(line)
+    except ValueError as exc:  # e.g. "No closing quotation"
+        raise IoCommandError(str(exc)) from None
     if not argv:
         return True
     name, args = argv[0], argv[1:]
@@ -90,12 +93,8 @@ def run_command(image: Image, line: str, out: TextIO = sys.stdout) -> bool:
         ok = True
         if "P" in opts:
             pattern = _pattern(opts["P"], 0)
-            bad = data.translate(None, bytes([pattern]))
-            if bad:
-                first = next(i for i, b in enumerate(data) if b != pattern)
-                out.write(
-                    f"Pattern verification failed at offset {offset + first}, {length} bytes\n"
-                )
+            if data.translate(None, bytes([pattern])):  # some byte differs
+                out.write(f"Pattern verification failed at offset {offset}, {length} bytes\n")
                 ok = False
         if not opts.get("q"):
             out.write(f"read {length}/{length} bytes at offset {offset}\n")
@@ -140,7 +139,7 @@ def run_script(image: Image, commands: Sequence[str], out: TextIO, err: TextIO) 
             if not run_command(image, line, out):
                 status = 1
         except IoCommandError as exc:
-            err.write(f"qed: io: {line!r}: {exc}\n")
+            err.write(f"qed: {image.filename}: {line!r}: {exc}\n")
             status = 1
         except InvalidRequestError as exc:
             err.write(f"qed: {exc}\n")

@@ -78,7 +78,12 @@ def _geometry(opts: dict[str, str]) -> tuple[int, int]:
         if "cluster_size" in opts
         else DEFAULT_CLUSTER_SIZE
     )
-    table_size = int(opts["table_size"]) if "table_size" in opts else DEFAULT_TABLE_SIZE
+    table_size = DEFAULT_TABLE_SIZE
+    if "table_size" in opts:
+        text = opts["table_size"]
+        if not text.isascii() or not text.isdigit():
+            raise UsageError(f"invalid table_size {text!r}: expected a number of clusters")
+        table_size = int(text)
     return cluster_size, table_size
 
 
@@ -95,10 +100,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     backing_fmt = args.backing_format or opts.get("backing_fmt")
     size_text = args.size or opts.get("size")
     size = _size_arg(size_text) if size_text is not None else None
-    try:
-        cluster_size, table_size = _geometry(opts)
-    except ValueError as exc:
-        raise UsageError(f"invalid table_size: {exc}") from None
+    cluster_size, table_size = _geometry(opts)
     size = (
         api.create(
             args.filename,

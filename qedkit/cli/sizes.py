@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 _SUFFIXES = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-_SIZE = re.compile(r"^(?:(0x[0-9a-f]+)|(\d+(?:\.\d+)?))([bkmgtpe]?)$", re.IGNORECASE)
+_SIZE = re.compile(r"^(?:(0x[0-9a-f]+)|(\d+(?:\.\d+)?))([bkmgtpe]?)$", re.IGNORECASE | re.ASCII)
+MAX_SIZE = 2**64 - 1  # QEMU parses sizes into a uint64_t
 
 
 def parse_size(text: str) -> int:
@@ -20,10 +21,14 @@ def parse_size(text: str) -> int:
     if hex_part:
         if suffix and suffix.lower() != "b":
             raise ValueError(f"invalid size {text!r}: hex numbers take no suffix")
-        return int(hex_part, 16)
-    if "." in dec_part:
-        value = float(dec_part) * (1 << shift)
-        if value != int(value) and shift == 0:
+        value = int(hex_part, 16)
+    elif "." in dec_part:
+        scaled = float(dec_part) * (1 << shift)
+        if scaled != int(scaled) and shift == 0:
             raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
-        return int(value)
-    return int(dec_part) << shift
+        value = int(scaled)
+    else:
+        value = int(dec_part) << shift
+    if value > MAX_SIZE:
+        raise ValueError(f"invalid size {text!r}: larger than 2^64 - 1 bytes")
+    return value

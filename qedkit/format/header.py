@@ -58,7 +58,8 @@ class Feature(enum.IntFlag):
     BACKING_FORMAT_NO_PROBE = 0x04
 
 
-KNOWN_FEATURES = Feature.BACKING_FILE | Feature.NEED_CHECK | Feature.BACKING_FORMAT_NO_PROBE
+# A plain int: the complement of an IntFlag stays inside the flag's own bits.
+KNOWN_FEATURES = int(Feature.BACKING_FILE | Feature.NEED_CHECK | Feature.BACKING_FORMAT_NO_PROBE)
 
 # Byte offsets of the fields, for error messages and in-place patches.
 FIELD_OFFSETS = {
@@ -175,7 +176,9 @@ class Header:
         if unknown:
             raise UnsupportedFeatureError(
                 f"unsupported QED feature bits {unknown:#x} in features "
-                f"(header offset {FIELD_OFFSETS['features']})"
+                f"(header offset {FIELD_OFFSETS['features']})",
+                offset=FIELD_OFFSETS["features"],
+                field="features",
             )
         if not is_valid_cluster_size(self.cluster_size):
             raise _bad(

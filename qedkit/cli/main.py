@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import api
-from ..errors import InvalidRequestError, QedError
+from ..errors import QedError
 from ..format.geometry import DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE
 from . import output
 from .sizes import parse_size
@@ -171,18 +171,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
+    start = args.start_offset
     with api.open(args.filename, readonly=True, format=args.format) as img:
-        start = args.start_offset
-        length = (
-            img.size - start if args.max_length is None else min(args.max_length, img.size - start)
-        )
-        if start < 0 or start > img.size:
-            raise InvalidRequestError(
-                f"start offset {start} is outside the image (size {img.size})"
-            )
-        entries = img.map(start, max(0, length))
+        # Like qemu-img: a start at or past the end gives an empty map, not an error.
+        end = img.size if args.max_length is None else min(img.size, start + args.max_length)
+        entries = img.map(start, end - start) if start < end else []
     if args.output == "json":
-        sys.stdout.write(output.map_json(entries))
+        sys.stdout.write(output.map_json(entries, start))
     else:
         sys.stdout.write(output.map_human(entries))
     return 0

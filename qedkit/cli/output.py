@@ -91,6 +91,8 @@ def info_human(chain: Sequence[ImageInfo]) -> str:
         ]
         if info.cluster_size is not None:
             lines.append(f"cluster_size: {info.cluster_size}")
+        if info.dirty:  # qemu-img's wording for a dirty image (it misses QED's flag)
+            lines.append("cleanly shut down: no")
         if info.backing_filename is not None:
             line = f"backing file: {info.backing_filename}"
             if info.full_backing_filename != info.backing_filename:
@@ -98,8 +100,6 @@ def info_human(chain: Sequence[ImageInfo]) -> str:
             lines.append(line)
             if info.backing_format is not None:
                 lines.append(f"backing file format: {info.backing_format}")
-        if info.dirty:
-            lines.append("needs check: yes (the image was not closed cleanly)")
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
 
@@ -107,9 +107,10 @@ def info_human(chain: Sequence[ImageInfo]) -> str:
 # ---- map ------------------------------------------------------------------------
 
 
-def map_json(entries: Sequence[MapEntry]) -> str:
+def map_json(entries: Sequence[MapEntry], start: int = 0) -> str:
+    """qemu-img map's JSON; an empty map is one empty entry at ``start``, as there."""
     if not entries:
-        entries = [MapEntry(0, 0, 0, False, False, False, None, "")]
+        entries = [MapEntry(start, 0, 0, False, False, False, None, "")]
     lines = []
     for e in entries:
         text = (
@@ -156,8 +157,8 @@ def check_dict(report: CheckReport) -> dict[str, object]:
     ):
         if value:
             pairs.append((key, value))
-    pairs.append(("total-clusters", report.total_clusters))
     for key, value in (
+        ("total-clusters", report.total_clusters),
         ("allocated-clusters", report.allocated_clusters),
         ("fragmented-clusters", report.fragmented_clusters),
     ):

@@ -33,6 +33,14 @@ def thread_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+def close_thread_loop() -> None:
+    """Close this thread's loop, if any (worker threads call it before they end)."""
+    loop: asyncio.AbstractEventLoop | None = getattr(_local, "loop", None)
+    if loop is not None and not loop.is_closed():
+        loop.close()
+    _local.loop = None
+
+
 class _Resume:
     """Awaitable that continues a coroutine which already yielded ``first``."""
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ..engine.base import BlockImage
 from ..engine.chain import create_image, open_image
 from ..engine.mapping import map_chain
-from ..engine.sync import run
+from ..engine.sync import close_thread_loop, run
 from ..format.geometry import DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE
 
 CHUNK = 4 * 1024 * 1024  # bytes per read; large enough to amortise per-call costs
@@ -119,6 +119,7 @@ async def copy_image(
         for fut in pending:
             if fut is not None:
                 fut.cancel()
+        pool.submit(close_thread_loop)
         pool.shutdown(wait=True)
         for view, buf in zip(views, bufs, strict=True):
             view.release()

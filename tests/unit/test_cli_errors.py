@@ -254,12 +254,15 @@ def test_create_qcow2_backing_format_is_unsupported(qed_cli: Cli, tmp_path: Path
     assert not path.exists()
 
 
-def test_map_start_offset_outside_the_image(qed_cli: Cli, new_image: Callable[..., Path]) -> None:
+def test_map_start_offset_past_the_end_prints_an_empty_map_like_qemu_img(
+    qed_cli: Cli, new_image: Callable[..., Path]
+) -> None:
     path = new_image()
-    result = qed_cli("map", "-s", "2M", path)
-    assert_clean_failure(result, f"qed: {path}: ")
-    assert (
-        result.stderr == f"qed: {path}: start offset 2097152 is outside the image (size 1048576)\n"
+    result = qed_cli("map", "--output=json", "-s", "2M", path)
+    assert result.returncode == 0
+    assert result.stdout == (
+        '[{ "start": 2097152, "length": 0, "depth": 0, "present": false, "zero": false, '
+        '"data": false}]\n'
     )
 
 

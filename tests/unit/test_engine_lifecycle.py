@@ -30,7 +30,9 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_need_check_is_set_by_the_first_allocating_write_and_cleared_by_flush(tmp_path: Path) -> None:
+def test_need_check_is_set_by_the_first_allocating_write_and_cleared_by_flush(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "a.qed"
     qedkit.create(str(path), 4 << 20)
     with qedkit.open(str(path)) as img:
@@ -128,7 +130,9 @@ def test_backing_loop_is_refused(tmp_path: Path) -> None:
         qedkit.open(str(b))
 
 
-def test_relative_backing_names_resolve_against_the_image_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_backing_names_resolve_against_the_image_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sub = tmp_path / "sub"
     sub.mkdir()
     (tmp_path / "base.raw").write_bytes(b"B" * 4096)

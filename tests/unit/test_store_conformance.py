@@ -27,7 +27,9 @@ class StoreContract:
     def make(self, tmp_path: Path, data: bytes = b"", *, writable: bool = True) -> ByteStore:
         raise NotImplementedError
 
-    def test_read_returns_what_was_written_and_short_reads_only_at_the_end(self, tmp_path: Path) -> None:
+    def test_read_returns_what_was_written_and_short_reads_only_at_the_end(
+        self, tmp_path: Path
+    ) -> None:
         store = self.make(tmp_path)
 
         async def go() -> None:

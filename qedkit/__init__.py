@@ -4,7 +4,8 @@ The synchronous API is ``qedkit.open`` / ``qedkit.create`` (see qedkit.api); the
 asynchronous engine is ``qedkit.aio``; errors derive from ``qedkit.QedError``.
 """
 
-from .api import Image, ImageFile, create, open
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BackingFileError,
     CorruptImageError,
@@ -18,7 +19,21 @@ from .errors import (
     UnsupportedFeatureError,
 )
 
+if TYPE_CHECKING:
+    from .api import Image, ImageFile, create, open
+
 __version__ = "0.1.0"
+
+_API = ("Image", "ImageFile", "create", "open")
+
+
+def __getattr__(name: str) -> Any:
+    """The API (and with it asyncio) loads on first use: ``qed --version`` stays fast."""
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'qedkit' has no attribute {name!r}")
 
 __all__ = [
     "BackingFileError",

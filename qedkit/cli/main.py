@@ -12,10 +12,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from .. import api
 from ..errors import QedError
 from ..format.geometry import DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE
-from . import output
 from .sizes import parse_size
 
 EXIT_FAILURE = 1
@@ -91,6 +89,7 @@ def _geometry(opts: dict[str, str]) -> tuple[int, int]:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    from .. import api
     opts = _parse_options(args.options)
     if "help" in opts:
         _print_create_options()
@@ -159,6 +158,8 @@ def _create_unchecked(
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .. import api
+    from . import output
     with api.open(
         args.filename, readonly=True, format=args.format, backing_chain=args.backing_chain
     ) as img:
@@ -171,6 +172,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
+    from .. import api
+    from . import output
     start = args.start_offset
     with api.open(args.filename, readonly=True, format=args.format) as img:
         # Like qemu-img: a start at or past the end gives an empty map, not an error.
@@ -184,9 +187,11 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .. import api
     from ..engine.check import RepairMode, check_and_repair
     from ..engine.qed import QedImage
     from ..engine.sync import run
+    from . import output
 
     repair = RepairMode(args.repair) if args.repair else None
     with api.open(
@@ -248,6 +253,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_io(args: argparse.Namespace) -> int:
+    from .. import api
     from .io import run_script
 
     with api.open(args.filename, readonly=args.readonly, format=args.format) as img:

@@ -129,6 +129,13 @@ class QedImage(BlockImage):
         # Hooks for jobs (defrag, streaming): called with (first_cluster, count) of
         # guest clusters about to be written; may await to stall the write.
         self.write_barrier: Callable[[int, int], object] | None = None
+        # Geometry constants of the hot path, as plain attributes.
+        geo = self.geo
+        self._cluster_bits = geo.cluster_bits
+        self._cluster_mask = geo.cluster_size - 1
+        self._l2_mask = geo.l2_entries - 1
+        self._l1_shift = geo.cluster_bits + geo.l2_bits
+        self._header_bytes = geo.header_bytes
 
     # ======================================================================
     # open / create
@@ -412,9 +419,44 @@ class QedImage(BlockImage):
     # read
     # ======================================================================
 
+    def _contiguous_host(self, offset: int, end: int) -> int:
+        """Fast path of the lookup: the host offset of ``offset`` when all of
+        ``[offset, end)`` (non-empty) is one host-contiguous run of valid data
+        clusters in a cached L2 table; -1 otherwise (the slow path then finds out
+        why, and raises the precise error for a damaged entry)."""
+        l1_index = offset >> self._l1_shift
+        l2_offset = self._l1[l1_index]
+        if not l2_offset or (end - 1) >> self._l1_shift != l1_index:
+            return -1
+        table = self._cache.get(l2_offset)
+        if table is None:
+            return -1
+        bits = self._cluster_bits
+        i = (offset >> bits) & self._l2_mask
+        last = ((end - 1) >> bits) & self._l2_mask
+        entry = table[i]
+        if entry & self._cluster_mask or entry < self._header_bytes:
+            return -1  # 0, 1 or invalid
+        expect = entry
+        while i < last:
+            i += 1
+            expect += 1 << bits
+            if table[i] != expect:
+                return -1
+        if expect >= self._file_end:
+            return -1
+        return entry + (offset & self._cluster_mask)
+
     async def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
         view = memoryview(buf).cast("B")
         self._check_range(offset, len(view))
+        if view:
+            host = self._contiguous_host(offset, offset + len(view))
+            if host >= 0:
+                n = await self.store.readinto(host, view)
+                if n < len(view):
+                    fill_zero(view[n:])
+                return
         span = self.geo.l2_span
         pos, end = offset, offset + len(view)
         while pos < end:
@@ -479,6 +521,10 @@ class QedImage(BlockImage):
 
     async def _write_in_place(self, l1_index: int, pos: int, data: memoryview) -> bool:
         """Write ``data`` if every cluster it touches is allocated; False otherwise."""
+        host = self._contiguous_host(pos, pos + len(data))
+        if host >= 0:
+            await self.store.write(host, data)
+            return True
         table = await self.get_l2(l1_index)
         if table is None:
             return False

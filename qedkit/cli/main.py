@@ -90,6 +90,7 @@ def _geometry(opts: dict[str, str]) -> tuple[int, int]:
 
 def cmd_create(args: argparse.Namespace) -> int:
     from .. import api
+
     opts = _parse_options(args.options)
     if "help" in opts:
         _print_create_options()
@@ -160,6 +161,7 @@ def _create_unchecked(
 def cmd_info(args: argparse.Namespace) -> int:
     from .. import api
     from . import output
+
     with api.open(
         args.filename, readonly=True, format=args.format, backing_chain=args.backing_chain
     ) as img:
@@ -174,6 +176,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_map(args: argparse.Namespace) -> int:
     from .. import api
     from . import output
+
     start = args.start_offset
     with api.open(args.filename, readonly=True, format=args.format) as img:
         # Like qemu-img: a start at or past the end gives an empty map, not an error.

@@ -399,8 +399,10 @@ class QedImage(BlockImage):
                     and prev.kind is run.kind
                     and (
                         run.kind is not DATA
-                        or (prev.host_offset is not None
-                        and prev.host_offset + prev.length == run.host_offset)
+                        or (
+                            prev.host_offset is not None
+                            and prev.host_offset + prev.length == run.host_offset
+                        )
                     )
                 ):
                     out[-1] = Extent(

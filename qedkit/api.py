@@ -211,11 +211,15 @@ def open(
     backing_chain: bool = True,
     cache_budget: int = DEFAULT_BUDGET,
     auto_repair: bool = True,
+    force_share: bool = False,
 ) -> Image:
     """Open an image; ``format`` is probed when None. A read-write open of an image
     whose NEED_CHECK flag is set repairs it first (unless ``auto_repair=False``);
     a read-only open never writes. ``backing_chain=False`` leaves the backing file
-    closed (unallocated clusters then read as zeros)."""
+    closed (unallocated clusters then read as zeros). The file is locked as QEMU
+    locks images (ImageLockedError while another process writes it, or while anyone
+    has it open when opening for writing); ``force_share=True`` reads it anyway, like
+    qemu-img's -U."""
     return Image(
         run(
             open_image(
@@ -225,6 +229,7 @@ def open(
                 backing_chain=backing_chain,
                 cache_budget=cache_budget,
                 repair=auto_repair,
+                force_share=force_share,
             )
         )
     )

@@ -163,7 +163,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from . import output
 
     with api.open(
-        args.filename, readonly=True, format=args.format, backing_chain=args.backing_chain
+        args.filename,
+        readonly=True,
+        format=args.format,
+        backing_chain=args.backing_chain,
+        force_share=args.force_share,
     ) as img:
         chain = img.chain_info() if args.backing_chain else [img.info()]
     if args.output == "json":
@@ -178,7 +182,9 @@ def cmd_map(args: argparse.Namespace) -> int:
     from . import output
 
     start = args.start_offset
-    with api.open(args.filename, readonly=True, format=args.format) as img:
+    with api.open(
+        args.filename, readonly=True, format=args.format, force_share=args.force_share
+    ) as img:
         # Like qemu-img: a start at or past the end gives an empty map, not an error.
         end = img.size if args.max_length is None else min(img.size, start + args.max_length)
         entries = img.map(start, end - start) if start < end else []
@@ -203,6 +209,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         format=args.format,
         backing_chain=False,
         auto_repair=False,
+        force_share=args.force_share and repair is None,
     ) as img:
         if not isinstance(img.engine, QedImage):
             print(
@@ -259,7 +266,11 @@ def cmd_io(args: argparse.Namespace) -> int:
     from .. import api
     from .io import run_script
 
-    with api.open(args.filename, readonly=args.readonly, format=args.format) as img:
+    if args.force_share and not args.readonly:
+        raise UsageError("-U (force share) needs -r: an image in use cannot be written")
+    with api.open(
+        args.filename, readonly=args.readonly, format=args.format, force_share=args.force_share
+    ) as img:
         status = run_script(img, args.commands or [], sys.stdout, sys.stderr)
     return status
 
@@ -318,7 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p)
     p.add_argument("--backing-chain", action="store_true", help="also show every backing image")
     p.add_argument(
-        "-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility"
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="open even if another process writes the image",
     )
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_info)
@@ -329,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--start-offset", type=_size_arg_plain, default=0, metavar="OFFSET")
     p.add_argument("-l", "--max-length", type=_size_arg_plain, default=None, metavar="LENGTH")
     p.add_argument(
-        "-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility"
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="open even if another process writes the image",
     )
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_map)
@@ -342,7 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument(
-        "-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility"
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="open even if another process writes the image",
     )
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_check)
@@ -360,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", dest="options", metavar="OPTIONS", help="target options (cluster_size, table_size)"
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument(
+        "-U", "--force-share", action="store_true", help="read the source even if it is in use"
+    )
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument(
         "-t",
@@ -376,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("io", help="run qemu-io style commands on an image")
     _add_format(p)
     p.add_argument("-r", dest="readonly", action="store_true", help="open read-only")
+    p.add_argument(
+        "-U", "--force-share", action="store_true", help="read even if in use (needs -r)"
+    )
     p.add_argument(
         "-c",
         dest="commands",

@@ -66,6 +66,7 @@ async def open_image(
     cache_budget: int = DEFAULT_BUDGET,
     repair: bool = True,
     unsafe_no_flush: bool = False,
+    force_share: bool = False,
     _depth: int = 0,
     _seen: frozenset[str] = frozenset(),
 ) -> BlockImage:
@@ -75,6 +76,11 @@ async def open_image(
     then return zeros); ``repair=False`` skips the open-time repair of an image with
     NEED_CHECK set (``qed check`` wants to see it unrepaired); ``unsafe_no_flush``
     turns flushes of the top image into no-ops (qemu-img's cache=unsafe).
+
+    The image file is locked as QEMU locks it (store.file): a read-write open fails
+    with ImageLockedError while anyone else (QEMU included) has it open, a read-only
+    open fails while someone writes it, unless ``force_share``. Backing files are
+    opened read-only and shared, as QEMU opens them.
     """
     if fmt is not None:
         _check_format_name(fmt)
@@ -88,6 +94,7 @@ async def open_image(
     except QedError as exc:
         raise exc.with_filename(path) from exc.__cause__
     try:
+        store.lock(write=not readonly, shared=force_share or _depth > 0)
         detected = await probe(store)
         if fmt is None:
             fmt = detected
@@ -187,6 +194,7 @@ async def create_image(
     except QedError as exc:
         raise exc.with_filename(path) from exc.__cause__
     try:
+        store.lock(write=True, shared=False)
         if fmt == "qed":
             await QedImage.format_store(
                 store,
@@ -197,6 +205,7 @@ async def create_image(
                 backing_raw=backing_format == "raw",
             )
         else:
+            await store.truncate(0)
             await store.truncate(size)
             await store.flush()
     except QedError as exc:

@@ -136,6 +136,7 @@ async def convert(
     cluster_size: int = DEFAULT_CLUSTER_SIZE,
     table_size: int = DEFAULT_TABLE_SIZE,
     flush: bool = False,
+    force_share: bool = False,
     progress: Progress | None = None,
 ) -> ConvertStats:
     """Convert ``src_path`` (with its backing chain) to a new image at ``dst_path``.
@@ -144,7 +145,7 @@ async def convert(
     is written through the page cache and not synced; ``flush=True`` syncs it before
     returning. The target is created (or overwritten) only after the source opened.
     """
-    src = await open_image(src_path, fmt=src_format, readonly=True)
+    src = await open_image(src_path, fmt=src_format, readonly=True, force_share=force_share)
     try:
         await create_image(
             dst_path,

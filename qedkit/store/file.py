@@ -12,13 +12,16 @@ sizes, so a stall is bounded too.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import stat
+import struct
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import StoreError
+from ..errors import ImageLockedError, StoreError
 from .base import Buffer, ByteStore, StoreCapabilities, StoreExtent
 
 # linux/falloc.h
@@ -27,6 +30,31 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 _IOV_MAX = 1024  # Linux UIO_MAXIOV
+
+# ---- QEMU-compatible image locking ---------------------------------------------
+# QEMU (block/file-posix.c) takes shared OFD locks on single bytes of the image
+# file: byte 100 + P while it holds permission P, and byte 200 + P while it does not
+# let others have P. A new user first takes its own bytes, then tests the opposite
+# ones: each permission it wants against the others' "unshared" bytes, and each
+# permission it refuses to share against the others' "held" bytes. Permission bit
+# numbers are QEMU's BLK_PERM_* (7.2 through 10.x).
+LOCK_PERM_BASE = 100
+LOCK_SHARED_BASE = 200
+PERM_CONSISTENT_READ = 0
+PERM_WRITE = 1
+PERM_RESIZE = 3
+PERM_NAMES = {PERM_CONSISTENT_READ: "consistent read", PERM_WRITE: "write", PERM_RESIZE: "resize"}
+_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)  # Linux values
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock on LP64 Linux
+
+
+def _ofd_lock(fd: int, cmd: int, lock_type: int, byte: int) -> int:
+    """One OFD lock call on a single byte; returns the l_type the kernel reports."""
+    packed = _FLOCK.pack(lock_type, os.SEEK_SET, byte, 1, 0)
+    result = fcntl.fcntl(fd, cmd, packed)
+    return int(_FLOCK.unpack(result)[0])
+
 
 _fallocate_fn: Any = None
 
@@ -81,10 +109,11 @@ class FileStore(ByteStore):
     def open(
         cls, path: str, *, readonly: bool = False, create: bool = False, unsafe: bool = False
     ) -> FileStore:
-        """Open ``path``; with ``create`` the file is created or truncated to empty."""
+        """Open ``path``; with ``create`` the file is created if missing (the caller
+        locks it before truncating: it may be an image someone else has open)."""
         flags = os.O_CLOEXEC | (os.O_RDONLY if readonly else os.O_RDWR)
         if create:
-            flags |= os.O_CREAT | os.O_TRUNC
+            flags |= os.O_CREAT
         try:
             fd = os.open(path, flags, 0o644)
         except OSError as exc:
@@ -197,6 +226,62 @@ class FileStore(ByteStore):
             os.ftruncate(self.fd, size)
         except OSError as exc:
             raise _store_error(self.name, f"truncate to {size} bytes failed", exc) from exc
+
+    # ---- locking -------------------------------------------------------------
+
+    def lock(self, *, write: bool, shared: bool) -> None:
+        """Lock the file the way QEMU does, so QEMU and qedkit keep out each other's
+        conflicting users. ``write``: hold read, write and resize and share neither
+        write nor resize (one writer). Otherwise hold read and, unless ``shared``
+        (qemu-img's -U), refuse to share write and resize (no writer may appear
+        while we read). Raises ImageLockedError naming the permission in conflict.
+        Filesystems without OFD locks are used unlocked, as QEMU does."""
+        held: tuple[int, ...] = (PERM_CONSISTENT_READ,)
+        unshared: tuple[int, ...] = () if shared else (PERM_WRITE, PERM_RESIZE)
+        if write:
+            held, unshared = (
+                (PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE),
+                (PERM_WRITE, PERM_RESIZE),
+            )
+        try:
+            for perm in held:
+                _ofd_lock(self.fd, _F_OFD_SETLK, fcntl.F_RDLCK, LOCK_PERM_BASE + perm)
+            for perm in unshared:
+                _ofd_lock(self.fd, _F_OFD_SETLK, fcntl.F_RDLCK, LOCK_SHARED_BASE + perm)
+            conflicts = [
+                perm
+                for perm in held
+                if _ofd_lock(self.fd, _F_OFD_GETLK, fcntl.F_WRLCK, LOCK_SHARED_BASE + perm)
+                != fcntl.F_UNLCK
+            ] + [
+                perm
+                for perm in unshared
+                if _ofd_lock(self.fd, _F_OFD_GETLK, fcntl.F_WRLCK, LOCK_PERM_BASE + perm)
+                != fcntl.F_UNLCK
+            ]
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                conflicts = [PERM_WRITE]
+            elif exc.errno in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                return
+            else:
+                raise _store_error(self.name, "cannot lock", exc) from exc
+        if conflicts:
+            self.unlock()
+            name = PERM_NAMES[conflicts[0]]
+            hint = "" if write or shared else "; use -U (force share) to inspect it anyway"
+            raise ImageLockedError(
+                f'failed to get "{name}" lock: the image is in use by another process{hint}',
+                filename=self.name,
+            )
+
+    def unlock(self) -> None:
+        """Drop every lock byte this store holds."""
+        for byte in (LOCK_PERM_BASE, LOCK_SHARED_BASE):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(
+                    self.fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, byte, 100, 0)
+                )
 
     # ---- metadata ------------------------------------------------------------
 

@@ -14,7 +14,12 @@ import pytest
 import qedkit
 from qedkit import aio
 from qedkit.engine.qed import QedImage
-from qedkit.errors import BackingFileError, ReadOnlyError, UnsupportedFeatureError
+from qedkit.errors import (
+    BackingFileError,
+    ImageLockedError,
+    ReadOnlyError,
+    UnsupportedFeatureError,
+)
 from qedkit.format.header import Feature
 
 NEED_CHECK = int(Feature.NEED_CHECK)
@@ -64,7 +69,7 @@ def test_read_only_open_never_writes_even_a_dirty_image(tmp_path: Path) -> None:
     qedkit.create(str(path), 4 << 20)
     img = qedkit.open(str(path))
     img.write(0, b"data")
-    # Simulate a crash: the flag is set, the image was never closed.
+    run_close_without_clean(img)  # a crash: the flag stays set
     assert features(path) & NEED_CHECK
     before = sha(path)
     with qedkit.open(str(path), readonly=True) as ro:
@@ -73,7 +78,23 @@ def test_read_only_open_never_writes_even_a_dirty_image(tmp_path: Path) -> None:
         with pytest.raises(ReadOnlyError):
             ro.write(0, b"no")
     assert sha(path) == before
-    run_close_without_clean(img)
+
+
+def test_a_writer_keeps_other_users_out_until_it_closes(tmp_path: Path) -> None:
+    path = tmp_path / "a.qed"
+    qedkit.create(str(path), 4 << 20)
+    with qedkit.open(str(path)) as writer:
+        writer.write(0, b"w")
+        with pytest.raises(ImageLockedError, match='"write" lock'):
+            qedkit.open(str(path))
+        with pytest.raises(ImageLockedError, match="-U"):
+            qedkit.open(str(path), readonly=True)
+        with qedkit.open(str(path), readonly=True, force_share=True) as peek:
+            assert peek.read(0, 1) == b"w"
+    with qedkit.open(str(path), readonly=True) as r1, qedkit.open(str(path), readonly=True) as r2:
+        assert r1.read(0, 1) == r2.read(0, 1) == b"w"  # readers share
+        with pytest.raises(ImageLockedError):
+            qedkit.open(str(path))
 
 
 def run_close_without_clean(img: qedkit.Image) -> None:

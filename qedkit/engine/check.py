@@ -119,14 +119,13 @@ class _Scan:
             self.note("corruption", where, message)
 
 
-async def check_image(img: QedImage, repair: RepairMode | None = None) -> CheckReport:
-    """Scan ``img`` and, with ``repair``, fix what can be fixed. Never raises for
-    problems it finds; raises QedError only if the image cannot be read at all."""
+async def _scan(img: QedImage, fix: bool) -> _Scan:
+    """One pass over every table, counting as QEMU counts; with ``fix``, invalid
+    entries are cleared (each fixed table rewritten whole, then the L1)."""
     geo = img.geo
     header = img.header
     file_size = await img.store.size()
     file_end = max(img.file_end, file_size - file_size % geo.cluster_size)
-    fix = repair is RepairMode.ALL and not img.readonly
     scan = _Scan(img, file_end, fix)
     l1 = img.l1_table
     l1_fixed = False
@@ -169,33 +168,170 @@ async def check_image(img: QedImage, repair: RepairMode | None = None) -> CheckR
         except QedError as exc:
             scan.check_errors += 1
             scan.note("check-error", header.l1_table_offset, f"cannot write the L1 table: {exc}")
+    return scan
 
-    leaks = 0
-    if not scan.check_errors:
-        for index in range(geo.header_size, len(scan.used)):
-            if not scan.used[index]:
-                leaks += 1
-                scan.note(
-                    "leak",
-                    index << geo.cluster_bits,
-                    f"cluster at {index << geo.cluster_bits:#x} is not referenced",
-                )
-        if fix and not scan.corruptions:
-            async with img._alloc_lock:
+
+def _leaked(scan: _Scan) -> list[int]:
+    """Indexes of unreferenced clusters between the header and the end of the file."""
+    used = scan.used
+    return [i for i in range(scan.geo.header_size, len(used)) if not used[i]]
+
+
+async def check_image(img: QedImage, repair: RepairMode | None = None) -> CheckReport:
+    """Scan ``img`` and, with ``repair``, fix what can be fixed. Never raises for
+    problems it finds; raises QedError only if the image cannot be read at all.
+
+    Repairs (see docs/DESIGN.md, "Check and repair"):
+
+    * ``ALL``: clear invalid L1/L2 entries; give every duplicate reference its own
+      copy of the cluster it pointed to (so each keeps the bytes it had); then
+      reclaim leaks as below; clear NEED_CHECK when no corruption remains.
+    * ``LEAKS``: truncate leaked clusters at the end of the file (counted as
+      leaks-fixed) and punch holes in the others (they keep being counted as leaks,
+      by any QED checker, since the file still spans them). Leaks are reclaimed only
+      when the scan found no corruption at all, fixed or not: next to a corruption,
+      a leaked cluster may hold the data a damaged entry lost.
+
+    The report gives the counts found by the first pass and what was repaired;
+    ``check_and_repair`` adds the second pass qemu-img makes.
+    """
+    writable = repair is not None and not img.readonly
+    fix = repair is RepairMode.ALL and writable
+    scan = await _scan(img, fix)
+    corruptions = scan.corruptions
+    fixed = scan.fixed
+    leaks = _leaked(scan) if not scan.check_errors else []
+    leak_count = len(leaks)
+    leaks_fixed = 0
+    if writable and not scan.check_errors:
+        async with img._alloc_lock:
+            if fix and corruptions:
+                copies = await _repair_duplicates(img)
+                fixed += copies
+                after = await _scan(img, False)
+                corruptions = after.corruptions
+                leaks = _leaked(after) if not after.check_errors else []
+            if not scan.corruptions and not scan.fixed:
+                # Only on an image without damage: next to a corruption, a leaked
+                # cluster may be the lost target of a damaged entry; it stays until
+                # a later check finds the image otherwise clean.
+                leaks_fixed = await _reclaim_leaks(img, leaks)
+            if fix and not corruptions:
                 await img.mark_clean()
-
+    for index in leaks if scan.check_errors == 0 else []:
+        scan.note(
+            "leak",
+            index << img.geo.cluster_bits,
+            f"cluster at {index << img.geo.cluster_bits:#x} is not referenced",
+        )
     return CheckReport(
         filename=img.filename,
         format="qed",
-        total_clusters=geo.bytes_to_clusters(header.image_size),
+        total_clusters=img.geo.bytes_to_clusters(img.header.image_size),
         allocated_clusters=scan.allocated,
         fragmented_clusters=scan.fragmented,
-        corruptions=scan.corruptions,
-        corruptions_fixed=scan.fixed,
-        leaks=leaks,
+        corruptions=corruptions if fix else scan.corruptions,
+        corruptions_fixed=fixed,
+        leaks=leak_count,
+        leaks_fixed=leaks_fixed,
         check_errors=scan.check_errors,
         problems=tuple(scan.problems),
     )
+
+
+async def _repair_duplicates(img: QedImage) -> int:
+    """Give every cluster one owner; returns how many references were moved.
+
+    Metadata owns its clusters first: the L1 table, then each L2 table in L1 order
+    (a table overlapping an earlier one, or the L1, is moved to new clusters). Then
+    data: in L1 and L2 order, the first reference keeps a cluster and every later one
+    (including one pointing into a table) gets a new cluster holding a copy of the
+    bytes it pointed to, read before anything is rewritten. Order on disk: copies,
+    flush, rewritten L2 tables, flush, L1, flush. Invalid entries must be cleared
+    already. Caller holds the allocation lock.
+    """
+    geo = img.geo
+    bits = geo.cluster_bits
+    ts = geo.table_size
+    store = img.store
+    l1 = img.l1_table
+    owned = bytearray(img.file_end >> bits)
+
+    def claim(offset: int, count: int) -> bool:
+        first = offset >> bits
+        if any(owned[first : first + count]):
+            return False
+        owned[first : first + count] = b"\x01" * count
+        return True
+
+    claim(img.header.l1_table_offset, ts)
+    moved = 0
+    tables: dict[int, tuple[int, array[int]]] = {}  # l1 index -> (offset to write, table)
+    rewrite: set[int] = set()
+    for l1_index, l2_offset in enumerate(l1):
+        if not l2_offset:
+            continue
+        table = unpack_table(await store.read_exact(l2_offset, geo.table_bytes, "L2 table"))
+        if not claim(l2_offset, ts):
+            l2_offset = img._allocate(ts)  # beyond the old end: owned by construction
+            moved += 1
+            rewrite.add(l1_index)
+        tables[l1_index] = (l2_offset, table)
+    copies: list[tuple[int, int]] = []  # (from, to)
+    for l1_index, (_, table) in tables.items():
+        for index, entry in enumerate(table):
+            if entry <= L2_ZERO_CLUSTER or entry >> bits >= len(owned) or claim(entry, 1):
+                continue  # unallocated, zero, (invalid: cleared before), or first owner
+            new = img._allocate(1)
+            copies.append((entry, new))
+            table[index] = new
+            moved += 1
+            rewrite.add(l1_index)
+    for src, dst in copies:
+        await store.write(dst, await store.read_exact(src, geo.cluster_size, "data cluster"))
+    await store.flush()
+    for l1_index in sorted(rewrite):
+        l2_offset, table = tables[l1_index]
+        await store.write(l2_offset, pack_table(table))
+    await store.flush()
+    l1_changed = False
+    for l1_index in rewrite:
+        if l1[l1_index] != tables[l1_index][0]:
+            l1[l1_index] = tables[l1_index][0]
+            l1_changed = True
+    if l1_changed:
+        await store.write(img.header.l1_table_offset, pack_table(l1))
+        await store.flush()
+    img.cache.clear()
+    return moved
+
+
+async def _reclaim_leaks(img: QedImage, leaks: list[int]) -> int:
+    """Truncate the trailing run of leaked clusters (returns how many) and punch holes
+    in the leaked clusters before it. Caller holds the allocation lock."""
+    if not leaks:
+        return 0
+    bits = img.geo.cluster_bits
+    end = img.file_end >> bits
+    trailing = 0
+    while trailing < len(leaks) and leaks[-1 - trailing] == end - 1 - trailing:
+        trailing += 1
+    inner = leaks[: len(leaks) - trailing]
+    if img.store.capabilities.punch_holes:
+        start = prev = -2
+        for index in [*inner, -1]:
+            if index != prev + 1:
+                if start >= 0:
+                    await img.store.discard(start << bits, (prev - start + 1) << bits)
+                start = index
+            prev = index
+    if trailing:
+        new_end = (end - trailing) << bits
+        await img.store.flush()
+        await img.store.truncate(new_end)
+        await img.store.flush()
+        img._file_end = new_end
+    return trailing
 
 
 def _check_l2(scan: _Scan, table: array[int], l2_offset: int) -> bool:

@@ -234,7 +234,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..engine.sync import run
     from ..jobs.convert import convert
     from .progress import Progress
 
@@ -247,17 +246,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError(f"invalid cache mode {args.cache!r}")
     show = args.progress or (sys.stderr.isatty() and not args.quiet)
     with Progress(show) as progress:
-        run(
-            convert(
-                args.source,
-                args.target,
-                src_format=args.format,
-                dst_format=args.output_format or "raw",
-                cluster_size=cluster_size,
-                table_size=table_size,
-                flush=args.cache != "unsafe",
-                progress=progress,
-            )
+        convert(
+            args.source,
+            args.target,
+            src_format=args.format,
+            dst_format=args.output_format or "raw",
+            cluster_size=cluster_size,
+            table_size=table_size,
+            flush=args.cache != "unsafe",
+            force_share=args.force_share,
+            progress=progress,
         )
     return 0
 

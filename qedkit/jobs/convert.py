@@ -12,8 +12,8 @@ source cost no space and no writes in the target.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
+import contextlib
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +24,12 @@ from ..engine.mapping import map_chain
 from ..engine.sync import close_thread_loop, run
 from ..format.geometry import DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE
 
-CHUNK = 4 * 1024 * 1024  # bytes per read; large enough to amortise per-call costs
+# Bytes per read. 2 MiB measured fastest here: 4 MiB chunks cost 50% more system time
+# in the page-cache writes (1.2 s vs 0.75 s for 1.4 GB); 1 MiB adds per-call costs.
+CHUNK = 2 * 1024 * 1024
+# Buffers in flight: the reader runs up to BUFFERS - 1 chunks ahead of the writer so
+# that neither waits for the other when their speeds vary from chunk to chunk.
+BUFFERS = 4
 RAW_GRANULARITY = 64 * 1024  # zero detection unit for raw targets
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -56,6 +61,18 @@ def _zero_runs(buf: mmap.mmap, length: int, unit: int, zeros: bytes) -> list[tup
     return runs
 
 
+def _buffer(size: int) -> mmap.mmap:
+    """A page-aligned buffer, backed by huge pages where the kernel allows: copies
+    between the page cache and huge pages take half the system time (measured:
+    0.47 s vs 0.90 s for 1.4 GB of 2 MiB pwritev)."""
+    buf = mmap.mmap(-1, size)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        with contextlib.suppress(OSError):
+            buf.madvise(advice)
+    return buf
+
+
 def _write_runs(dst: BlockImage, view: memoryview, pos: int, runs: list[tuple[int, int]]) -> int:
     """Worker thread: write the non-zero runs of one chunk; returns bytes written."""
     written = 0
@@ -65,27 +82,31 @@ def _write_runs(dst: BlockImage, view: memoryview, pos: int, runs: list[tuple[in
     return written
 
 
-async def copy_image(
+def copy_image(
     src: BlockImage, dst: BlockImage, *, progress: Progress | None = None
 ) -> ConvertStats:
     """Copy every guest byte of ``src`` that may be non-zero into ``dst`` (which must
     read zeros everywhere and be at least as large).
 
-    Reads and writes overlap: chunks alternate between two buffers, and the writes
-    of one chunk run on a worker thread while the next chunk is read (the syscalls
-    release the GIL). ``dst`` is used only by that worker until the copy ends.
+    A blocking call built from threads, not a coroutine: chunks rotate through
+    BUFFERS buffers, this thread reads and scans them while a worker thread writes
+    the previous ones (the syscalls release the GIL), and the two hand buffers over
+    through plain futures, which costs far less per chunk than an event loop
+    round trip. Each image is used by one thread only: ``src`` by the caller's,
+    ``dst`` by the worker until the copy ends. From asyncio code, run it with
+    ``asyncio.to_thread``.
     """
     unit = max(dst.cluster_size or RAW_GRANULARITY, 4096)
     zeros = bytes(unit)
     total = src.size
     done = read = written = 0
-    bufs = [mmap.mmap(-1, CHUNK), mmap.mmap(-1, CHUNK)]
+    bufs = [_buffer(CHUNK) for _ in range(BUFFERS)]
     views = [memoryview(b) for b in bufs]
-    pending: list[concurrent.futures.Future[int] | None] = [None, None]
+    pending: list[concurrent.futures.Future[int] | None] = [None] * BUFFERS
     turn = 0
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qed-convert")
     try:
-        for entry in await map_chain(src):
+        for entry in run(map_chain(src)):
             if entry.zero or not entry.present:
                 done += entry.length
                 if progress:
@@ -99,22 +120,23 @@ async def copy_image(
                     n -= (pos + n) % unit
                 previous = pending[turn]
                 if previous is not None:
-                    written += await asyncio.wrap_future(previous)
                     pending[turn] = None
-                await src.readinto(pos, views[turn][:n])
+                    written += previous.result()
+                run(src.readinto(pos, views[turn][:n]))
                 read += n
                 runs = _zero_runs(bufs[turn], n, unit, zeros)
                 if runs:
                     pending[turn] = pool.submit(_write_runs, dst, views[turn], pos, runs)
-                turn ^= 1
+                turn = (turn + 1) % BUFFERS
                 pos += n
                 done += n
                 if progress:
                     progress(done, total)
-        for i, fut in enumerate(pending):
+        for i in range(BUFFERS):  # oldest first
+            fut = pending[(turn + i) % BUFFERS]
+            pending[(turn + i) % BUFFERS] = None
             if fut is not None:
-                pending[i] = None
-                written += await asyncio.wrap_future(fut)
+                written += fut.result()
     finally:
         for fut in pending:
             if fut is not None:
@@ -127,7 +149,7 @@ async def copy_image(
     return ConvertStats(total, read, written)
 
 
-async def convert(
+def convert(
     src_path: str,
     dst_path: str,
     *,
@@ -144,21 +166,23 @@ async def convert(
     ``flush=False`` is qemu-img convert's default cache mode ("unsafe"): the target
     is written through the page cache and not synced; ``flush=True`` syncs it before
     returning. The target is created (or overwritten) only after the source opened.
+    Blocking (see copy_image).
     """
-    src = await open_image(src_path, fmt=src_format, readonly=True, force_share=force_share)
+    src = run(open_image(src_path, fmt=src_format, readonly=True, force_share=force_share))
     try:
-        await create_image(
-            dst_path,
-            src.size,
-            fmt=dst_format,
-            cluster_size=cluster_size,
-            table_size=table_size,
+        run(
+            create_image(
+                dst_path,
+                src.size,
+                fmt=dst_format,
+                cluster_size=cluster_size,
+                table_size=table_size,
+            )
         )
-        dst = await open_image(dst_path, fmt=dst_format, unsafe_no_flush=not flush)
+        dst = run(open_image(dst_path, fmt=dst_format, unsafe_no_flush=not flush))
         try:
-            stats = await copy_image(src, dst, progress=progress)
+            return copy_image(src, dst, progress=progress)
         finally:
-            await dst.close()
-        return stats
+            run(dst.close())
     finally:
-        await src.close()
+        run(src.close())

@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import qedkit
-from qedkit.engine.sync import run
 from qedkit.jobs.convert import convert
 
 
@@ -28,8 +27,8 @@ def test_raw_to_qed_to_raw_round_trip_is_exact_and_sparse(tmp_path: Path) -> Non
     threads_before = threading.active_count()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        stats = run(convert(str(src), str(tmp_path / "a.qed"), dst_format="qed"))
-        run(convert(str(tmp_path / "a.qed"), str(tmp_path / "b.raw"), dst_format="raw"))
+        stats = convert(str(src), str(tmp_path / "a.qed"), dst_format="qed")
+        convert(str(tmp_path / "a.qed"), str(tmp_path / "b.raw"), dst_format="raw")
         gc.collect()
     assert threading.active_count() == threads_before
     assert (tmp_path / "b.raw").read_bytes() == expected
@@ -47,7 +46,7 @@ def test_convert_keeps_a_chain_flattened(tmp_path: Path) -> None:
     qedkit.create(str(tmp_path / "top.qed"), 2 << 20, backing_file="base.raw", backing_format="raw")
     with qedkit.open(str(tmp_path / "top.qed")) as img:
         img.write(4096, b"T" * 100)
-    run(convert(str(tmp_path / "top.qed"), str(tmp_path / "flat.qed"), dst_format="qed"))
+    convert(str(tmp_path / "top.qed"), str(tmp_path / "flat.qed"), dst_format="qed")
     with qedkit.open(str(tmp_path / "flat.qed"), readonly=True) as flat:
         assert flat.info().backing_filename is None
         assert flat.read(0, 4096) == b"B" * 4096

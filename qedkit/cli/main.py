@@ -409,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_io)
+
+    from .serve import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 from array import array
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 from ..errors import QedError
@@ -119,9 +120,13 @@ class _Scan:
             self.note("corruption", where, message)
 
 
-async def _scan(img: QedImage, fix: bool) -> _Scan:
+Checkpoint = Callable[[int, int], Awaitable[None]]
+
+
+async def _scan(img: QedImage, fix: bool, checkpoint: Checkpoint | None = None) -> _Scan:
     """One pass over every table, counting as QEMU counts; with ``fix``, invalid
-    entries are cleared (each fixed table rewritten whole, then the L1)."""
+    entries are cleared (each fixed table rewritten whole, then the L1).
+    ``checkpoint(l1_index, l1_entries)`` is awaited before each L2 table."""
     geo = img.geo
     header = img.header
     file_size = await img.store.size()
@@ -135,6 +140,8 @@ async def _scan(img: QedImage, fix: bool) -> _Scan:
         l2_offset = l1[l1_index]
         if l2_offset == 0:
             continue
+        if checkpoint is not None:
+            await checkpoint(l1_index, len(l1))
         where = header.l1_table_offset + 8 * l1_index
         if not geo.is_valid_table_offset(l2_offset, file_end):
             scan.invalid(
@@ -177,7 +184,9 @@ def _leaked(scan: _Scan) -> list[int]:
     return [i for i in range(scan.geo.header_size, len(used)) if not used[i]]
 
 
-async def check_image(img: QedImage, repair: RepairMode | None = None) -> CheckReport:
+async def check_image(
+    img: QedImage, repair: RepairMode | None = None, *, checkpoint: Checkpoint | None = None
+) -> CheckReport:
     """Scan ``img`` and, with ``repair``, fix what can be fixed. Never raises for
     problems it finds; raises QedError only if the image cannot be read at all.
 
@@ -197,7 +206,7 @@ async def check_image(img: QedImage, repair: RepairMode | None = None) -> CheckR
     """
     writable = repair is not None and not img.readonly
     fix = repair is RepairMode.ALL and writable
-    scan = await _scan(img, fix)
+    scan = await _scan(img, fix, checkpoint)
     corruptions = scan.corruptions
     fixed = scan.fixed
     leaks = _leaked(scan) if not scan.check_errors else []

@@ -302,6 +302,12 @@ class QedImage(BlockImage):
     def cache(self) -> L2Cache:
         return self._cache
 
+    def allocations_paused(self) -> asyncio.Lock:
+        """``async with img.allocations_paused():`` holds off allocating writes (they
+        wait) while reads and in-place writes go on: a stable view of the tables for
+        a job. Not reentrant."""
+        return self._alloc_lock
+
     # ======================================================================
     # lookup
     # ======================================================================

@@ -75,6 +75,18 @@ async def _finish(resume: _Resume) -> Any:
     return await resume
 
 
+def step(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
+    """Advance ``coro`` by one step inside a running loop: ``(True, result)`` if it
+    finished, else ``(False, awaitable)`` where the awaitable continues it (hand it
+    to ``loop.create_task``). Lets a server answer the common request that never
+    suspends without creating a task for it. Exceptions propagate."""
+    try:
+        first = coro.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+    return False, _finish(_Resume(coro, first))
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion from synchronous code and return its result."""
     if asyncio.events._get_running_loop() is not None:

@@ -12,6 +12,7 @@ sizes, so a stall is bounded too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -94,6 +95,9 @@ class FileStore(ByteStore):
         # unsafe: flush() does nothing (qemu-img's cache=unsafe), for scratch output
         # such as a convert target that is useless after a crash anyway.
         self.unsafe = unsafe
+        # A server sets this so that fdatasync (milliseconds on a real disk) runs on a
+        # worker thread while the event loop goes on serving other requests.
+        self.flush_in_thread = False
         self.name = name
         self._closed = False
         st = os.fstat(fd)
@@ -216,7 +220,10 @@ class FileStore(ByteStore):
         if not self.capabilities.writable or self.unsafe:
             return
         try:
-            os.fdatasync(self.fd)
+            if self.flush_in_thread:
+                await asyncio.to_thread(os.fdatasync, self.fd)
+            else:
+                os.fdatasync(self.fd)
         except OSError as exc:
             raise _store_error(self.name, "flush failed", exc) from exc
 

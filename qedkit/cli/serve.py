@@ -1,0 +1,354 @@
+"""``qed serve``: serve images over NBD (and ``qed ctl``: talk to its control socket).
+
+``qed serve`` opens every IMAGE (locking it as QEMU would), listens on a unix socket
+or on TCP (loopback unless --bind says otherwise), and serves until SIGTERM or SIGINT,
+or a ``quit`` on the control socket; then it finishes the requests in flight, flushes,
+marks the images clean and exits 0. With --fork the parent returns once the server
+listens (exit 0), or reports why it could not start (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from ..errors import QedError
+
+DEFAULT_PORT = 10809  # IANA's NBD port
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve images over NBD")
+    p.add_argument("-f", dest="format", metavar="FMT", choices=("qed", "raw"), help="image format")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", "-k", metavar="PATH", help="listen on a unix socket")
+    p.add_argument(
+        "--bind", "-b", metavar="ADDR", default="127.0.0.1", help="TCP address (default 127.0.0.1)"
+    )
+    where.add_argument(
+        "--port",
+        "-p",
+        type=int,
+        metavar="N",
+        help=f"TCP port (default {DEFAULT_PORT}; 0 picks one)",
+    )
+    p.add_argument(
+        "-x",
+        "--export-name",
+        dest="names",
+        action="append",
+        metavar="NAME",
+        help="export name, once per IMAGE (default: '' for one image, else the file names)",
+    )
+    p.add_argument("-D", "--description", default="", help="export description")
+    p.add_argument(
+        "-r", "--read-only", dest="readonly", action="store_true", help="read-only exports"
+    )
+    p.add_argument(
+        "-e",
+        "--shared",
+        type=int,
+        default=1,
+        metavar="N",
+        help="clients allowed at once (default 1); >1 also advertises multi-conn",
+    )
+    p.add_argument("--fork", action="store_true", help="go to the background once listening")
+    p.add_argument("--pid-file", metavar="FILE", help="write the server's pid here")
+    p.add_argument(
+        "--control", metavar="PATH", help="control socket (JSON lines) for jobs and queries"
+    )
+    p.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM); TLS is then required")
+    p.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log connections (-vv: debug)"
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("ctl", help="send a command to a qed serve control socket")
+    c.add_argument("--output", choices=("human", "json"), default="human")
+    c.add_argument(
+        "--wait", action="store_true", help="after job-start: wait for the job, print events"
+    )
+    c.add_argument("socket", metavar="SOCKET")
+    c.add_argument("command", metavar="COMMAND", help="e.g. query-status, job-start")
+    c.add_argument(
+        "arguments",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="arguments (values are JSON, else strings)",
+    )
+    c.set_defaults(func=cmd_ctl)
+
+
+# ---- serve ----------------------------------------------------------------------------
+
+
+def _export_names(args: argparse.Namespace) -> list[str]:
+    names: list[str] = args.names or []
+    if len(names) > len(args.images):
+        raise QedError(f"{len(names)} export names for {len(args.images)} images")
+    if len(args.images) == 1 and not names:
+        return [""]
+    defaults = [os.path.basename(path) for path in args.images]
+    return names + defaults[len(names) :]
+
+
+def _listen_socket(args: argparse.Namespace) -> socket.socket:
+    """Bind before anything else, so that --fork can report failures and clients can
+    connect as soon as the parent returns."""
+    if args.socket:
+        with contextlib.suppress(FileNotFoundError):
+            if not os.path.isdir(args.socket):
+                os.unlink(args.socket)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(args.socket)
+    else:
+        family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.bind, DEFAULT_PORT if args.port is None else args.port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | None) -> int:
+    from ..engine.chain import open_image
+    from ..nbd.control import ControlServer
+    from ..nbd.server import NbdServer, ServedImage
+    from ..store.file import FileStore
+
+    ssl_context = None
+    if args.tls_cert or args.tls_key:
+        import ssl
+
+        if not (args.tls_cert and args.tls_key):
+            raise QedError("--tls-cert and --tls-key go together")
+        ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise QedError(
+                f"cannot load the TLS certificate: {exc}", filename=args.tls_cert
+            ) from exc
+    served: list[ServedImage] = []
+    try:
+        for name, path in zip(_export_names(args), args.images, strict=True):
+            image = await open_image(path, fmt=args.format, readonly=args.readonly)
+            if isinstance(image.store, FileStore):
+                image.store.flush_in_thread = True
+            served.append(ServedImage(name, image, args.description, args.readonly))
+        server = NbdServer(served, max_connections=max(1, args.shared), ssl_context=ssl_context)
+        await server.listen_socket(sock)
+        if args.control:
+            control = ControlServer(server, args.control)
+            await control.start()
+    except BaseException:
+        for s in served:
+            with contextlib.suppress(QedError):
+                await s.image.close()
+        raise
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(server.stop()))
+    if args.pid_file:
+        with open(args.pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    if ready is not None:
+        os.write(ready, b"ok")
+        os.close(ready)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1) if args.verbose else (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+    try:
+        await server.wait_stopped()
+    finally:
+        if args.pid_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.pid_file)
+        if args.socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.socket)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+        format="qed serve: %(message)s",
+    )
+    if args.fork:
+        return _fork(args)
+    sock = _listen_socket(args)
+    return asyncio.run(_serve(args, sock, None))
+
+
+def _fork(args: argparse.Namespace) -> int:
+    """Parent: wait until the child listens (exit 0) or fails (print why, exit 1)."""
+    sock = _listen_socket(args)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        sock.close()
+        message = b""
+        while chunk := os.read(read_end, 4096):
+            message += chunk
+        os.close(read_end)
+        if message == b"ok":
+            return 0
+        os.waitpid(pid, 0)
+        sys.stderr.write(
+            message.decode(errors="replace") or "qed: serve: the server failed to start\n"
+        )
+        return 1
+    os.close(read_end)
+    os.setsid()
+    code = 1
+    try:
+        code = asyncio.run(_serve(args, sock, write_end))
+    except QedError as exc:
+        with contextlib.suppress(OSError):
+            os.write(write_end, f"qed: {exc}\n".encode())
+    except BaseException as exc:  # the child must never return into the parent's code
+        with contextlib.suppress(OSError):
+            os.write(write_end, f"qed: serve: {exc}\n".encode())
+    finally:
+        os._exit(code)
+
+
+# ---- ctl ------------------------------------------------------------------------------
+
+
+def _parse_arguments(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise QedError(f"argument {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+class ControlClient:
+    """A blocking client of the control socket (for ``qed ctl`` and scripts)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+        except OSError as exc:
+            self.sock.close()
+            raise QedError(f"cannot connect: {exc.strerror or exc}", filename=path) from exc
+        self.file = self.sock.makefile("rwb")
+        self.greeting = self.read()
+        self.events: list[dict[str, Any]] = []
+        self._next_id = 1
+
+    def read(self) -> dict[str, Any]:
+        line = self.file.readline()
+        if not line:
+            raise QedError("the server closed the control connection")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        ident = self._next_id
+        self._next_id += 1
+        request = {"execute": command, "arguments": arguments or {}, "id": ident}
+        self.file.write(json.dumps(request).encode() + b"\n")
+        self.file.flush()
+        while True:
+            message = self.read()
+            if "event" in message:
+                self.events.append(message)
+                continue
+            if message.get("id") != ident:
+                continue
+            if "error" in message:
+                error = message["error"]
+                raise QedError(f"{command}: {error.get('desc')} ({error.get('class')})")
+            return message.get("return")
+
+    def next_event(self) -> dict[str, Any]:
+        if self.events:
+            return self.events.pop(0)
+        while True:
+            message = self.read()
+            if "event" in message:
+                return message
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def _human(value: Any, indent: str = "") -> str:
+    if isinstance(value, dict):
+        lines = []
+        for key, item in value.items():
+            if isinstance(item, dict | list) and item:
+                lines.append(f"{indent}{key}:")
+                lines.append(_human(item, indent + "  "))
+            else:
+                text = json.dumps(item) if item is None or isinstance(item, bool) else item
+                lines.append(f"{indent}{key}: {text}")
+        return "\n".join(lines)
+    if isinstance(value, list):
+        if not value:
+            return f"{indent}(none)"
+        return f"\n{indent}--\n".join(_human(item, indent) for item in value)
+    return f"{indent}{value}"
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    client = ControlClient(args.socket)
+    try:
+        result = client.execute(args.command, _parse_arguments(args.arguments))
+        if args.output == "json":
+            print(json.dumps(result, indent=4))
+        elif result not in ({}, None):
+            print(_human(result))
+        if args.wait and args.command == "job-start":
+            job_id = result["id"]
+            while True:
+                event = client.next_event()
+                data = event.get("data", {})
+                if data.get("id") != job_id:
+                    continue
+                if args.output == "json":
+                    print(json.dumps(event))
+                elif event["event"] == "JOB_PROGRESS":
+                    print(f"progress: {data['current']}/{data['total']}")
+                else:
+                    print(f"status: {data['status']}")
+                sys.stdout.flush()
+                if event["event"] == "JOB_STATUS_CHANGE" and data["status"] in (
+                    "concluded",
+                    "failed",
+                    "cancelled",
+                ):
+                    if args.output == "human" and data.get("result") is not None:
+                        print(_human(data["result"]))
+                    if data.get("error"):
+                        print(
+                            f"qed: {args.socket}: job {job_id} failed: {data['error']}",
+                            file=sys.stderr,
+                        )
+                    return 0 if data["status"] == "concluded" else 1
+    finally:
+        client.close()
+    return 0

@@ -1,0 +1,238 @@
+"""Long-running jobs on an open image: status, progress, pause, resume, cancel.
+
+A job is a coroutine (``Job.work``) that calls ``await self.checkpoint(done, total)``
+between steps. The checkpoint reports progress, waits while the job is paused and
+raises ``JobCancelled`` once it is cancelled, so a job stops only at points where it
+left the image consistent. Jobs run as tasks on the event loop that owns the image
+(the server's), next to guest I/O.
+
+Status changes and progress are reported to ``emit(event_name, data)``, which the
+control socket turns into events for its clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..engine.base import BlockImage
+from ..errors import InvalidRequestError, JobError, QedError
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+PROGRESS_INTERVAL = 0.5  # seconds between progress events of one job
+
+
+class JobStatus(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    CONCLUDED = "concluded"  # finished successfully; ``result`` is set
+    FAILED = "failed"  # ``error`` is set
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.CONCLUDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class JobCancelled(Exception):
+    """Raised by a checkpoint of a cancelled job."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """An immutable snapshot of a job (``Job.statistics()``)."""
+
+    id: str
+    type: str
+    export: str
+    status: JobStatus
+    current: int
+    total: int
+    started: float
+    finished: float | None
+    result: Mapping[str, Any] | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "export": self.export,
+            "status": self.status.value,
+            "current-progress": self.current,
+            "total-progress": self.total,
+            "result": dict(self.result) if self.result is not None else None,
+            "error": self.error,
+        }
+
+
+class Job:
+    """Base class: subclasses set ``type`` and implement ``work``."""
+
+    type: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        job_id: str,
+        export: str,
+        image: BlockImage,
+        arguments: Mapping[str, Any],
+        emit: Emit,
+    ) -> None:
+        self.id = job_id
+        self.export = export
+        self.image = image
+        self.arguments = dict(arguments)
+        self._emit = emit
+        self.status = JobStatus.CREATED
+        self.current = 0
+        self.total = 0
+        self.result: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.started = time.time()
+        self.finished: float | None = None
+        self._resume = asyncio.Event()
+        self._resume.set()
+        self._cancel = False
+        self._last_progress = 0.0
+        self.task: asyncio.Task[None] | None = None
+
+    # ---- for subclasses --------------------------------------------------------------
+
+    async def work(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def checkpoint(self, current: int, total: int) -> None:
+        """Report progress; wait while paused; raise JobCancelled when cancelled."""
+        self.current, self.total = current, total
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_INTERVAL:
+            self._last_progress = now
+            self._emit("JOB_PROGRESS", {"id": self.id, "current": current, "total": total})
+        if self._cancel:
+            raise JobCancelled
+        if not self._resume.is_set():
+            await self._resume.wait()
+            if self._cancel:
+                raise JobCancelled
+        await asyncio.sleep(0)  # let guest I/O in between steps
+
+    # ---- control ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        self._set(JobStatus.RUNNING)
+        try:
+            self.result = await self.work()
+        except JobCancelled:
+            self._set(JobStatus.CANCELLED)
+        except asyncio.CancelledError:
+            self._set(JobStatus.CANCELLED)
+            raise
+        except QedError as exc:
+            self.error = str(exc)
+            self._set(JobStatus.FAILED)
+        else:
+            self._set(JobStatus.CONCLUDED)
+
+    def pause(self) -> None:
+        if self.status is not JobStatus.RUNNING:
+            raise JobError(f"job {self.id} is {self.status.value}, not running")
+        self._resume.clear()
+        self._set(JobStatus.PAUSED)
+
+    def resume(self) -> None:
+        if self.status is not JobStatus.PAUSED:
+            raise JobError(f"job {self.id} is {self.status.value}, not paused")
+        self._resume.set()
+        self._set(JobStatus.RUNNING)
+
+    def cancel(self) -> None:
+        if self.status.finished:
+            raise JobError(f"job {self.id} already {self.status.value}")
+        self._cancel = True
+        self._resume.set()
+
+    def _set(self, status: JobStatus) -> None:
+        self.status = status
+        if status.finished:
+            self.finished = time.time()
+        data: dict[str, Any] = {"id": self.id, "type": self.type, "status": status.value}
+        if status is JobStatus.CONCLUDED:
+            data["result"] = self.result
+        if status is JobStatus.FAILED:
+            data["error"] = self.error
+        self._emit("JOB_STATUS_CHANGE", data)
+
+    def statistics(self) -> JobInfo:
+        return JobInfo(
+            id=self.id,
+            type=self.type,
+            export=self.export,
+            status=self.status,
+            current=self.current,
+            total=self.total,
+            started=self.started,
+            finished=self.finished,
+            result=self.result,
+            error=self.error,
+        )
+
+
+@dataclass
+class JobManager:
+    """The jobs of one server; job types register in ``types``."""
+
+    emit: Emit
+    types: dict[str, type[Job]] = field(default_factory=dict)
+    jobs: dict[str, Job] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def register(self, job_type: type[Job]) -> None:
+        self.types[job_type.type] = job_type
+
+    def start(
+        self,
+        job_type: str,
+        export: str,
+        image: BlockImage,
+        arguments: Mapping[str, Any],
+        job_id: str | None = None,
+    ) -> Job:
+        cls = self.types.get(job_type)
+        if cls is None:
+            raise InvalidRequestError(
+                f"unknown job type {job_type!r} (known: {', '.join(sorted(self.types))})"
+            )
+        if job_id is None:
+            job_id = f"{job_type}-{next(self._ids)}"
+        existing = self.jobs.get(job_id)
+        if existing is not None and not existing.status.finished:
+            raise InvalidRequestError(f"a job with id {job_id!r} is still running")
+        job = cls(job_id, export, image, arguments, self.emit)
+        self.jobs[job_id] = job
+        job.start()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise InvalidRequestError(f"no job with id {job_id!r}")
+        return job
+
+    async def cancel_all(self) -> None:
+        running = [j for j in self.jobs.values() if not j.status.finished]
+        for job in running:
+            job.cancel()
+        tasks = [j.task for j in running if j.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

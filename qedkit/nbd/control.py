@@ -1,0 +1,276 @@
+"""The control socket of ``qed serve``: JSON lines on a unix socket, in the spirit of QMP.
+
+Protocol (one JSON object per line, UTF-8)::
+
+    server -> {"QED": {"version": {"qedkit": "0.1.0"}, "capabilities": ["jobs", "events"]}}
+    client -> {"execute": "query-status", "arguments": {...}, "id": 1}
+    server -> {"return": {...}, "id": 1}
+           or {"error": {"class": "InvalidArgument", "desc": "..."}, "id": 1}
+    server -> {"event": "JOB_STATUS_CHANGE", "data": {...},
+               "timestamp": {"seconds": S, "microseconds": U}}       (at any time)
+
+Commands: query-status, query-exports, query-image (export), query-jobs,
+job-start (type, export, id?, more arguments per type), job-pause (id),
+job-resume (id), job-cancel (id), quit. Every client receives every event.
+Error classes: GenericError (the command failed), CommandNotFound, InvalidArgument
+(bad or missing arguments), JSONError (the line was not a JSON object).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .. import __version__
+from ..engine.check import check_image
+from ..engine.qed import QedImage
+from ..errors import InvalidRequestError, QedError
+from ..jobs.base import JobManager
+from ..jobs.check import CheckJob, ScrubJob
+from .server import NbdServer, ServedImage
+
+log = logging.getLogger("qedkit.control")
+
+MAX_LINE = 1 << 20  # bytes per command line
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class CommandError(Exception):
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(desc)
+        self.error_class = error_class
+        self.desc = desc
+
+
+class ControlServer:
+    """Accepts control clients on ``path`` and runs their commands against ``server``."""
+
+    def __init__(self, server: NbdServer, path: str, jobs: JobManager | None = None) -> None:
+        self.server = server
+        self.path = path
+        self.jobs = jobs or JobManager(self.broadcast)
+        self.jobs.emit = self.broadcast
+        for job_type in (CheckJob, ScrubJob):
+            self.jobs.types.setdefault(job_type.type, job_type)
+        self._clients: set[asyncio.StreamWriter] = set()
+        self._listener: asyncio.Server | None = None
+        self.commands: dict[str, Handler] = {
+            "query-status": self._query_status,
+            "query-exports": self._query_exports,
+            "query-image": self._query_image,
+            "query-jobs": self._query_jobs,
+            "job-start": self._job_start,
+            "job-pause": self._job_pause,
+            "job-resume": self._job_resume,
+            "job-cancel": self._job_cancel,
+            "quit": self._quit,
+        }
+        server.on_stop.append(self.close)
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._listener = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
+        log.info("control socket on %s", self.path)
+
+    async def close(self) -> None:
+        await self.jobs.cancel_all()
+        if self._listener is not None:
+            self._listener.close()
+        for writer in list(self._clients):
+            writer.close()
+        self._clients.clear()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    # ---- wire ------------------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._clients.add(writer)
+        greeting = {"QED": {"version": {"qedkit": __version__}, "capabilities": ["jobs", "events"]}}
+        self._send(writer, greeting)
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    self._send(writer, _error("JSONError", f"line longer than {MAX_LINE} bytes"))
+                    break
+                if not line:
+                    break
+                if line.strip():
+                    self._send(writer, await self._execute(line))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._clients.discard(writer)
+            writer.close()
+
+    async def _execute(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _error("JSONError", f"not JSON: {exc}")
+        if not isinstance(request, dict):
+            return _error("JSONError", "a command must be a JSON object")
+        ident = request.get("id")
+        reply: dict[str, Any]
+        try:
+            name = request.get("execute")
+            if not isinstance(name, str):
+                raise CommandError("InvalidArgument", 'missing "execute"')
+            handler = self.commands.get(name)
+            if handler is None:
+                raise CommandError("CommandNotFound", f"unknown command {name!r}")
+            arguments = request.get("arguments", {})
+            if not isinstance(arguments, dict):
+                raise CommandError("InvalidArgument", '"arguments" must be an object')
+            reply = {"return": await handler(arguments)}
+        except CommandError as exc:
+            reply = _error(exc.error_class, exc.desc)
+        except InvalidRequestError as exc:
+            reply = _error("InvalidArgument", str(exc))
+        except QedError as exc:
+            reply = _error("GenericError", str(exc))
+        if ident is not None:
+            reply["id"] = ident
+        return reply
+
+    def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        if not writer.is_closing():
+            writer.write(json.dumps(message).encode() + b"\n")
+
+    def broadcast(self, event: str, data: dict[str, Any]) -> None:
+        now = time.time()
+        message = {
+            "event": event,
+            "data": data,
+            "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
+        }
+        for writer in list(self._clients):
+            self._send(writer, message)
+
+    # ---- commands --------------------------------------------------------------------
+
+    def _served(self, arguments: dict[str, Any]) -> ServedImage:
+        name = arguments.get("export")
+        if name is None:
+            if len(self.server.images) == 1:
+                return self.server.images[0]
+            raise CommandError("InvalidArgument", 'several exports: name one with "export"')
+        served = self.server.by_name.get(str(name))
+        if served is None:
+            raise CommandError("InvalidArgument", f"no export named {name!r}")
+        return served
+
+    async def _query_status(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "status": "stopping" if self.server.stopping else "running",
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(self.server.uptime(), 3),
+            "connections": len(self.server.connections),
+            "max-connections": self.server.max_connections,
+            "jobs": sum(1 for j in self.jobs.jobs.values() if not j.status.finished),
+        }
+
+    async def _query_exports(self, arguments: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": s.name,
+                "filename": s.image.filename,
+                "format": s.image.format_name,
+                "size": s.image.size,
+                "readonly": s.readonly,
+                "connections": s.stats.connections,
+                "requests": s.stats.requests,
+                "errors": s.stats.errors,
+                "bytes-read": s.stats.bytes_read,
+                "bytes-written": s.stats.bytes_written,
+            }
+            for s in self.server.images
+        ]
+
+    async def _query_image(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        served = self._served(arguments)
+        image = served.image
+        info = await image.info()
+        out: dict[str, Any] = {
+            "export": served.name,
+            "filename": info.filename,
+            "format": info.format,
+            "virtual-size": info.virtual_size,
+            "actual-size": info.actual_size,
+        }
+        if isinstance(image, QedImage):
+            async with image.allocations_paused():
+                report = await check_image(image)
+            allocated = report.allocated_clusters
+            out.update(
+                {
+                    "cluster-size": image.cluster_size,
+                    "file-size": await image.store.size(),
+                    "need-check": image.header.needs_check,
+                    "total-clusters": report.total_clusters,
+                    "allocated-clusters": allocated,
+                    "fragmented-clusters": report.fragmented_clusters,
+                    "allocated-percent": round(100.0 * allocated / report.total_clusters, 2)
+                    if report.total_clusters
+                    else 0.0,
+                    "fragmented-percent": round(100.0 * report.fragmented_clusters / allocated, 2)
+                    if allocated
+                    else 0.0,
+                    "leaks": report.leaks,
+                    "corruptions": report.corruptions,
+                    "backing-filename": info.backing_filename,
+                }
+            )
+        return out
+
+    async def _query_jobs(self, arguments: dict[str, Any]) -> list[dict[str, Any]]:
+        return [job.statistics().as_dict() for job in self.jobs.jobs.values()]
+
+    async def _job_start(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        job_type = arguments.get("type")
+        if not isinstance(job_type, str):
+            raise CommandError("InvalidArgument", 'missing "type"')
+        served = self._served(arguments)
+        extra = {k: v for k, v in arguments.items() if k not in ("type", "export", "id")}
+        job_id = arguments.get("id")
+        job = self.jobs.start(
+            job_type, served.name, served.image, extra, str(job_id) if job_id else None
+        )
+        return {"id": job.id}
+
+    def _job(self, arguments: dict[str, Any]) -> Any:
+        ident = arguments.get("id")
+        if ident is None:
+            raise CommandError("InvalidArgument", 'missing "id"')
+        return self.jobs.get(str(ident))
+
+    async def _job_pause(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        self._job(arguments).pause()
+        return {}
+
+    async def _job_resume(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        self._job(arguments).resume()
+        return {}
+
+    async def _job_cancel(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        self._job(arguments).cancel()
+        return {}
+
+    async def _quit(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.server.stop()))
+        return {}
+
+
+def _error(error_class: str, desc: str) -> dict[str, Any]:
+    return {"error": {"class": error_class, "desc": desc}}

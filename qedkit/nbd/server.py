@@ -1,0 +1,567 @@
+"""The NBD server: asyncio glue between sockets, the sans-I/O protocol core
+(nbd.protocol) and open images.
+
+Theory of operation
+-------------------
+One event loop runs everything: listeners, connections, the images' engines and the
+control socket. Each connection is an ``asyncio.Protocol``: bytes from the socket go
+into its ``ServerConnection``; every request event is handled by a coroutine that
+calls the engine and returns the reply buffers. With a local file, most engine calls
+finish without suspending, so the handler is first stepped inline
+(``engine.sync.step``) and its reply written at once; only a handler that really
+waits (a flush offloaded to a thread, a contended allocation lock) becomes a task.
+Replies therefore leave in completion order, which NBD allows.
+
+Bounds: a connection stops reading from its socket while it has
+``MAX_INFLIGHT`` requests or ``MAX_INFLIGHT_BYTES`` of write payload in flight, or
+while the socket's send buffer is full; the protocol core bounds a single request
+(32 MiB). A client that breaks the protocol is dropped; replies to its requests
+still in flight are sent first when possible. Other connections never notice.
+
+All connections to one export share one open image, so a flush on any connection
+makes every completed write durable: CAN_MULTI_CONN is advertised when more than
+one connection is allowed.
+
+Shutdown (``stop``): listeners close, connections are told to shut down (new
+requests get ESHUTDOWN), requests in flight finish, then images are flushed and
+closed, which clears NEED_CHECK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.base import BlockImage
+from ..engine.mapping import MapEntry, map_chain
+from ..engine.sync import step
+from ..errors import QedError
+from . import protocol as p
+
+log = logging.getLogger("qedkit.nbd")
+
+MAX_INFLIGHT = 64  # requests per connection before it stops reading
+MAX_INFLIGHT_BYTES = 64 * 1024 * 1024  # write payload per connection before it stops reading
+_POOL_MIN = 64 * 1024  # reads this large use pooled page-aligned buffers
+_STATE_HOLE = int(p.StateFlag.HOLE)
+_STATE_ZERO = int(p.StateFlag.ZERO)
+
+
+# ---- exports -------------------------------------------------------------------------
+
+
+@dataclass
+class ExportStats:
+    connections: int = 0
+    connections_total: int = 0
+    requests: int = 0
+    errors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+@dataclass
+class ServedImage:
+    """An image offered as one NBD export."""
+
+    name: str
+    image: BlockImage
+    description: str = ""
+    readonly: bool = False
+    stats: ExportStats = field(default_factory=ExportStats)
+
+    def export(self, *, multi_conn: bool) -> p.Export:
+        writable = not self.readonly
+        return p.Export(
+            name=self.name,
+            size=self.image.size,
+            description=self.description,
+            read_only=self.readonly,
+            can_flush=True,
+            can_fua=writable,
+            can_trim=writable,
+            can_write_zeroes=writable,
+            can_fast_zero=writable,
+            can_cache=True,
+            can_multi_conn=multi_conn,
+            preferred_block_size=4096,
+        )
+
+
+class _BufferPool:
+    """Page-aligned read buffers by power-of-two size (unaligned large buffers copy
+    5x slower, see the machine notes). A buffer can be reused as soon as the reply
+    was handed to the transport, which copies what it cannot send at once."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[mmap.mmap]] = {}
+
+    def take(self, length: int) -> tuple[mmap.mmap, memoryview]:
+        size = 1 << max(length - 1, 1).bit_length()
+        free = self._free.get(size)
+        buf = free.pop() if free else mmap.mmap(-1, size)
+        return buf, memoryview(buf)[:length]
+
+    def give(self, buf: mmap.mmap) -> None:
+        free = self._free.setdefault(len(buf), [])
+        if len(free) < 4:
+            free.append(buf)
+        else:
+            buf.close()
+
+
+# ---- one connection ---------------------------------------------------------------------
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: NbdServer, ident: int) -> None:
+        self.server = server
+        self.ident = ident
+        self.conn = p.ServerConnection(
+            [s.export(multi_conn=server.max_connections > 1) for s in server.images],
+            tls=server.tls_mode,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.served: ServedImage | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+        self.closed = asyncio.get_running_loop().create_future()
+        self._payload_bytes = 0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._log = logging.LoggerAdapter(log, {"conn": ident})
+
+    # ---- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self._log.info("connection %d from %s", self.ident, self.peer)
+        if len(self.server.connections) > self.server.max_connections:
+            self._log.warning(
+                "connection %d refused: %d connections allowed (see --shared)",
+                self.ident,
+                self.server.max_connections,
+            )
+            transport.abort()
+            return
+        if self.server.stopping:
+            self.conn.start_shutdown()
+        self._send_handshake()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.conn.receive_data(data)
+        except p.LocalProtocolError as exc:  # bytes while TLS is pending
+            self._drop(f"unexpected data: {exc}")
+            return
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        with contextlib.suppress(p.LocalProtocolError):
+            self.conn.receive_data(b"")
+        self._pump()
+        return True  # keep the transport until in-flight replies are out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if exc is not None:
+            self._log.info("connection %d lost: %s", self.ident, exc)
+        self._maybe_finish()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+        self._pump()
+
+    # ---- event loop ------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        conn = self.conn
+        while self.transport is not None and not self.closing:
+            if self._reading_paused:
+                return
+            try:
+                event = conn.next_event()
+            except p.RemoteProtocolError as exc:
+                self._send_handshake()
+                if exc.cookie is not None:
+                    with contextlib.suppress(p.LocalProtocolError):
+                        self._write(conn.reply_error(exc.cookie, exc.errno_hint, str(exc)))
+                self._drop(f"protocol error: {exc}")
+                return
+            self._send_handshake()
+            if event is p.NEED_DATA or event is p.PAUSED:
+                return
+            if isinstance(event, p.Request):
+                if isinstance(event, p.Disconnect):
+                    self._log.info("connection %d: client disconnected", self.ident)
+                    self._close_when_idle()
+                    return
+                self._dispatch(event)
+            elif isinstance(event, p.HandshakeComplete):
+                self._start(event)
+            elif isinstance(event, p.StartTLS):
+                task = asyncio.get_running_loop().create_task(self._start_tls())
+                self._track(task)
+                return
+            elif isinstance(event, p.Abort | p.ConnectionClosed):
+                self._close_when_idle()
+                return
+
+    def _start(self, event: p.HandshakeComplete) -> None:
+        served = self.server.by_name[event.export.name]
+        self.served = served
+        served.stats.connections += 1
+        served.stats.connections_total += 1
+        self._log.info(
+            "connection %d: export %r (%s), structured replies %s, contexts %s",
+            self.ident,
+            served.name,
+            served.image.filename,
+            event.structured_replies,
+            [c.context_name for c in event.meta_contexts],
+        )
+
+    async def _start_tls(self) -> None:
+        assert self.transport is not None and self.server.ssl_context is not None
+        self._send_handshake()
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(
+                self.transport, self, self.server.ssl_context, server_side=True
+            )
+        except (OSError, ssl.SSLError) as exc:
+            self._drop(f"TLS handshake failed: {exc}")
+            return
+        if new is None:
+            self._drop("TLS handshake failed")
+            return
+        self.transport = new
+        self.conn.tls_established()
+        self._log.info("connection %d: TLS established", self.ident)
+        self._pump()
+
+    # ---- requests --------------------------------------------------------------------
+
+    def _dispatch(self, event: p.Request) -> None:
+        if isinstance(event, p.Write):
+            self._payload_bytes += event.length
+        self._update_reading()
+        done, value = step(self._handle(event))
+        if done:
+            self._finished(event, value)
+            return
+        task = asyncio.get_running_loop().create_task(self._complete(event, value))
+        self._track(task)
+
+    async def _complete(self, event: p.Request, pending: Awaitable[Any]) -> None:
+        self._finished(event, await pending)
+
+    def _finished(self, event: p.Request, reply: list[p.Buffer]) -> None:
+        if isinstance(event, p.Write):
+            self._payload_bytes -= event.length
+        self._write(reply)
+        self._update_reading()
+        if self.closing:
+            self._maybe_finish()
+        elif self._reading_paused is False and self.transport is not None:
+            self._pump()
+
+    async def _handle(self, event: p.Request) -> list[p.Buffer]:
+        """Serve one request; never raises (errors become error replies)."""
+        conn = self.conn
+        served = self.served
+        cookie = event.cookie
+        if isinstance(event, p.InvalidRequest):
+            self._log.info("connection %d: refused %s", self.ident, event.message)
+            return conn.reply_error(cookie, event.errno, event.message)
+        assert served is not None
+        image = served.image
+        stats = served.stats
+        stats.requests += 1
+        buf: mmap.mmap | None = None
+        try:
+            if isinstance(event, p.Read):
+                if event.length >= _POOL_MIN:
+                    buf, view = self.server.pool.take(event.length)
+                    await image.readinto(event.offset, view)
+                    reply = conn.reply_read(cookie, view)
+                else:
+                    data = bytearray(event.length)
+                    await image.readinto(event.offset, data)
+                    reply = conn.reply_read(cookie, data)
+                stats.bytes_read += event.length
+                return reply
+            if isinstance(event, p.Write):
+                await image.write(event.offset, event.data)
+                if event.fua:
+                    await image.flush()
+                stats.bytes_written += event.length
+            elif isinstance(event, p.Flush):
+                await image.flush()
+            elif isinstance(event, p.Trim):
+                await image.discard(event.offset, event.length)
+                if event.fua:
+                    await image.flush()
+            elif isinstance(event, p.WriteZeroes):
+                await image.write_zeroes(event.offset, event.length, unmap=not event.no_hole)
+                if event.fua:
+                    await image.flush()
+            elif isinstance(event, p.Cache):
+                await self._cache(image, event.offset, event.length)
+            elif isinstance(event, p.BlockStatus):
+                extents = await self._block_status(image, event)
+                return conn.reply_block_status(cookie, extents)
+            return conn.reply_ok(cookie)
+        except QedError as exc:
+            stats.errors += 1
+            code = p.nbd_errno_for(exc)
+            self._log.warning(
+                "connection %d: %s of %d bytes at %d failed: %s",
+                self.ident,
+                type(event).__name__.lower(),
+                event.length,
+                event.offset,
+                exc,
+            )
+            return conn.reply_error(cookie, code, str(exc))
+        finally:
+            if buf is not None:
+                # The caller writes the reply before the loop runs callbacks again,
+                # and the transport copies whatever it cannot send at once.
+                asyncio.get_running_loop().call_soon(self.server.pool.give, buf)
+
+    async def _cache(self, image: BlockImage, offset: int, length: int) -> None:
+        """NBD_CMD_CACHE: read the range so it is in the page cache."""
+        chunk = 1 << 20
+        scratch = bytearray(min(chunk, length))
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(chunk, end - pos)
+            await image.readinto(pos, memoryview(scratch)[:n])
+            pos += n
+
+    async def _block_status(
+        self, image: BlockImage, event: p.BlockStatus
+    ) -> dict[int, list[tuple[int, int]]]:
+        entries = await map_chain(image, event.offset, event.length)
+        out: dict[int, list[tuple[int, int]]] = {}
+        for context in event.context_ids:
+            if context is p.MetaContext.BASE_ALLOCATION:
+                out[context] = _merge((e.length, _allocation_flags(e)) for e in entries)
+            else:
+                out[context] = _merge((e.length, e.depth + 1 if e.present else 0) for e in entries)
+        return out
+
+    # ---- output and lifetime ---------------------------------------------------------
+
+    def _send_handshake(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def _write(self, buffers: Sequence[p.Buffer]) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if len(buffers) == 1:
+            transport.write(buffers[0])
+        elif sum(len(b) for b in buffers) <= _POOL_MIN:
+            transport.write(b"".join(buffers))
+        else:
+            for buffer in buffers:  # large payloads: no join copy
+                transport.write(buffer)
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        busy = (
+            self.conn.inflight >= MAX_INFLIGHT
+            or self._payload_bytes >= MAX_INFLIGHT_BYTES
+            or self._writing_paused
+        )
+        if busy and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif not busy and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error("connection %d: internal error", self.ident, exc_info=task.exception())
+            self._drop("internal error")
+        self._maybe_finish()
+
+    def shutdown(self) -> None:
+        """The server stops: refuse new requests, finish the ones in flight."""
+        self.conn.start_shutdown()
+        self._pump()
+        self._close_when_idle()
+
+    def _close_when_idle(self) -> None:
+        self.closing = True
+        self._maybe_finish()
+
+    def _drop(self, why: str) -> None:
+        self._log.warning("connection %d from %s dropped: %s", self.ident, self.peer, why)
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()  # replies already queued still go out
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if not self.closing and self.transport is not None:
+            return
+        if self.tasks:
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        if not self.closed.done():
+            if self.served is not None:
+                self.served.stats.connections -= 1
+            self.closed.set_result(None)
+            self.server.connections.pop(self.ident, None)
+            self._log.info("connection %d closed", self.ident)
+
+
+def _allocation_flags(entry: MapEntry) -> int:
+    """base:allocation as QEMU's NBD server reports it: a hole unless the chain has
+    data there, zero where the chain says it reads as zeros."""
+    flags = 0 if entry.data else _STATE_HOLE
+    if entry.zero:
+        flags |= _STATE_ZERO
+    return flags
+
+
+def _merge(extents: Any) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for length, flags in extents:
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + length, flags)
+        else:
+            out.append((length, flags))
+    return out
+
+
+# ---- the server -------------------------------------------------------------------------
+
+
+class NbdServer:
+    """Serves ``images`` over NBD until ``stop()``. Listen with ``listen_unix`` and/or
+    ``listen_tcp`` (the default host is loopback); then ``await wait_stopped()``."""
+
+    def __init__(
+        self,
+        images: Sequence[ServedImage],
+        *,
+        max_connections: int = 1,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        names = [s.name for s in images]
+        if len(set(names)) != len(names):
+            raise QedError(f"export names must be unique: {names}")
+        self.images = list(images)
+        self.by_name = {s.name: s for s in images}
+        self.max_connections = max_connections
+        self.ssl_context = ssl_context
+        self.tls_mode = p.TlsMode.REQUIRED if ssl_context is not None else p.TlsMode.DISABLED
+        self.connections: dict[int, _Connection] = {}
+        self.pool = _BufferPool()
+        self.stopping = False
+        self.started = time.monotonic()
+        self._listeners: list[asyncio.Server] = []
+        self._next_ident = 1
+        self._stopped: asyncio.Future[None] | None = None
+        self.on_stop: list[Callable[[], Awaitable[None]]] = []
+
+    def _protocol(self) -> _Connection:
+        ident = self._next_ident
+        self._next_ident += 1
+        connection = _Connection(self, ident)
+        self.connections[ident] = connection
+        return connection
+
+    async def listen_unix(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.exists(path) and not os.path.isdir(path):
+                os.unlink(path)  # a stale socket from an earlier run
+        loop = asyncio.get_running_loop()
+        self._listeners.append(await loop.create_unix_server(self._protocol, path))
+        log.info("listening on unix socket %s", path)
+
+    async def listen_tcp(self, host: str = "127.0.0.1", port: int = 10809) -> int:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._protocol, host, port, reuse_address=True)
+        self._listeners.append(server)
+        bound = server.sockets[0].getsockname()[1]
+        log.info("listening on %s:%d", host, bound)
+        return int(bound)
+
+    async def listen_socket(self, sock: Any) -> None:
+        """Serve on an already bound and listening socket (inherited, or made before a
+        fork so the parent can report the address)."""
+        loop = asyncio.get_running_loop()
+        if sock.family == socket.AF_UNIX:
+            server = await loop.create_unix_server(self._protocol, sock=sock)
+        else:
+            server = await loop.create_server(self._protocol, sock=sock)
+        self._listeners.append(server)
+
+    async def wait_stopped(self) -> None:
+        if self._stopped is None:
+            self._stopped = asyncio.get_running_loop().create_future()
+        await self._stopped
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish, close the images."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping: %d connections to drain", len(self.connections))
+        for listener in self._listeners:
+            listener.close()
+        for connection in list(self.connections.values()):
+            connection.shutdown()
+        waits = [c.closed for c in self.connections.values()]
+        if waits:
+            await asyncio.gather(*waits, return_exceptions=True)
+        for hook in self.on_stop:
+            await hook()
+        for served in self.images:
+            try:
+                await served.image.close()
+            except QedError as exc:
+                log.error("closing %s failed: %s", served.image.filename, exc)
+        for listener in self._listeners:
+            await listener.wait_closed()
+        if self._stopped is None:
+            self._stopped = asyncio.get_running_loop().create_future()
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started

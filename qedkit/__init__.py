@@ -18,11 +18,11 @@ from .errors import (
     StoreError,
     UnsupportedFeatureError,
 )
+from .version import __version__
 
 if TYPE_CHECKING:
     from .api import Image, ImageFile, create, open
 
-__version__ = "0.1.0"
 
 _API = ("Image", "ImageFile", "create", "open")
 

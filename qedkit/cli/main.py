@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from ..errors import QedError
 from ..format.geometry import DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE
+from ..version import __version__
 from .sizes import parse_size
 
 EXIT_FAILURE = 1
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qed",
         description="Create, inspect, check and convert QED (QEMU Enhanced Disk) images.",
     )
-    parser.add_argument("--version", action="version", version="qed (qedkit) 0.1.0")
+    parser.add_argument("--version", action="version", version=f"qed (qedkit) {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("create", help="create a new image")

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 from ..errors import QedError
@@ -182,6 +183,17 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | Non
     return 0
 
 
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    """Run the server's loop: uvloop when it is installed (``pip install qedkit[fast]``;
+    it halves the loop's per-wakeup cost, which is what limits IOPS at queue depth 1),
+    else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
@@ -190,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.fork:
         return _fork(args)
     sock = _listen_socket(args)
-    return asyncio.run(_serve(args, sock, None))
+    return _run(_serve(args, sock, None))
 
 
 def _fork(args: argparse.Namespace) -> int:
@@ -216,7 +228,7 @@ def _fork(args: argparse.Namespace) -> int:
     os.setsid()
     code = 1
     try:
-        code = asyncio.run(_serve(args, sock, write_end))
+        code = _run(_serve(args, sock, write_end))
     except QedError as exc:
         with contextlib.suppress(OSError):
             os.write(write_end, f"qed: {exc}\n".encode())

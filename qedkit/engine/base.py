@@ -89,8 +89,19 @@ class BlockImage(ABC):
         await self.readinto(offset, buf)
         return bytes(buf)
 
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """The bytes, if the driver can produce them at once without waiting (a cached
+        mapping over a local file); else None, and the caller uses ``readinto``. The
+        NBD server's fast path for reads."""
+        return None
+
     @abstractmethod
     async def write(self, offset: int, data: Buffer) -> None: ...
+
+    def write_now(self, offset: int, data: Buffer) -> bool:
+        """Write at once if the driver can without waiting or allocating (allocated
+        clusters of a local file); False (nothing written) means use ``write``."""
+        return False
 
     @abstractmethod
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:

@@ -129,6 +129,8 @@ class QedImage(BlockImage):
         # Hooks for jobs (defrag, streaming): called with (first_cluster, count) of
         # guest clusters about to be written; may await to stall the write.
         self.write_barrier: Callable[[int, int], object] | None = None
+        self._pread_now: Callable[[int, int], bytes] | None = getattr(store, "pread_now", None)
+        self._pwrite_now: Callable[[int, Buffer], None] | None = getattr(store, "pwrite_now", None)
         # Geometry constants of the hot path, as plain attributes.
         geo = self.geo
         self._cluster_bits = geo.cluster_bits
@@ -454,6 +456,34 @@ class QedImage(BlockImage):
         if expect >= self._file_end:
             return -1
         return entry + (offset & self._cluster_mask)
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        pread = self._pread_now
+        if pread is None or length <= 0 or offset < 0 or offset + length > self.header.image_size:
+            return None
+        host = self._contiguous_host(offset, offset + length)
+        if host < 0:
+            return None
+        data = pread(host, length)
+        return data if len(data) == length else None
+
+    def write_now(self, offset: int, data: Buffer) -> bool:
+        pwrite = self._pwrite_now
+        n = len(data)
+        if (
+            pwrite is None
+            or self.write_barrier is not None
+            or self.readonly
+            or n <= 0
+            or offset < 0
+            or offset + n > self.header.image_size
+        ):
+            return False
+        host = self._contiguous_host(offset, offset + n)
+        if host < 0:
+            return False
+        pwrite(host, data)
+        return True
 
     async def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
         view = memoryview(buf).cast("B")

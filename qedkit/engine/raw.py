@@ -37,6 +37,20 @@ class RawImage(BlockImage):
         if n < len(view):  # the file shrank under us: what is gone reads as zeros
             view[n:] = bytes(len(view) - n)
 
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        pread = getattr(self.store, "pread_now", None)
+        if pread is None or length <= 0 or offset < 0 or offset + length > self._size:
+            return None
+        data: bytes = pread(offset, length)
+        return data if len(data) == length else None
+
+    def write_now(self, offset: int, data: Buffer) -> bool:
+        pwrite = getattr(self.store, "pwrite_now", None)
+        if pwrite is None or self.readonly or offset < 0 or offset + len(data) > self._size:
+            return False
+        pwrite(offset, data)
+        return True
+
     async def write(self, offset: int, data: Buffer) -> None:
         self._check_writable()
         self._check_range(offset, len(data))

@@ -27,12 +27,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .. import __version__
 from ..engine.check import check_image
 from ..engine.qed import QedImage
 from ..errors import InvalidRequestError, QedError
 from ..jobs.base import JobManager
 from ..jobs.check import CheckJob, ScrubJob
+from ..version import __version__
 from .server import NbdServer, ServedImage
 
 log = logging.getLogger("qedkit.control")

@@ -126,7 +126,7 @@ import errno as _os_errno
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from ..errors import (
     CorruptImageError,
@@ -248,6 +248,7 @@ _U16_STRUCT = struct.Struct(">H")
 _U32_STRUCT = struct.Struct(">I")
 _U64_STRUCT = struct.Struct(">Q")
 _REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+_REQUEST_SIZE: Final = _REQUEST.size
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 _CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
 _CHUNK_OFFSET = struct.Struct(">IHHQIQ")  # chunk header + offset (OFFSET_DATA)
@@ -430,6 +431,8 @@ _META_CONTEXT_NAMES: Final[Mapping[MetaContext, str]] = {
 # Plain-int copies of the flags tested for every request and reply: IntFlag arithmetic
 # costs about a microsecond per operation, more than the rest of parsing a request.
 _FUA: Final = int(CmdFlag.FUA)
+_CMD_READ: Final = int(Cmd.READ)
+_CMD_WRITE: Final = int(Cmd.WRITE)
 _NO_HOLE: Final = int(CmdFlag.NO_HOLE)
 _DF: Final = int(CmdFlag.DF)
 _REQ_ONE: Final = int(CmdFlag.REQ_ONE)
@@ -630,23 +633,27 @@ class Export:
 # ---- events ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Event:
-    """Base class of everything :meth:`ServerConnection.next_event` returns."""
+    """Base class of everything :meth:`ServerConnection.next_event` returns.
+
+    Events are plain (not frozen) dataclasses on purpose: one is built per request,
+    and a frozen dataclass costs twice as much to construct (2.3 us vs 1.0 us). Treat
+    them as read-only."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class NeedData(Event):
     """Nothing more can be parsed until :meth:`~ServerConnection.receive_data`."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Paused(Event):
     """Parsing is suspended until the glue calls
     :meth:`~ServerConnection.tls_established` (after a :class:`StartTLS`)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class ConnectionClosed(Event):
     """The client closed its side at a message boundary. Returned again on every call."""
 
@@ -656,7 +663,7 @@ PAUSED: Final = Paused()
 CONNECTION_CLOSED: Final = ConnectionClosed()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class StartTLS(Event):
     """The client asked for TLS and the core acknowledged (NBD_REP_ACK is in
     ``data_to_send()``). The glue sends that, runs the TLS handshake as the server on
@@ -664,13 +671,13 @@ class StartTLS(Event):
     session. Only emitted when the TLS mode allows TLS."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Abort(Event):
     """The client sent NBD_OPT_ABORT. The ACK is in ``data_to_send()``; send it and
     close the connection."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class HandshakeComplete(Event):
     """Option haggling is over and the transmission phase begins (the final reply is in
     ``data_to_send()``). ``via`` is Opt.GO or Opt.EXPORT_NAME; ``block_size_requested``
@@ -686,7 +693,7 @@ class HandshakeComplete(Event):
     block_size_requested: bool
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Request(Event):
     """Base of the transmission-phase events. Every request except
     :class:`Disconnect` awaits exactly one reply from a ``reply_*`` method, in any
@@ -698,7 +705,7 @@ class Request(Event):
     fua: bool
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Read(Request):
     """NBD_CMD_READ; answer with ``reply_read`` (or ``reply_error``). ``df`` is
     NBD_CMD_FLAG_DF: the core then sends at most one content chunk, whatever chunks
@@ -707,7 +714,7 @@ class Read(Request):
     df: bool
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Write(Request):
     """NBD_CMD_WRITE; ``data`` is the payload (``length`` bytes), a read-only
     memoryview over a buffer that belongs to this event."""
@@ -715,22 +722,22 @@ class Write(Request):
     data: memoryview
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Flush(Request):
     """NBD_CMD_FLUSH (offset and length are 0)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Trim(Request):
     """NBD_CMD_TRIM."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Cache(Request):
     """NBD_CMD_CACHE."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class WriteZeroes(Request):
     """NBD_CMD_WRITE_ZEROES. ``no_hole``: the range must stay allocated; ``fast_zero``:
     fail at once with Errno.ENOTSUP unless zeroing is faster than writing."""
@@ -739,7 +746,7 @@ class WriteZeroes(Request):
     fast_zero: bool
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class BlockStatus(Request):
     """NBD_CMD_BLOCK_STATUS; answer with ``reply_block_status`` giving extents for each
     of ``context_ids``. ``req_one``: the client wants a single extent per context (the
@@ -749,13 +756,13 @@ class BlockStatus(Request):
     context_ids: tuple[MetaContext, ...]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Disconnect(Request):
     """NBD_CMD_DISC: no reply. Finish the requests in flight (``conn.inflight``), then
     close. Any further byte from the client is a RemoteProtocolError."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class InvalidRequest(Request):
     """A well-framed request the server must refuse (proto.md: Error values): answer it
     with ``reply_error(cookie, errno, message)``. ``command`` is the raw type (it may
@@ -815,6 +822,12 @@ class _ReceiveBuffer:
 
     def append(self, view: memoryview) -> None:
         self._data += view
+
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
+        """Decode ``layout`` from the front of the buffer and consume it."""
+        fields = layout.unpack_from(self._data, self._start)
+        self._advance(layout.size)
+        return fields
 
     def take(self, size: int) -> bytes:
         start = self._start
@@ -1312,6 +1325,19 @@ class ServerConnection:
     def next_event(self) -> Event:
         """The next event, or NEED_DATA / PAUSED. Raises RemoteProtocolError when the
         client broke the protocol (then drop the connection)."""
+        if self._state is State.TRANSMISSION and self._pending is None:
+            # Fast lane for the steady state: a request header straight off the buffer.
+            if len(self._buffer) >= _REQUEST_SIZE:
+                try:
+                    event = self._on_request(*self._buffer.unpack(_REQUEST))
+                except RemoteProtocolError:
+                    self._state = State.ERROR
+                    self._pending = None
+                    raise
+                if event is not None:
+                    return event
+            elif not self._eof:
+                return NEED_DATA
         try:
             while True:
                 event = self._step()
@@ -1325,6 +1351,8 @@ class ServerConnection:
     def data_to_send(self) -> bytes:
         """Handshake bytes queued by the core (greeting, option replies): send them after
         every ``next_event()``."""
+        if not self._out:
+            return b""
         out = bytes(self._out)
         self._out.clear()
         return out
@@ -1606,7 +1634,35 @@ class ServerConnection:
     # ---- transmission ------------------------------------------------------------------
 
     def _on_request_header(self, raw: bytes) -> Event | None:
-        magic, flags, command, cookie, offset, length = _REQUEST.unpack(raw)
+        return self._on_request(*_REQUEST.unpack(raw))
+
+    def _on_request(
+        self, magic: int, flags: int, command: int, cookie: int, offset: int, length: int
+    ) -> Event | None:
+        # Fast path for the bulk of traffic, READ and WRITE without flags: the checks
+        # of _request_refusal that can fail for them, in the same order.
+        if not flags and magic == REQUEST_MAGIC and command in (_CMD_READ, _CMD_WRITE):
+            export = self._export
+            if (
+                export is not None
+                and not self._shutting_down
+                and offset + length <= export.size
+                and length <= export.max_block_size
+                and export.min_block_size == 1
+                and (command == _CMD_READ or not export.read_only)
+            ):
+                self._inflight.setdefault(cookie, []).append(
+                    _InFlight(command, offset, length, 0, True)
+                )
+                self._inflight_count += 1
+                if command == _CMD_READ:
+                    return Read(cookie=cookie, offset=offset, length=length, fua=False, df=False)
+
+                def written_fast(data: memoryview) -> Event:
+                    return Write(cookie=cookie, offset=offset, length=length, fua=False, data=data)
+
+                self._pending = _Payload(length, written_fast)
+                return None
         if magic != REQUEST_MAGIC:
             raise RemoteProtocolError(f"bad request magic {magic:#010x}")
         if command == Cmd.DISC:
@@ -1787,6 +1843,22 @@ class ServerConnection:
         NBD_REPLY_TYPE_OFFSET_HOLE) and NBD_REPLY_FLAG_DONE on the last; when the client
         set NBD_CMD_FLAG_DF, all items travel in a single NBD_REPLY_TYPE_OFFSET_DATA.
         Data buffers are returned as views, never copied."""
+        if isinstance(chunks, bytes | bytearray | memoryview):
+            # Fast path: one buffer answering the oldest READ with this cookie.
+            entries = self._inflight.get(cookie)
+            if entries:
+                first = entries[0]
+                if first.valid and first.command == _CMD_READ and len(chunks) == first.length:
+                    self._done(cookie)
+                    if not self._structured:
+                        return [_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie), chunks]
+                    if not first.length:
+                        return [self._chunk(_DONE, ReplyType.NONE, cookie, b"")]
+                    head = _CHUNK_OFFSET.pack(
+                        STRUCTURED_REPLY_MAGIC, _DONE, ReplyType.OFFSET_DATA, cookie,
+                        8 + first.length, first.offset,
+                    )  # fmt: skip
+                    return [head, chunks]
         entry = self._awaiting(cookie, "reply_read")
         if isinstance(chunks, bytes | bytearray | memoryview):
             chunks = [DataChunk(entry.offset, chunks)]

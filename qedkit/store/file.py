@@ -151,6 +151,33 @@ class FileStore(ByteStore):
             ) from exc
         return total
 
+    def pread_now(self, offset: int, length: int) -> bytes:
+        """Synchronous read for hot paths that must not create a coroutine (the NBD
+        server's cached reads); short only at the end of the file."""
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise _store_error(
+                self.name, f"read of {length} bytes at offset {offset} failed", exc
+            ) from exc
+
+    def pwrite_now(self, offset: int, data: Buffer) -> None:
+        """Synchronous write of ``data`` (hot paths, like pread_now)."""
+        self._check_writable()
+        try:
+            n = os.pwrite(self.fd, data, offset)
+        except OSError as exc:
+            raise _store_error(self.name, f"write at offset {offset} failed", exc) from exc
+        if n != len(data):  # rare: finish through the general path
+            view = memoryview(data)[n:]
+            while view:
+                try:
+                    k = os.pwrite(self.fd, view, offset + n)
+                except OSError as exc:
+                    raise _store_error(self.name, f"write at offset {offset} failed", exc) from exc
+                view = view[k:]
+                n += k
+
     async def read(self, offset: int, length: int) -> bytes:
         try:
             data = os.pread(self.fd, length, offset)

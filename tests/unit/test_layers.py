@@ -36,7 +36,7 @@ ALLOWED: dict[str, set[str]] = {
     "jobs": {"format", "store", "engine"},
     "api": {"format", "store", "engine", "jobs"},  # qedkit.api, qedkit.aio
     "nbd": {"format", "store", "engine", "jobs"},
-    "cli": {"format", "store", "engine", "jobs", "api"},  # the CLI is a client of the API
+    "cli": {"format", "store", "engine", "jobs", "api", "nbd"},  # a client of the API; serves
     "root": set(LAYERS),  # qedkit/__init__.py and __main__.py re-export
 }
 
@@ -58,6 +58,8 @@ def layer_of(name: str) -> str:
     if len(parts) == 1 or parts[1] == "__main__":
         return "root"
     top = parts[1]
+    if top == "version":  # a leaf like errors: importable from every layer
+        return "errors"
     if top in ("api", "aio"):
         return "api"
     if top in LAYERS:

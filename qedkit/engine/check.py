@@ -123,10 +123,13 @@ class _Scan:
 Checkpoint = Callable[[int, int], Awaitable[None]]
 
 
-async def _scan(img: QedImage, fix: bool, checkpoint: Checkpoint | None = None) -> _Scan:
+async def _scan(
+    img: QedImage, fix: bool, checkpoint: Checkpoint | None = None, strict: bool = False
+) -> _Scan:
     """One pass over every table, counting as QEMU counts; with ``fix``, invalid
     entries are cleared (each fixed table rewritten whole, then the L1).
-    ``checkpoint(l1_index, l1_entries)`` is awaited before each L2 table."""
+    ``checkpoint(l1_index, l1_entries)`` is awaited before each L2 table. ``strict``:
+    a table that cannot be read or written raises instead of counting as an error."""
     geo = img.geo
     header = img.header
     file_size = await img.store.size()
@@ -156,6 +159,8 @@ async def _scan(img: QedImage, fix: bool, checkpoint: Checkpoint | None = None) 
         try:
             table = unpack_table(await img.store.read_exact(l2_offset, geo.table_bytes, "L2 table"))
         except QedError as exc:
+            if strict:
+                raise
             scan.check_errors += 1
             scan.note("check-error", l2_offset, f"cannot read L2 table at {l2_offset:#x}: {exc}")
             continue
@@ -163,6 +168,8 @@ async def _scan(img: QedImage, fix: bool, checkpoint: Checkpoint | None = None) 
             try:
                 await img.store.write(l2_offset, pack_table(table))
             except QedError as exc:
+                if strict:
+                    raise
                 scan.check_errors += 1
                 scan.note(
                     "check-error", l2_offset, f"cannot write L2 table at {l2_offset:#x}: {exc}"
@@ -173,6 +180,8 @@ async def _scan(img: QedImage, fix: bool, checkpoint: Checkpoint | None = None) 
         try:
             await img.store.write(header.l1_table_offset, pack_table(l1))
         except QedError as exc:
+            if strict:
+                raise
             scan.check_errors += 1
             scan.note("check-error", header.l1_table_offset, f"cannot write the L1 table: {exc}")
     return scan
@@ -185,7 +194,11 @@ def _leaked(scan: _Scan) -> list[int]:
 
 
 async def check_image(
-    img: QedImage, repair: RepairMode | None = None, *, checkpoint: Checkpoint | None = None
+    img: QedImage,
+    repair: RepairMode | None = None,
+    *,
+    checkpoint: Checkpoint | None = None,
+    strict: bool = False,
 ) -> CheckReport:
     """Scan ``img`` and, with ``repair``, fix what can be fixed. Never raises for
     problems it finds; raises QedError only if the image cannot be read at all.
@@ -202,11 +215,13 @@ async def check_image(
       a leaked cluster may hold the data a damaged entry lost.
 
     The report gives the counts found by the first pass and what was repaired;
-    ``check_and_repair`` adds the second pass qemu-img makes.
+    ``check_and_repair`` adds the second pass qemu-img makes. ``strict`` makes a
+    store error raise (StoreError) instead of being counted in check_errors: the
+    open-time repair must not go on with an image it could not check.
     """
     writable = repair is not None and not img.readonly
     fix = repair is RepairMode.ALL and writable
-    scan = await _scan(img, fix, checkpoint)
+    scan = await _scan(img, fix, checkpoint, strict)
     corruptions = scan.corruptions
     fixed = scan.fixed
     leaks = _leaked(scan) if not scan.check_errors else []
@@ -217,7 +232,7 @@ async def check_image(
             if fix and corruptions:
                 copies = await _repair_duplicates(img)
                 fixed += copies
-                after = await _scan(img, False)
+                after = await _scan(img, False, strict=strict)
                 corruptions = after.corruptions
                 leaks = _leaked(after) if not after.check_errors else []
             if not scan.corruptions and not scan.fixed:

@@ -199,7 +199,10 @@ class QedImage(BlockImage):
         if header.needs_check and repair:
             from .check import RepairMode, check_image
 
-            await check_image(img, repair=RepairMode.ALL)
+            # As QEMU: an image that could not be checked must not be written
+            # (allocations could land on clusters a damaged table still uses), so a
+            # store error fails the open (strict).
+            await check_image(img, repair=RepairMode.ALL, strict=True)
         return img
 
     @staticmethod
@@ -601,7 +604,7 @@ class QedImage(BlockImage):
             for k in range(count):
                 updates[index + k] = host + (k << geo.cluster_bits)
         if updates:
-            if self.backing is not None:
+            if self._has_backing:
                 await self.store.flush()
             await self._update_l2(l1_index, table, updates)
 
@@ -758,6 +761,12 @@ class QedImage(BlockImage):
     # header, need-check, flush, resize, close
     # ======================================================================
 
+    @property
+    def _has_backing(self) -> bool:
+        """A backing file is attached or recorded: the write ordering must then keep a
+        hole from ever exposing backing data (and NEED_CHECK is not used)."""
+        return self.backing is not None or self.header.has_backing_file
+
     async def _write_header(self, header: Header, *, flush: bool) -> None:
         """Rewrite the 64-byte header struct only (bytes after it are preserved)."""
         await self.store.write(0, header.pack())
@@ -768,7 +777,7 @@ class QedImage(BlockImage):
     async def _mark_need_check(self) -> None:
         """Set NEED_CHECK (durably) before the first allocation of a dirty period, for
         images without a backing file."""
-        if self.backing is None and not self.header.needs_check:
+        if not self._has_backing and not self.header.needs_check:
             await self._write_header(self.header.with_features(set_=Feature.NEED_CHECK), flush=True)
 
     async def flush(self) -> None:
@@ -790,9 +799,19 @@ class QedImage(BlockImage):
 
     async def set_backing_file(self, name: str | None, *, raw: bool = False) -> None:
         """Record a new backing file name (or none) in the header, as rebase, commit and
-        streaming do. The caller opens and attaches the new backing image."""
+        streaming do. The caller opens and attaches the new backing image.
+
+        Everything written before is flushed first: writes made under one backing
+        regime (with or without a backing file, the ordering rules differ) must be
+        durable before the other regime's header can be. NEED_CHECK is cleared with
+        the same header write, since the flush made the tables complete."""
         self._check_writable()
-        header = self.header
+        async with self._alloc_lock:
+            await self.store.flush()
+            await self._set_backing_file(name, raw)
+
+    async def _set_backing_file(self, name: str | None, raw: bool) -> None:
+        header = self.header.with_features(clear=Feature.NEED_CHECK)
         if name:
             if header.compat_features:
                 raise UnsupportedFeatureError(
@@ -810,19 +829,32 @@ class QedImage(BlockImage):
                     filename=self.filename,
                 )
             features = Feature.BACKING_FILE | (Feature.BACKING_FORMAT_NO_PROBE if raw else 0)
+            offset = self._backing_name_slot(len(encoded))
             header = replace(
                 header.with_features(
                     set_=features,
                     clear=0 if raw else Feature.BACKING_FORMAT_NO_PROBE,
                 ),
-                backing_filename_offset=HEADER_SIZE_BYTES,
+                backing_filename_offset=offset,
                 backing_filename_size=len(encoded),
             )
-            # Name first, flushed, then the header that points at it.
-            await self.store.write(HEADER_SIZE_BYTES, encoded)
-            await self.store.flush()
             area = bytearray(self.header_area)
-            area[HEADER_SIZE_BYTES : HEADER_SIZE_BYTES + len(encoded)] = encoded
+            area[offset : offset + len(encoded)] = encoded
+            if offset + len(encoded) <= SECTOR_SIZE:
+                # Header and name in one sector: one write, which a power loss
+                # cannot tear (sector writes are atomic).
+                sector = bytearray(area[:SECTOR_SIZE].ljust(SECTOR_SIZE, b"\0"))
+                sector[:HEADER_SIZE_BYTES] = header.pack()
+                await self.store.write(0, sector)
+                await self.store.flush()
+                self.header = header
+                self.header_area = bytes(area)
+                self.backing_filename = header.backing_filename(self.header_area)
+                return
+            # A longer name goes where the current header does not point, so that
+            # until the new header is durable the old one still reads its old name.
+            await self.store.write(offset, encoded)
+            await self.store.flush()
             self.header_area = bytes(area)
         else:
             header = replace(
@@ -831,6 +863,22 @@ class QedImage(BlockImage):
             )
         await self._write_header(header, flush=True)
         self.backing_filename = header.backing_filename(self.header_area)
+
+    def _backing_name_slot(self, length: int) -> int:
+        """Where a new backing name of ``length`` bytes goes: at 64, as QEMU puts it,
+        when header and name then fit in the first sector (written at once); else past
+        the current name, if the header area has room, so that the current header
+        keeps pointing at intact bytes until it is replaced; else at 64 (a name this
+        long, in a header cluster this small, cannot be changed atomically)."""
+        if HEADER_SIZE_BYTES + length <= SECTOR_SIZE:
+            return HEADER_SIZE_BYTES
+        current = self.header
+        end = HEADER_SIZE_BYTES
+        if current.has_backing_file:
+            end = max(end, current.backing_filename_offset + current.backing_filename_size)
+        if end + length <= self.geo.header_bytes:
+            return end
+        return HEADER_SIZE_BYTES
 
     async def resize(self, new_size: int) -> None:
         """Grow the image. Data of a longer backing file (or stale bytes in the tail of

@@ -144,8 +144,11 @@ def copy_image(
         pool.submit(close_thread_loop)
         pool.shutdown(wait=True)
         for view, buf in zip(views, bufs, strict=True):
-            view.release()
-            buf.close()
+            # After a failed write, the traceback may still hold slices of a buffer:
+            # then the garbage collector unmaps it later.
+            with contextlib.suppress(BufferError):
+                view.release()
+                buf.close()
     return ConvertStats(total, read, written)
 
 

@@ -4,55 +4,42 @@ Part 1 tests the harness itself (qedkit/store/crash.py, qedkit/store/faults.py).
 Part 2 runs small workloads through the async QED engine on a CrashStore and, for
 every crash point and every possible disk state there, recovers the image the way a
 user would (a read-write open, which repairs when NEED_CHECK is set), checks it, and
-compares what the guest reads with what may legitimately be there:
+compares what the guest reads with what may legitimately be there (the rules and
+the machinery are in crashkit.py, shared with test_workloads.py).
 
-* a guest request is *guaranteed* at crash point k when a store flush completed
-  after it was acknowledged (``CrashStore.durable_at(ack, k)``): it must read back
-  exactly (unless a later request overwrote it);
-* every byte of a request that was not guaranteed but had started (issued at least
-  one store op before k) may read old or new: per byte, the candidates are the last
-  guaranteed content and the content of each later started request covering it.
-
-Totals are printed (run with ``-s`` to see them).
+Totals are printed (run with ``-s`` to see them) and collected in the terminal
+summary (conftest.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import importlib.util
-import itertools
 import random
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from crashkit import (
+    CS,
+    MiB,
+    Scenario,
+    Totals,
+    backing_file_workload,
+    crash_all,
+    fresh_image_workload,
+    pattern,
+    run,
+    touched_ranges,
+)
 
-from qedkit.engine.base import BlockImage, ExtentKind
 from qedkit.engine.check import check_image
 from qedkit.engine.qed import QedImage
-from qedkit.engine.raw import RawImage
-from qedkit.errors import QedError, StoreError
+from qedkit.errors import StoreError
 from qedkit.format.header import Feature
 from qedkit.store import ByteStore, CrashStore, FaultStore, MemoryStore
-
-T = TypeVar("T")
-KiB = 1 << 10
-MiB = 1 << 20
-CS = 4096  # cluster size of the engine tests: small clusters, few sectors per write
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
-def pattern(seed: int, n: int) -> bytes:
-    """``n`` pseudo-random non-zero bytes, different for each seed."""
-    return random.Random(seed).randbytes(n).replace(b"\0", b"\x01")
-
 
 # =====================================================================================
 # Part 1: the harness
@@ -352,339 +339,6 @@ def test_fault_store_partial_writes_persist_the_first_half() -> None:
 # =====================================================================================
 
 
-@dataclass
-class GuestOp:
-    """One request of the workload and where its store ops sit in the crash log."""
-
-    kind: str  # write, zero, discard, flush
-    offset: int = 0
-    length: int = 0
-    data: bytes = b""
-    start: int = 0  # log position before its first store op
-    end: int = 0  # log position when it was acknowledged
-
-    def describe(self) -> str:
-        where = f" {self.length} bytes at {self.offset:#x}" if self.kind != "flush" else ""
-        return f"{self.kind}{where} (store ops {self.start}..{self.end - 1})"
-
-
-@dataclass
-class Totals:
-    states: int = 0
-    crash_points: int = 0
-    dirty_states: int = 0  # NEED_CHECK set: recovery repaired the image
-    entries_repaired: int = 0  # corruptions found (and fixed) by that repair
-    lost_writes: int = 0  # (state, acknowledged unflushed request) pairs not read back
-    corruptions: int = 0  # found by check_image AFTER recovery: must be 0
-    failing_states: int = 0
-    failures: list[str] = field(default_factory=list)  # reports of the first few
-
-
-@dataclass
-class Scenario:
-    name: str
-    initial: bytes
-    size: int
-    baseline: bytes  # what the guest reads before the workload
-    backing: BlockImage | None
-    ops: list[GuestOp]
-    crash: CrashStore
-
-
-Step = Callable[[QedImage], Awaitable[None]]
-
-
-async def _build(
-    name: str,
-    size: int,
-    backing_bytes: bytes | None,
-    steps: list[tuple[GuestOp, Step]],
-    store_class: type[CrashStore] = CrashStore,
-) -> Scenario:
-    fmt = MemoryStore(name=name)
-    await QedImage.format_store(
-        fmt,
-        size,
-        cluster_size=CS,
-        table_size=2,
-        backing_name="base.raw" if backing_bytes is not None else None,
-        backing_raw=True,
-    )
-    initial = bytes(fmt.data)
-    backing: BlockImage | None = None
-    baseline = bytes(size)
-    if backing_bytes is not None:
-        backing = RawImage(MemoryStore(backing_bytes, name="base.raw", writable=False), size)
-        baseline = (backing_bytes + bytes(size))[:size]
-    crash = store_class(initial, name=name)
-    header, area = await QedImage.read_header(crash)
-    img = await QedImage.open(crash, header, area, backing=backing, readonly=False)
-    ops = []
-    for op, step in steps:
-        op.start = crash.position
-        await step(img)
-        op.end = crash.position
-        ops.append(op)
-    # No close: the power goes out after the last request.
-    return Scenario(name, initial, size, baseline, backing, ops, crash)
-
-
-def _write(offset: int, data: bytes) -> tuple[GuestOp, Step]:
-    async def step(img: QedImage) -> None:
-        await img.write(offset, data)
-
-    return GuestOp("write", offset, len(data), data), step
-
-
-def _zero(offset: int, length: int) -> tuple[GuestOp, Step]:
-    async def step(img: QedImage) -> None:
-        await img.write_zeroes(offset, length)
-
-    return GuestOp("zero", offset, length, bytes(length)), step
-
-
-def _discard(offset: int, length: int) -> tuple[GuestOp, Step]:
-    async def step(img: QedImage) -> None:
-        await img.discard(offset, length)
-
-    return GuestOp("discard", offset, length, bytes(length)), step
-
-
-def _flush() -> tuple[GuestOp, Step]:
-    async def step(img: QedImage) -> None:
-        await img.flush()
-
-    return GuestOp("flush"), step
-
-
-def fresh_image_workload() -> Scenario:
-    """No backing file: NEED_CHECK protects the allocations."""
-    return run(
-        _build(
-            "fresh.qed",
-            5 * MiB,
-            None,
-            [
-                _write(0, pattern(1, 6000)),  # allocating, new L2 table
-                _write(3 * CS, pattern(2, CS)),  # allocating into the existing L2
-                _write(1000, pattern(3, 100)),  # in place
-                _flush(),
-                _write(4 * MiB + 512, pattern(4, 1024)),  # a second L2 table
-                _zero(5 * CS, 2 * CS),  # whole unallocated clusters: zero clusters
-                _zero(512, 1024),  # partial, allocated: zeros in place
-                _write(5 * CS + 100, pattern(5, 200)),  # into a zero cluster
-                _write(CS + 2000, pattern(6, CS)),  # allocated cluster 1 + new cluster 2
-                _flush(),  # clears NEED_CHECK: the next allocation sets it again
-                _write(4 * MiB - 1000, pattern(7, 3000)),  # across the two L2 tables
-                _discard(3 * CS, CS),  # punches cluster 3
-            ],
-        )
-    )
-
-
-def backing_file_workload(store_class: type[CrashStore] = CrashStore) -> Scenario:
-    """A raw backing file: copy-on-write, and the flush before every L2 update."""
-    size = 1 * MiB
-    return run(
-        _build(
-            "overlay.qed",
-            size,
-            pattern(99, size),
-            [
-                _write(CS + 100, pattern(11, 200)),  # partial cluster over backing data
-                _write(2 * CS + 3000, pattern(12, 2000)),  # two partial clusters
-                _write(CS + 500, pattern(13, 10)),  # in place
-                _flush(),
-                _zero(5 * CS, CS),  # unallocated whole cluster: zero cluster
-                _zero(6 * CS + 100, 300),  # partial over backing: allocating zeros
-                _write(5 * CS + 1000, pattern(14, 100)),  # into a zero cluster: zero fill
-                _zero(2 * CS + 3500, 100),  # partial, allocated: zeros in place
-                _write(8 * CS, pattern(15, 2 * CS)),  # whole clusters over backing
-                _discard(8 * CS, CS),
-            ],
-            store_class,
-        )
-    )
-
-
-class Expectation:
-    """What the guest may read at one crash point (see the module docstring)."""
-
-    def __init__(self, sc: Scenario, k: int) -> None:
-        self.sc = sc
-        data_ops = [op for op in sc.ops if op.kind != "flush"]
-        guaranteed = [op for op in data_ops if sc.crash.durable_at(op.end, k)]
-        self.maybe = [op for op in data_ops if op not in guaranteed and op.start < k]
-        self.acknowledged = [op for op in self.maybe if op.end <= k]
-        base = bytearray(sc.baseline)
-        for op in guaranteed:
-            base[op.offset : op.offset + op.length] = op.data
-        self.base = bytes(base)
-
-    def mismatch(self, got: bytes, lo: int, hi: int) -> str | None:
-        """None if ``got`` (guest bytes ``[lo, hi)``) is possible, else why not."""
-        if got == self.base[lo:hi]:
-            return None
-        # Candidates are constant between request boundaries; the engine maps whole
-        # clusters and the disk persists whole sectors, so try those pieces first.
-        cuts = {lo, hi, *range(lo - lo % CS + CS, hi, CS)}
-        for op in self.maybe:
-            for c in (op.offset, op.offset + op.length):
-                if lo < c < hi:
-                    cuts.add(c)
-        bounds = sorted(cuts)
-        for a, b in itertools.pairwise(bounds):
-            covering = [op for op in self.maybe if op.offset <= a and b <= op.offset + op.length]
-            options = [self.base[a:b]] + [op.data[a - op.offset : b - op.offset] for op in covering]
-            if got[a - lo : b - lo] in options:
-                continue
-            sa = a
-            while sa < b:  # per sector, then per byte
-                sb = min(b, sa - sa % 512 + 512)
-                if got[sa - lo : sb - lo] not in [opt[sa - a : sb - a] for opt in options]:
-                    for i in range(sa, sb):
-                        value = got[i - lo]
-                        if all(opt[i - a] != value for opt in options):
-                            return self._explain(i, value, covering)
-                sa = sb
-        return None
-
-    def _explain(self, i: int, value: int, covering: list[GuestOp]) -> str:
-        names = ", ".join(op.describe() for op in covering) or "none"
-        news = "".join(f", {op.kind} {op.data[i - op.offset]:#04x}" for op in covering)
-        return (
-            f"guest byte {i:#x} reads {value:#04x}; possible: old {self.base[i]:#04x}{news} "
-            f"(unflushed requests covering it: {names})"
-        )
-
-
-def _touched_ranges(sc: Scenario) -> list[tuple[int, int]]:
-    """Cluster-rounded ranges the workload touches, merged."""
-    spans = sorted(
-        (op.offset // CS * CS, -(-(op.offset + op.length) // CS) * CS)
-        for op in sc.ops
-        if op.kind != "flush"
-    )
-    merged: list[tuple[int, int]] = []
-    for a, b in spans:
-        if merged and a <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-        else:
-            merged.append((a, b))
-    return merged
-
-
-async def _recover_and_verify(
-    sc: Scenario, state_bytes: bytes, exp: Expectation, totals: Totals
-) -> list[str]:
-    """Recover one crash state as a user would and return what is wrong with it."""
-    try:
-        return await _recover_and_verify_inner(sc, state_bytes, exp, totals)
-    except QedError as exc:
-        return [f"recovery raised {type(exc).__name__}: {exc}"]
-
-
-async def _recover_and_verify_inner(
-    sc: Scenario, state_bytes: bytes, exp: Expectation, totals: Totals
-) -> list[str]:
-    problems: list[str] = []
-    # What a read-only check sees before any repair (for the totals).
-    ro = MemoryStore(state_bytes, writable=False)
-    header, area = await QedImage.read_header(ro)
-    if header.needs_check:
-        totals.dirty_states += 1
-        img_ro = await QedImage.open(ro, header, area, backing=sc.backing, readonly=True)
-        totals.entries_repaired += (await check_image(img_ro)).corruptions
-    # The real recovery: a read-write open repairs a dirty image.
-    store = MemoryStore(state_bytes, name=sc.name)
-    header, area = await QedImage.read_header(store)
-    img = await QedImage.open(store, header, area, backing=sc.backing, readonly=False)
-    report = await check_image(img)
-    if report.corruptions or report.check_errors:
-        totals.corruptions += report.corruptions
-        problems.append(
-            f"check after recovery: {report.corruptions} corruptions, "
-            f"{report.check_errors} check errors: "
-            + "; ".join(p.message for p in report.problems if p.kind != "leak")
-        )
-        return problems  # reading would only repeat it
-    if img.header.needs_check:
-        problems.append("NEED_CHECK still set after the recovering open")
-    # Guest contents: touched ranges hold old or new data, the rest is untouched.
-    touched = _touched_ranges(sc)
-    contents = []
-    for a, b in touched:
-        got = await img.read(a, b - a)
-        contents.append(got)
-        why = exp.mismatch(got, a, b)
-        if why:
-            problems.append(why)
-    pos = 0
-    for a, b in [*touched, (sc.size, sc.size)]:
-        if a > pos:
-            for ext in await img.block_status(pos, a - pos):
-                if ext.kind is not ExtentKind.UNALLOCATED:
-                    problems.append(f"untouched range {ext.start:#x}+{ext.length:#x} is {ext.kind}")
-        pos = b
-    for op in exp.acknowledged:
-        if await img.read(op.offset, op.length) != op.data:
-            later = [o for o in exp.maybe if o.start >= op.end]
-            if not any(
-                o.offset < op.offset + op.length and op.offset < o.offset + o.length for o in later
-            ):
-                totals.lost_writes += 1
-    # The recovered image keeps working: a new allocation lands on no live cluster.
-    new_at = sc.size - CS
-    await img.write(new_at, b"N" * 700)
-    await img.flush()
-    after = await check_image(img)
-    if after.corruptions or await img.read(new_at, 700) != b"N" * 700:
-        problems.append(f"after a new write the image has {after.corruptions} corruptions")
-    for (a, b), before in zip(touched, contents, strict=True):
-        if await img.read(a, b - a) != before:
-            problems.append(f"a write after recovery changed guest range {a:#x}..{b:#x}")
-    return problems
-
-
-def _crash_all(sc: Scenario, *, torn: bool, max_states: int | None) -> Totals:
-    totals = Totals()
-    crash = sc.crash
-
-    async def go() -> None:
-        for k in range(crash.crash_points() + 1):
-            totals.crash_points += 1
-            exp = Expectation(sc, k)
-            for state in crash.scenarios(k, torn=torn, max_states=max_states):
-                totals.states += 1
-                problems = await _recover_and_verify(sc, state.data, exp, totals)
-                if problems:
-                    totals.failing_states += 1
-                    if len(totals.failures) < 5:
-                        totals.failures.append(_report(sc, k, state.describe(), problems))
-
-    run(go())
-    return totals
-
-
-def _report(sc: Scenario, k: int, state: str, problems: list[str]) -> str:
-    crash = sc.crash
-    p = crash.last_flush_before(k)
-    lines = [f"[{sc.name}] {state}", *("  " + p_ for p_ in problems), "  guest requests:"]
-    lines += [f"    {op.describe()}" for op in sc.ops]
-    lines.append("  store ops from the last flush to the crash point:")
-    lines += [f"    {line}" for line in crash.describe_ops(max(0, p - 1), k).splitlines()]
-    return "\n".join(lines)
-
-
-def _summary(name: str, totals: Totals) -> str:
-    return (
-        f"{name}: {totals.crash_points} crash points, {totals.states} states, "
-        f"{totals.dirty_states} dirty (repaired {totals.entries_repaired} entries), "
-        f"{totals.lost_writes} acknowledged unflushed requests lost (summed over states), "
-        f"{totals.corruptions} corruptions after recovery, {totals.failing_states} failing states"
-    )
-
-
 @pytest.fixture(scope="module")
 def fresh() -> Scenario:
     return fresh_image_workload()
@@ -715,14 +369,18 @@ def test_workloads_issue_the_documented_ordering(fresh: Scenario, overlay: Scena
 @pytest.mark.parametrize("torn", [False, True], ids=["whole-writes", "torn-sectors"])
 @pytest.mark.parametrize("which", ["fresh", "overlay"])
 def test_every_crash_state_recovers_to_old_or_new_data(
-    which: str, torn: bool, request: pytest.FixtureRequest
+    which: str,
+    torn: bool,
+    request: pytest.FixtureRequest,
+    crash_summary: Callable[[str], None],
 ) -> None:
     sc: Scenario = request.getfixturevalue(which)
-    totals = _crash_all(sc, torn=torn, max_states=64 if torn else None)
-    summary = _summary(f"{sc.name} {'torn' if torn else 'whole'}", totals)
-    print("\n" + summary)
+    totals: Totals = crash_all(sc, torn=torn, max_states=64 if torn else None)
+    summary = totals.line(f"{sc.name} {'torn' if torn else 'whole'}")
+    crash_summary(summary)
     assert totals.states > totals.crash_points
     assert not totals.failures, summary + "\n\n" + "\n\n".join(totals.failures)
+    assert totals.ok, summary
 
 
 def test_a_failed_allocating_write_leaves_a_checkable_image() -> None:
@@ -766,8 +424,8 @@ def test_the_harness_catches_a_missing_flush() -> None:
     must see it (entries past the end of the file, or clusters reading zeros
     instead of the backing file's data)."""
     sc = backing_file_workload(_DropsTheDataFlush)
-    totals = _crash_all(sc, torn=False, max_states=None)
-    print("\n" + _summary("overlay.qed without the data flush", totals))
+    totals = crash_all(sc, torn=False, max_states=None)
+    print("\n" + totals.line("overlay.qed without the data flush (must fail)"))
     assert totals.failures
     assert "overlay.qed" in totals.failures[0] and "store ops" in totals.failures[0]
 
@@ -779,10 +437,12 @@ async def _guest_after_recovery(sc: Scenario, image: bytes) -> tuple[list[bytes]
     header, area = await QedImage.read_header(store)
     img = await QedImage.open(store, header, area, backing=sc.backing, readonly=False)
     report = await check_image(img)
-    return [await img.read(a, b - a) for a, b in _touched_ranges(sc)], report.corruptions
+    return [await img.read(a, b - a) for a, b in touched_ranges(sc)], report.corruptions
 
 
-def test_a_crash_during_repair_is_repaired_again_to_the_same_result(fresh: Scenario) -> None:
+def test_a_crash_during_repair_is_repaired_again_to_the_same_result(
+    fresh: Scenario, crash_summary: Callable[[str], None]
+) -> None:
     """Take crash states that need a repair, run the repair on a CrashStore, and crash
     it at every point: opening any of those states must repair to the same guest
     content as the uninterrupted repair."""
@@ -830,5 +490,5 @@ def test_a_crash_during_repair_is_repaired_again_to_the_same_result(fresh: Scena
         f"crash during repair: {min(40, len(needing_repair))} images needing repair, "
         f"{states} states, {len(failures)} failures"
     )
-    print("\n" + summary)
+    crash_summary(summary)
     assert not failures, summary + "\n" + "\n\n".join(failures[:3])

@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import os
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from ..errors import CorruptImageError, InvalidRequestError, UnsupportedFeatureError
@@ -56,7 +56,9 @@ from ..format.geometry import (
 )
 from ..format.header import (
     HEADER_SIZE_BYTES,
+    KNOWN_AUTOCLEAR,
     QEMU_MAX_BACKING_NAME,
+    AutoclearFeature,
     Feature,
     Header,
     encode_backing_name,
@@ -70,12 +72,18 @@ from ..format.tables import (
 from ..store.base import Buffer, ByteStore
 from .base import BlockImage, Extent, ExtentKind, ImageInfo
 from .l2cache import DEFAULT_BUDGET, L2Cache, StaleLoad
+from .layout import META, ClusterMap
+from .layout import data_start as layout_data_start
 
 DATA = ExtentKind.DATA
 ZERO = ExtentKind.ZERO
 UNALLOCATED = ExtentKind.UNALLOCATED
 
 ENTRIES_PER_SECTOR = SECTOR_SIZE // 8  # table entries rewritten together
+# Outcomes of _write_in_place.
+_WRITTEN = object()
+_ALLOCATE = object()
+_STALLED = object()
 _ZEROS = bytes(1 << 20)  # shared source of zero bytes (1 MiB)
 
 
@@ -126,9 +134,14 @@ class QedImage(BlockImage):
         self._file_end = file_end
         self._alloc_lock = asyncio.Lock()
         self._closed = False
-        # Hooks for jobs (defrag, streaming): called with (first_cluster, count) of
-        # guest clusters about to be written; may await to stall the write.
-        self.write_barrier: Callable[[int, int], object] | None = None
+        # Per-cluster write stalls (jobs that move clusters): guest cluster index ->
+        # a future done when the cluster may be written again. See stall_writes().
+        self._stalls: dict[int, asyncio.Future[None]] = {}
+        # Ownership of host clusters, kept current on every allocation once a job or
+        # the home allocation policy needs it (engine.layout).
+        self.cluster_map: ClusterMap | None = None
+        self.home_allocation = bool(header.autoclear_features & AutoclearFeature.HOME_ALLOCATION)
+        self.data_start = layout_data_start(self)
         self._pread_now: Callable[[int, int], bytes] | None = getattr(store, "pread_now", None)
         self._pwrite_now: Callable[[int, Buffer], None] | None = getattr(store, "pwrite_now", None)
         # Geometry constants of the hot path, as plain attributes.
@@ -192,10 +205,13 @@ class QedImage(BlockImage):
         )
         if readonly:
             return img
-        if header.autoclear_features:
-            # Unknown autoclear bits (none are defined) mean a newer writer's extra
-            # data may be stale: clear them before any other write.
-            await img._write_header(replace(header, autoclear_features=0), flush=True)
+        if header.autoclear_features & ~KNOWN_AUTOCLEAR:
+            # Unknown autoclear bits mean a newer writer's extra data may be stale:
+            # clear them before any other write.
+            await img._write_header(
+                replace(header, autoclear_features=header.autoclear_features & KNOWN_AUTOCLEAR),
+                flush=True,
+            )
         if header.needs_check and repair:
             from .check import RepairMode, check_image
 
@@ -475,7 +491,7 @@ class QedImage(BlockImage):
         n = len(data)
         if (
             pwrite is None
-            or self.write_barrier is not None
+            or self._stalls
             or self.readonly
             or n <= 0
             or offset < 0
@@ -545,47 +561,104 @@ class QedImage(BlockImage):
             l1_index = pos // span
             piece_end = min(end, (l1_index + 1) * span)
             piece = view[pos - offset : piece_end - offset]
-            if self.write_barrier is not None:
-                await self._barrier(pos, piece_end)
-            if not await self._write_in_place(l1_index, pos, piece):
-                async with self._alloc_lock:
-                    await self._allocating_write(l1_index, pos, piece)
+            while True:
+                await self._wait_unstalled(pos, piece_end)
+                outcome = await self._write_in_place(l1_index, pos, piece)
+                if outcome is _WRITTEN:
+                    break
+                if outcome is _ALLOCATE:
+                    async with self._alloc_lock:
+                        # Stalls are only set under this lock: none can appear
+                        # while the allocating write runs.
+                        if self._stall_for(pos, piece_end) is None:
+                            await self._allocating_write(l1_index, pos, piece)
+                            break
             pos = piece_end
 
-    async def _barrier(self, pos: int, end: int) -> None:
-        assert self.write_barrier is not None
-        first = pos >> self.geo.cluster_bits
-        last = (end - 1) >> self.geo.cluster_bits
-        waiter = self.write_barrier(first, last - first + 1)
-        if asyncio.iscoroutine(waiter) or isinstance(waiter, asyncio.Future):
-            await waiter
+    # ---- per-cluster write stalls ---------------------------------------------------
 
-    async def _write_in_place(self, l1_index: int, pos: int, data: memoryview) -> bool:
-        """Write ``data`` if every cluster it touches is allocated; False otherwise."""
+    def _stall_for(self, pos: int, end: int) -> asyncio.Future[None] | None:
+        """The stall covering a guest cluster of ``[pos, end)``, if any."""
+        stalls = self._stalls
+        if not stalls:
+            return None
+        first = pos >> self._cluster_bits
+        last = (end - 1) >> self._cluster_bits
+        if last - first < len(stalls):
+            for cluster in range(first, last + 1):
+                fut = stalls.get(cluster)
+                if fut is not None:
+                    return fut
+            return None
+        for cluster, fut in stalls.items():
+            if first <= cluster <= last:
+                return fut
+        return None
+
+    async def _wait_unstalled(self, pos: int, end: int) -> None:
+        while (fut := self._stall_for(pos, end)) is not None:
+            await fut
+
+    def stall_writes(self, clusters: Iterable[int]) -> Callable[[], None]:
+        """Make writes to guest ``clusters`` wait until the returned function is called.
+
+        For jobs that move clusters. The caller must hold ``allocations_paused()``
+        while calling this, so that no allocating write is half done on a cluster that
+        becomes stalled; writes to other clusters, and reads, go on. Raises
+        InvalidRequestError if a cluster is stalled already (one mover at a time).
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        taken = list(dict.fromkeys(clusters))
+        for cluster in taken:
+            if cluster in self._stalls:
+                raise InvalidRequestError(
+                    f"guest cluster {cluster} is already being moved", filename=self.filename
+                )
+        for cluster in taken:
+            self._stalls[cluster] = fut
+
+        def release() -> None:
+            for cluster in taken:
+                if self._stalls.get(cluster) is fut:
+                    del self._stalls[cluster]
+            if not fut.done():
+                fut.set_result(None)
+
+        return release
+
+    # ---- writing ------------------------------------------------------------------
+
+    async def _write_in_place(self, l1_index: int, pos: int, data: memoryview) -> object:
+        """Write ``data`` if every cluster it touches is allocated: _WRITTEN; else
+        _ALLOCATE (nothing written), or _STALLED if a stall appeared meanwhile."""
         host = self._contiguous_host(pos, pos + len(data))
         if host >= 0:
             await self.store.write(host, data)
-            return True
+            return _WRITTEN
         table = await self.get_l2(l1_index)
         if table is None:
-            return False
+            return _ALLOCATE
         runs = self._table_runs(table, l1_index, pos, pos + len(data))
         for run in runs:
             if run.kind is not DATA:
-                return False
+                return _ALLOCATE
+        if self._stall_for(pos, pos + len(data)) is not None:
+            return _STALLED  # loading the table let a mover in
         for run in runs:
             assert run.host_offset is not None
             await self.store.write(
                 run.host_offset, data[run.start - pos : run.start - pos + run.length]
             )
-        return True
+        return _WRITTEN
 
     async def _allocating_write(self, l1_index: int, pos: int, data: memoryview) -> None:
         """Write ``data`` at ``pos`` (inside one L2 span), allocating clusters for the
-        unallocated and zero clusters it touches. Caller holds ``_alloc_lock``."""
+        unallocated and zero clusters it touches. Caller holds ``_alloc_lock`` and
+        checked that no cluster of the range is stalled."""
         geo = self.geo
         table = await self.get_l2(l1_index)
         updates: dict[int, int] = {}
+        reused = False
         for run in self._table_runs(table, l1_index, pos, pos + len(data)):
             chunk = data[run.start - pos : run.start - pos + run.length]
             if run.kind is DATA:
@@ -596,7 +669,8 @@ class QedImage(BlockImage):
             stop = geo.round_up(run.end)
             count = (stop - first) >> geo.cluster_bits
             await self._mark_need_check()
-            host = self._allocate(count)
+            host, in_file = await self._place(first >> geo.cluster_bits, count)
+            reused = reused or in_file
             head = await self._cow_fill(first, run.start, run.kind)
             tail = await self._cow_fill(run.end, stop, run.kind)
             await self.store.writev(host, [head, chunk, tail])
@@ -604,9 +678,39 @@ class QedImage(BlockImage):
             for k in range(count):
                 updates[index + k] = host + (k << geo.cluster_bits)
         if updates:
-            if self._has_backing:
+            # Data before the entries that point to it, where a lost data write could
+            # otherwise show something else than the cluster's old content: backing
+            # data (hidden by a hole), or stale bytes of a reused slot.
+            if self._has_backing or reused:
                 await self.store.flush()
             await self._update_l2(l1_index, table, updates)
+
+    async def _place(self, guest_cluster: int, count: int) -> tuple[int, bool]:
+        """Host offset for ``count`` new data clusters of guest clusters from
+        ``guest_cluster``: their home slots when the home allocation policy is on and
+        the slots are free, else the end of the file. The second value says whether
+        the slots lie inside the file (reused space, with stale bytes possible)."""
+        bits = self._cluster_bits
+        if self.home_allocation:
+            cmap = await self.ensure_cluster_map()
+            home = self.data_start + (guest_cluster << bits)
+            if cmap.is_free(home >> bits, count):
+                end = home + (count << bits)
+                in_file = home < self._file_end
+                self._file_end = max(self._file_end, end)
+                cmap.claim_data(home >> bits, count, guest_cluster)
+                return home, in_file
+        host = self._allocate(count)
+        if self.cluster_map is not None:
+            self.cluster_map.claim_data(host >> bits, count, guest_cluster)
+        return host, False
+
+    async def ensure_cluster_map(self) -> ClusterMap:
+        """The cluster ownership map, built by one scan of every table on first use
+        and kept current from then on."""
+        if self.cluster_map is None:
+            self.cluster_map = await ClusterMap.scan(self)
+        return self.cluster_map
 
     async def _cow_fill(self, start: int, end: int, kind: ExtentKind) -> Buffer:
         """Bytes for ``[start, end)`` of a cluster being allocated: zeros for a zero
@@ -627,6 +731,10 @@ class QedImage(BlockImage):
         self._file_end += count << self.geo.cluster_bits
         return offset
 
+    def set_file_end(self, file_end: int) -> None:
+        """Move the allocation pointer (a job that truncated the file, or grew it)."""
+        self._file_end = file_end
+
     async def _update_l2(
         self, l1_index: int, table: array[int] | None, updates: dict[int, int]
     ) -> None:
@@ -634,26 +742,36 @@ class QedImage(BlockImage):
         table's changed sectors, or into a new table written and flushed before the
         L1 entry that links it."""
         if table is not None:
-            l2_offset = self._l1[l1_index]
-            lo = min(updates) // ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR
-            hi = (max(updates) // ENTRIES_PER_SECTOR + 1) * ENTRIES_PER_SECTOR
-            span = array("Q", table[lo:hi])
-            for index, entry in updates.items():
-                span[index - lo] = entry
-            await self.store.write(l2_offset + 8 * lo, pack_table(span))
-            for index, entry in updates.items():
-                table[index] = entry
-            self._cache.store(l2_offset, table)
+            await self.write_l2_entries(l1_index, table, updates)
             return
         await self._mark_need_check()
         new = new_table(self.geo.l2_entries)
         for index, entry in updates.items():
             new[index] = entry
         l2_offset = self._allocate(self.geo.table_size)
+        if self.cluster_map is not None:
+            self.cluster_map.claim_range(l2_offset >> self._cluster_bits, self.geo.table_size, META)
         await self.store.write(l2_offset, pack_table(new))
         await self.store.flush()
         await self.set_l1_entry(l1_index, l2_offset)
         self._cache.store(l2_offset, new)
+
+    async def write_l2_entries(
+        self, l1_index: int, table: array[int], updates: dict[int, int]
+    ) -> None:
+        """Rewrite the 512-byte sectors of the (cached) L2 table of ``l1_index`` that
+        hold ``updates``; the table in memory changes only once that write succeeded.
+        No flush. Callers hold the allocation lock."""
+        l2_offset = self._l1[l1_index]
+        lo = min(updates) // ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR
+        hi = (max(updates) // ENTRIES_PER_SECTOR + 1) * ENTRIES_PER_SECTOR
+        span = array("Q", table[lo:hi])
+        for index, entry in updates.items():
+            span[index - lo] = entry
+        await self.store.write(l2_offset + 8 * lo, pack_table(span))
+        for index, entry in updates.items():
+            table[index] = entry
+        self._cache.store(l2_offset, table)
 
     async def set_l1_entry(self, l1_index: int, value: int) -> None:
         """Rewrite the L1 sector holding ``l1_index`` with ``value`` in it (no flush)."""
@@ -677,24 +795,31 @@ class QedImage(BlockImage):
         await self._zero_range(offset, offset + length, unmap)
 
     async def _zero_range(self, pos: int, end: int, unmap: bool) -> None:
+        """Zeroing works under the allocation lock, piece by piece (one L2 span): it
+        may allocate, and holding the lock keeps movers (stalls) out meanwhile."""
         geo = self.geo
         while pos < end:
             l1_index = pos // geo.l2_span
             piece_end = min(end, (l1_index + 1) * geo.l2_span)
-            if self.write_barrier is not None:
-                await self._barrier(pos, piece_end)
-            head_end = min(piece_end, geo.round_up(pos))
-            tail_start = max(head_end, geo.start_of_cluster(piece_end))
-            if head_end > pos:
-                await self._zero_partial(l1_index, pos, head_end)
-            if tail_start > head_end:
-                await self._zero_clusters(l1_index, head_end, tail_start, unmap)
-            if piece_end > tail_start:
-                await self._zero_partial(l1_index, tail_start, piece_end)
+            while True:
+                await self._wait_unstalled(pos, piece_end)
+                async with self._alloc_lock:
+                    if self._stall_for(pos, piece_end) is not None:
+                        continue
+                    head_end = min(piece_end, geo.round_up(pos))
+                    tail_start = max(head_end, geo.start_of_cluster(piece_end))
+                    if head_end > pos:
+                        await self._zero_partial(l1_index, pos, head_end)
+                    if tail_start > head_end:
+                        await self._zero_clusters(l1_index, head_end, tail_start, unmap)
+                    if piece_end > tail_start:
+                        await self._zero_partial(l1_index, tail_start, piece_end)
+                    break
             pos = piece_end
 
     async def _zero_partial(self, l1_index: int, pos: int, end: int) -> None:
-        """Zero part of one cluster (or a whole last cluster cut by the image end)."""
+        """Zero part of one cluster (or a whole last cluster cut by the image end).
+        Caller holds the allocation lock."""
         if pos == end:
             return
         table = await self.get_l2(l1_index)
@@ -705,39 +830,27 @@ class QedImage(BlockImage):
             assert run.host_offset is not None
             await self.store.write_zeroes(run.host_offset, end - pos)
             return
-        async with self._alloc_lock:
-            await self._allocating_write(l1_index, pos, memoryview(_ZEROS)[: end - pos])
+        await self._allocating_write(l1_index, pos, memoryview(_ZEROS)[: end - pos])
 
     def _below_is_zero(self, pos: int, end: int) -> bool:
         return self.backing is None or pos >= self.backing.size
 
     async def _zero_clusters(self, l1_index: int, pos: int, end: int, unmap: bool) -> None:
-        """Zero whole clusters ``[pos, end)`` inside one L2 span."""
+        """Zero whole clusters ``[pos, end)`` inside one L2 span. Caller holds the
+        allocation lock."""
         table = await self.get_l2(l1_index)
-        runs = self._table_runs(table, l1_index, pos, end)
-        needs_entries = False
-        for run in runs:
+        updates: dict[int, int] = {}
+        for run in self._table_runs(table, l1_index, pos, end):
             if run.kind is DATA:
                 assert run.host_offset is not None
                 await self.store.write_zeroes(run.host_offset, run.length, punch=unmap)
             elif run.kind is UNALLOCATED:
-                needs_entries = True
-        if not needs_entries:
-            return
-        async with self._alloc_lock:
-            table = await self.get_l2(l1_index)
-            updates: dict[int, int] = {}
-            for run in self._table_runs(table, l1_index, pos, end):
-                if run.kind is DATA:  # allocated meanwhile
-                    assert run.host_offset is not None
-                    await self.store.write_zeroes(run.host_offset, run.length, punch=unmap)
-                elif run.kind is UNALLOCATED:
-                    first = self.geo.l2_index(run.start)
-                    for k in range(run.length >> self.geo.cluster_bits):
-                        updates[first + k] = L2_ZERO_CLUSTER
-            if updates:
-                await self._mark_need_check()
-                await self._update_l2(l1_index, table, updates)
+                first = self.geo.l2_index(run.start)
+                for k in range(run.length >> self.geo.cluster_bits):
+                    updates[first + k] = L2_ZERO_CLUSTER
+        if updates:
+            await self._mark_need_check()
+            await self._update_l2(l1_index, table, updates)
 
     async def discard(self, offset: int, length: int) -> None:
         """Release the host space of whole allocated clusters in the range by punching
@@ -750,12 +863,16 @@ class QedImage(BlockImage):
         end = self.geo.start_of_cluster(offset + length)
         if end <= start:
             return
-        if self.write_barrier is not None:
-            await self._barrier(start, end)
-        for run in await self.runs(start, end - start):
-            if run.kind is DATA:
-                assert run.host_offset is not None
-                await self.store.discard(run.host_offset, run.length)
+        while True:
+            await self._wait_unstalled(start, end)
+            async with self._alloc_lock:
+                if self._stall_for(start, end) is not None:
+                    continue
+                for run in await self.runs(start, end - start):
+                    if run.kind is DATA:
+                        assert run.host_offset is not None
+                        await self.store.discard(run.host_offset, run.length)
+                return
 
     # ======================================================================
     # header, need-check, flush, resize, close

@@ -61,6 +61,25 @@ class Feature(enum.IntFlag):
 # A plain int: the complement of an IntFlag stays inside the flag's own bits.
 KNOWN_FEATURES = int(Feature.BACKING_FILE | Feature.NEED_CHECK | Feature.BACKING_FORMAT_NO_PROBE)
 
+
+class AutoclearFeature(enum.IntFlag):
+    """Bits of ``autoclear_features`` defined by qedkit (the spec defines none).
+
+    An autoclear bit is a promise that holds only while every writer knows the bit:
+    QEMU clears bits it does not know whenever it opens the image read-write, so a
+    hint stored here can never outlive an image QEMU modified.
+
+    HOME_ALLOCATION: allocate a new data cluster at its home position (guest offset
+    plus the data area's start) when that slot is free, instead of at the end of the
+    file, so that the image stays laid out like a raw file. QEMU ignores it (and
+    clears it when it writes), which is right: its own allocations do not follow it.
+    """
+
+    HOME_ALLOCATION = 0x01
+
+
+KNOWN_AUTOCLEAR = int(AutoclearFeature.HOME_ALLOCATION)
+
 # Byte offsets of the fields, for error messages and in-place patches.
 FIELD_OFFSETS = {
     "magic": 0,

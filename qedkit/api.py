@@ -244,9 +244,12 @@ def create(
     table_size: int = DEFAULT_TABLE_SIZE,
     backing_file: str | None = None,
     backing_format: str | None = None,
+    allocation: str = "end",
 ) -> int:
     """Create an empty image and return its size (taken from the backing file when
-    ``size`` is None). ``backing_file`` is relative to the new image's directory."""
+    ``size`` is None). ``backing_file`` is relative to the new image's directory.
+    ``allocation="home"`` makes new clusters go to their home positions, so the image
+    stays laid out like a raw file (docs/DESIGN.md, defragmentation)."""
     return run(
         create_image(
             path,
@@ -256,5 +259,6 @@ def create(
             table_size=table_size,
             backing_file=backing_file,
             backing_format=backing_format,
+            allocation=allocation,
         )
     )

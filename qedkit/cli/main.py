@@ -26,6 +26,7 @@ CREATE_OPTIONS = {
     "backing_fmt": "image format of the base image (raw or qed)",
     "cluster_size": f"cluster size in bytes (default {DEFAULT_CLUSTER_SIZE})",
     "table_size": f"L1/L2 table size in clusters (default {DEFAULT_TABLE_SIZE})",
+    "allocation": "where new clusters go: end (of the file, as QEMU) or home (raw-like)",
 }
 
 
@@ -111,6 +112,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             table_size=table_size,
             backing_file=backing,
             backing_format=backing_fmt,
+            allocation=opts.get("allocation", "end"),
         )
         if not args.unsafe
         else _create_unchecked(
@@ -257,6 +259,48 @@ def cmd_convert(args: argparse.Namespace) -> int:
             flush=args.cache != "unsafe",
             force_share=args.force_share,
             progress=progress,
+        )
+    return 0
+
+
+def cmd_defrag(args: argparse.Namespace) -> int:
+    import json
+
+    from ..engine.chain import open_image
+    from ..engine.check import check_image
+    from ..engine.qed import QedImage
+    from ..engine.sync import run
+    from ..jobs.defrag import Defragmenter
+    from .progress import Progress
+
+    img = run(open_image(args.filename, fmt=args.format))
+    try:
+        if not isinstance(img, QedImage):
+            raise UsageError(f"{args.filename}: only QED images can be defragmented")
+        report = run(check_image(img))
+        if report.corruptions or report.check_errors:
+            raise UsageError(
+                f"{args.filename}: the image has {report.corruptions} corruptions; "
+                "run 'qed check -r all' first"
+            )
+        defrag = run(Defragmenter.create(img))
+        show = args.progress or (sys.stderr.isatty() and not args.quiet)
+        with Progress(show, "defrag", unit=" clusters") as progress:
+
+            async def checkpoint(done: int, total: int) -> None:
+                progress(done, total)
+
+            stats = run(defrag.run(checkpoint=checkpoint))
+    finally:
+        run(img.close())
+    if args.output == "json":
+        print(json.dumps(stats.as_dict(), indent=4))
+    elif not args.quiet:
+        d = stats.as_dict()
+        print(
+            f"moved {stats.clusters_moved} clusters ({stats.bytes_moved} bytes, "
+            f"{d['mb-per-second']} MB/s) and {stats.tables_moved} L2 tables in "
+            f"{stats.rounds} rounds; truncated {stats.truncated_bytes} bytes"
         )
     return 0
 
@@ -410,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_io)
+
+    p = sub.add_parser("defrag", help="move every data cluster to its home position (offline)")
+    _add_format(p)
+    _add_output(p)
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("filename", metavar="FILE")
+    p.set_defaults(func=cmd_defrag)
 
     from .serve import add_parsers
 

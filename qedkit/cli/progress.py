@@ -9,8 +9,9 @@ from typing import Any
 
 
 class Progress:
-    def __init__(self, enabled: bool, description: str = "") -> None:
+    def __init__(self, enabled: bool, description: str = "", unit: str = "B") -> None:
         self.enabled = enabled
+        self._unit = unit
         self._bar: Any = None
         self._description = description
         self._last = -1.0
@@ -24,10 +25,11 @@ class Progress:
             except ImportError:
                 self._bar = False
             else:
+                in_bytes = self._unit == "B"
                 self._bar = tqdm(
                     total=total,
-                    unit="B",
-                    unit_scale=True,
+                    unit=self._unit,
+                    unit_scale=in_bytes,
                     unit_divisor=1024,
                     desc=self._description,
                     file=sys.stderr,

@@ -66,6 +66,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--control", metavar="PATH", help="control socket (JSON lines) for jobs and queries"
     )
+    p.add_argument(
+        "--allocation",
+        choices=("end", "home"),
+        help="where new clusters go (home: raw-like layout); recorded in the image",
+    )
     p.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM); TLS is then required")
     p.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
     p.add_argument(
@@ -79,8 +84,13 @@ def add_parsers(sub: Any) -> None:
     c.add_argument(
         "--wait", action="store_true", help="after job-start: wait for the job, print events"
     )
+    c.add_argument(
+        "--until-done",
+        action="store_true",
+        help="with 'defrag': step until nothing is left to move",
+    )
     c.add_argument("socket", metavar="SOCKET")
-    c.add_argument("command", metavar="COMMAND", help="e.g. query-status, job-start")
+    c.add_argument("command", metavar="COMMAND", help="e.g. query-status, job-start, defrag")
     c.add_argument(
         "arguments",
         nargs="*",
@@ -124,6 +134,7 @@ def _listen_socket(args: argparse.Namespace) -> socket.socket:
 
 async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | None) -> int:
     from ..engine.chain import open_image
+    from ..engine.qed import QedImage
     from ..nbd.control import ControlServer
     from ..nbd.server import NbdServer, ServedImage
     from ..store.file import FileStore
@@ -145,6 +156,10 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | Non
     try:
         for name, path in zip(_export_names(args), args.images, strict=True):
             image = await open_image(path, fmt=args.format, readonly=args.readonly)
+            if args.allocation and not args.readonly:
+                if not isinstance(image, QedImage):
+                    raise QedError(f"{path}: --allocation needs a QED image")
+                await image.set_home_allocation(args.allocation == "home")
             if isinstance(image.store, FileStore):
                 image.store.flush_in_thread = True
             served.append(ServedImage(name, image, args.description, args.readonly))
@@ -326,8 +341,48 @@ def _human(value: Any, indent: str = "") -> str:
     return f"{indent}{value}"
 
 
+def _ctl_defrag(client: ControlClient, args: argparse.Namespace) -> int:
+    """``qed ctl SOCKET defrag [--until-done] [export=NAME] [clusters=N]``: one
+    defrag-step, or steps until no candidate is left."""
+    arguments = _parse_arguments(args.arguments)
+    moved = steps = 0
+    while True:
+        result = client.execute("defrag-step", arguments)
+        steps += 1
+        moved += len(result["moved"])
+        if args.output == "json" and not args.until_done:
+            print(json.dumps(result, indent=4))
+        elif args.output == "human":
+            for m in result["moved"]:
+                where = "home" if m["home"] else "end of file"
+                print(
+                    f"moved guest offset {m['guest-offset']:#x}: "
+                    f"{m['from']:#x} -> {m['to']:#x} ({where})"
+                )
+            if result["tables-moved"]:
+                print(f"moved {result['tables-moved']} L2 tables")
+        if result["done"] or not args.until_done:
+            break
+    if args.output == "json" and args.until_done:
+        print(
+            json.dumps({"steps": steps, "clusters-moved": moved, "done": result["done"]}, indent=4)
+        )
+    elif args.output == "human":
+        print(
+            "no candidate left: the image is defragmented"
+            if result["done"]
+            else f"{moved} clusters moved"
+        )
+    return 0
+
+
 def cmd_ctl(args: argparse.Namespace) -> int:
     client = ControlClient(args.socket)
+    if args.command == "defrag":
+        try:
+            return _ctl_defrag(client, args)
+        finally:
+            client.close()
     try:
         result = client.execute(args.command, _parse_arguments(args.arguments))
         if args.output == "json":

@@ -154,15 +154,19 @@ async def create_image(
     backing_file: str | None = None,
     backing_format: str | None = None,
     check_backing: bool = True,
+    allocation: str = "end",
 ) -> int:
     """Create an empty image; returns its size.
 
     As in qemu-img 7.2 a backing file needs its format (``backing_format``); the
     backing file is opened to check it and, when ``size`` is None, to take its size.
     ``check_backing=False`` (qemu-img's ``-u``) skips that, and then needs ``size``.
-    Nothing is created when a check fails.
+    ``allocation="home"`` records the home allocation policy (engine.layout). Nothing
+    is created when a check fails.
     """
     _check_format_name(fmt)
+    if allocation not in ("end", "home"):
+        raise InvalidRequestError(f"unknown allocation policy {allocation!r} (end or home)")
     if backing_file is not None and fmt != "qed":
         raise InvalidRequestError(f"format {fmt} has no backing file", filename=path)
     if backing_file:
@@ -203,6 +207,7 @@ async def create_image(
                 table_size=table_size,
                 backing_name=backing_file or None,
                 backing_raw=backing_format == "raw",
+                home_allocation=allocation == "home",
             )
         else:
             await store.truncate(0)

@@ -264,6 +264,7 @@ class QedImage(BlockImage):
         table_size: int = DEFAULT_TABLE_SIZE,
         backing_name: str | None = None,
         backing_raw: bool = False,
+        home_allocation: bool = False,
     ) -> Header:
         """Write a new empty image into ``store`` (which should be empty): the header
         cluster (with the backing name at offset 64) and a zeroed L1 table right after
@@ -282,7 +283,7 @@ class QedImage(BlockImage):
             header_size=1,
             features=features,
             compat_features=0,
-            autoclear_features=0,
+            autoclear_features=int(AutoclearFeature.HOME_ALLOCATION) if home_allocation else 0,
             l1_table_offset=cluster_size,
             image_size=size,
             backing_filename_offset=HEADER_SIZE_BYTES if name else 0,
@@ -913,6 +914,20 @@ class QedImage(BlockImage):
             return
         await self.store.flush()
         await self._write_header(self.header.with_features(clear=Feature.NEED_CHECK), flush=True)
+
+    async def set_home_allocation(self, enabled: bool) -> None:
+        """Turn the home allocation policy on or off, recorded in the header (an
+        autoclear bit: it lasts until QEMU writes the image, see format.header)."""
+        self._check_writable()
+        bits = self.header.autoclear_features
+        new = (
+            bits | AutoclearFeature.HOME_ALLOCATION
+            if enabled
+            else bits & ~AutoclearFeature.HOME_ALLOCATION
+        )
+        if new != bits:
+            await self._write_header(replace(self.header, autoclear_features=int(new)), flush=True)
+        self.home_allocation = enabled
 
     async def set_backing_file(self, name: str | None, *, raw: bool = False) -> None:
         """Record a new backing file name (or none) in the header, as rebase, commit and

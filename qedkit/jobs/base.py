@@ -103,6 +103,9 @@ class Job:
         self._cancel = False
         self._last_progress = 0.0
         self.task: asyncio.Task[None] | None = None
+        # A counter of guest requests on the image (set by the server), for jobs that
+        # yield to busy guests.
+        self.activity: Callable[[], int] | None = None
 
     # ---- for subclasses --------------------------------------------------------------
 
@@ -194,6 +197,8 @@ class JobManager:
 
     emit: Emit
     types: dict[str, type[Job]] = field(default_factory=dict)
+    # Per export: a counter of guest requests, for jobs with an idle policy.
+    activity: dict[str, Callable[[], int]] = field(default_factory=dict)
     jobs: dict[str, Job] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -219,6 +224,7 @@ class JobManager:
         if existing is not None and not existing.status.finished:
             raise InvalidRequestError(f"a job with id {job_id!r} is still running")
         job = cls(job_id, export, image, arguments, self.emit)
+        job.activity = self.activity.get(export)
         self.jobs[job_id] = job
         job.start()
         return job

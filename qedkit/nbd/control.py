@@ -10,8 +10,9 @@ Protocol (one JSON object per line, UTF-8)::
                "timestamp": {"seconds": S, "microseconds": U}}       (at any time)
 
 Commands: query-status, query-exports, query-image (export), query-jobs,
-job-start (type, export, id?, more arguments per type), job-pause (id),
-job-resume (id), job-cancel (id), quit. Every client receives every event.
+job-start (type: check, scrub or defrag; export, id?, more arguments per type),
+job-pause (id), job-resume (id), job-cancel (id), defrag-step (export, clusters?),
+quit. Every client receives every event.
 Error classes: GenericError (the command failed), CommandNotFound, InvalidArgument
 (bad or missing arguments), JSONError (the line was not a JSON object).
 """
@@ -32,6 +33,7 @@ from ..engine.qed import QedImage
 from ..errors import InvalidRequestError, QedError
 from ..jobs.base import JobManager
 from ..jobs.check import CheckJob, ScrubJob
+from ..jobs.defrag import DefragJob, Defragmenter
 from ..version import __version__
 from .server import NbdServer, ServedImage
 
@@ -57,8 +59,11 @@ class ControlServer:
         self.path = path
         self.jobs = jobs or JobManager(self.broadcast)
         self.jobs.emit = self.broadcast
-        for job_type in (CheckJob, ScrubJob):
+        for job_type in (CheckJob, ScrubJob, DefragJob):
             self.jobs.types.setdefault(job_type.type, job_type)
+        for served in server.images:
+            self.jobs.activity[served.name] = _counter(served)
+        self._defrag: dict[str, Defragmenter] = {}
         self._clients: set[asyncio.StreamWriter] = set()
         self._listener: asyncio.Server | None = None
         self.commands: dict[str, Handler] = {
@@ -70,6 +75,7 @@ class ControlServer:
             "job-pause": self._job_pause,
             "job-resume": self._job_resume,
             "job-cancel": self._job_cancel,
+            "defrag-step": self._defrag_step,
             "quit": self._quit,
         }
         server.on_stop.append(self.close)
@@ -267,9 +273,57 @@ class ControlServer:
         self._job(arguments).cancel()
         return {}
 
+    async def _defrag_step(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """One defragmentation step on an export: by default one swap (``clusters``
+        sets how many clusters may move). Work is looked for in the L2 tables in the
+        cache first; only when they hold none are the other tables read. When no
+        candidate is left anywhere, the step finishes the job (moves stray L2 tables
+        down, truncates and punches free space) and says ``done``."""
+        served = self._served(arguments)
+        image = served.image
+        if not isinstance(image, QedImage):
+            raise CommandError("InvalidArgument", f"export {served.name!r} is not a QED image")
+        if any(
+            j.export == served.name and j.type == DefragJob.type and not j.status.finished
+            for j in self.jobs.jobs.values()
+        ):
+            raise CommandError("GenericError", "a defrag job is running on this export")
+        clusters = int(arguments.get("clusters", 1))
+        if clusters < 1:
+            raise CommandError("InvalidArgument", '"clusters" must be at least 1')
+        defrag = self._defrag.get(served.name)
+        if defrag is None or image.cluster_map is not defrag.cmap:
+            defrag = await Defragmenter.create(image)
+            self._defrag[served.name] = defrag
+        result = await defrag.round(cached_only=True, limit=clusters)
+        if result.done:
+            result = await defrag.round(cached_only=False, limit=clusters)
+        done = result.done
+        finished: dict[str, int] = {}
+        if done:
+            finished = {
+                "tables-compacted": await defrag.compact_tables(),
+                "truncated-bytes": await defrag.truncate(),
+                "punched-bytes": await defrag.punch_free(),
+            }
+        bits = image.geo.cluster_bits
+        return {
+            "moved": [
+                {"guest-offset": m.guest << bits, "from": m.src, "to": m.dst, "home": m.home}
+                for m in result.moves
+            ],
+            "tables-moved": result.tables_moved,
+            "done": done,
+            **finished,
+        }
+
     async def _quit(self, arguments: dict[str, Any]) -> dict[str, Any]:
         asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.server.stop()))
         return {}
+
+
+def _counter(served: ServedImage) -> Callable[[], int]:
+    return lambda: served.stats.requests
 
 
 def _error(error_class: str, desc: str) -> dict[str, Any]:

@@ -121,6 +121,20 @@ class ByteStore(ABC):
         """Advisory; the default does nothing."""
         self._check_writable()
 
+    async def copy_range(self, src: int, dst: int, length: int) -> None:
+        """Copy ``length`` bytes from ``src`` to ``dst`` inside the store (the ranges
+        must not overlap); short source data is copied as zeros."""
+        self._check_writable()
+        chunk = 1 << 20
+        done = 0
+        while done < length:
+            n = min(chunk, length - done)
+            data = await self.read(src + done, n)
+            if len(data) < n:
+                data += bytes(n - len(data))
+            await self.write(dst + done, data)
+            done += n
+
     async def extents(self, offset: int, length: int) -> list[StoreExtent]:
         """Data/hole map of ``[offset, offset + length)`` clipped to the store size."""
         size = await self.size()

@@ -243,6 +243,28 @@ class FileStore(ByteStore):
                     self.name, f"discard of {length} bytes at {offset} failed", exc
                 ) from exc
 
+    async def copy_range(self, src: int, dst: int, length: int) -> None:
+        """In-kernel copy (copy_file_range): no trip through user memory."""
+        self._check_writable()
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(self.fd, self.fd, length - done, src + done, dst + done)
+                if n == 0:  # source past the end of the file: the rest reads as zeros
+                    await self.write_zeroes(dst + done, length - done)
+                    return
+                done += n
+        except OSError as exc:
+            if (
+                exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+                and not done
+            ):
+                await ByteStore.copy_range(self, src, dst, length)
+                return
+            raise _store_error(
+                self.name, f"copy of {length} bytes from {src} to {dst} failed", exc
+            ) from exc
+
     async def flush(self) -> None:
         if not self.capabilities.writable or self.unsafe:
             return

@@ -159,7 +159,7 @@ def test_create_unknown_o_option(qed_cli: Cli, tmp_path: Path) -> None:
     assert_clean_failure(result, "qed: ")
     assert result.stderr == (
         "qed: unknown option 'foo' (known: size, backing_file, backing_fmt, cluster_size, "
-        "table_size)\n"
+        "table_size, allocation)\n"
     )
     assert not path.exists()
 

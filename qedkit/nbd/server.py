@@ -56,6 +56,9 @@ _POOL_MIN = 64 * 1024  # reads this large use pooled page-aligned buffers
 # and costs ~50 us here, more than serving a cached 4 KiB read. A batch is sent as
 # soon as it holds this much.
 _OUT_BATCH = 256 * 1024
+# Without a gathering writelines (asyncio's joins its buffers), small batches are
+# joined into one send and larger ones written buffer by buffer.
+_JOIN_MAX = 64 * 1024
 _STATE_HOLE = int(p.StateFlag.HOLE)
 _STATE_ZERO = int(p.StateFlag.ZERO)
 
@@ -143,6 +146,7 @@ class _Connection(asyncio.Protocol):
         self._payload_bytes = 0
         self._out: list[p.Buffer] = []
         self._out_bytes = 0
+        self._gather = False
         self._reading_paused = False
         self._writing_paused = False
         self._log = logging.LoggerAdapter(log, {"conn": ident})
@@ -153,6 +157,8 @@ class _Connection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
         transport = self.transport
+        # uvloop's writelines hands all buffers to one writev; asyncio's (3.11) joins.
+        self._gather = type(transport).__module__.startswith("uvloop")
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self._log.info("connection %d from %s", self.ident, self.peer)
@@ -459,8 +465,10 @@ class _Connection(asyncio.Protocol):
             return
         if len(out) == 1:
             transport.write(out[0])
-        elif size <= _OUT_BATCH:
-            transport.write(b"".join(out))
+        elif self._gather:
+            transport.writelines(out)  # uvloop: one writev, nothing copied
+        elif size <= _JOIN_MAX:
+            transport.write(b"".join(out))  # asyncio's writelines joins anyway
         else:
             for buffer in out:  # large payloads: no copy into a joined buffer
                 transport.write(buffer)

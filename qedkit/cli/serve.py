@@ -116,20 +116,34 @@ def _export_names(args: argparse.Namespace) -> list[str]:
 def _listen_socket(args: argparse.Namespace) -> socket.socket:
     """Bind before anything else, so that --fork can report failures and clients can
     connect as soon as the parent returns."""
+    from ..nbd.server import claim_unix_path
+
     if args.socket:
-        with contextlib.suppress(FileNotFoundError):
-            if not os.path.isdir(args.socket):
-                os.unlink(args.socket)
+        claim_unix_path(args.socket)
+        where = args.socket
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(args.socket)
+        address: Any = args.socket
     else:
         family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
+        port = DEFAULT_PORT if args.port is None else args.port
+        where = f"{args.bind}:{port}"
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((args.bind, DEFAULT_PORT if args.port is None else args.port))
-    sock.listen(128)
+        address = (args.bind, port)
+    try:
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise QedError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     sock.setblocking(False)
     return sock
+
+
+def _unlink_socket(args: argparse.Namespace) -> None:
+    if args.socket:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.socket)
 
 
 async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | None) -> int:
@@ -217,7 +231,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.fork:
         return _fork(args)
     sock = _listen_socket(args)
-    return _run(_serve(args, sock, None))
+    try:
+        return _run(_serve(args, sock, None))
+    except BaseException:
+        _unlink_socket(args)  # ours: we bound it, and nobody will serve on it
+        raise
 
 
 def _fork(args: argparse.Namespace) -> int:
@@ -245,9 +263,11 @@ def _fork(args: argparse.Namespace) -> int:
     try:
         code = _run(_serve(args, sock, write_end))
     except QedError as exc:
+        _unlink_socket(args)
         with contextlib.suppress(OSError):
             os.write(write_end, f"qed: {exc}\n".encode())
     except BaseException as exc:  # the child must never return into the parent's code
+        _unlink_socket(args)
         with contextlib.suppress(OSError):
             os.write(write_end, f"qed: serve: {exc}\n".encode())
     finally:

@@ -35,7 +35,7 @@ from ..jobs.base import JobManager
 from ..jobs.check import CheckJob, ScrubJob
 from ..jobs.defrag import DefragJob, Defragmenter
 from ..version import __version__
-from .server import NbdServer, ServedImage
+from .server import NbdServer, ServedImage, claim_unix_path
 
 log = logging.getLogger("qedkit.control")
 
@@ -78,11 +78,11 @@ class ControlServer:
             "defrag-step": self._defrag_step,
             "quit": self._quit,
         }
+        server.on_stopping.append(self.jobs.cancel_all)
         server.on_stop.append(self.close)
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        claim_unix_path(self.path)
         self._listener = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
         log.info("control socket on %s", self.path)
 

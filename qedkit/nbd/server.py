@@ -36,6 +36,7 @@ import mmap
 import os
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ log = logging.getLogger("qedkit.nbd")
 
 MAX_INFLIGHT = 64  # requests per connection before it stops reading
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024  # write payload per connection before it stops reading
-_POOL_MIN = 64 * 1024  # reads this large use pooled page-aligned buffers
+_POOL_MIN = 64 * 1024  # reads this large get a page-aligned (mmap) buffer
 # Replies are gathered and sent once per batch of requests: a send() wakes the client
 # and costs ~50 us here, more than serving a cached 4 KiB read. A batch is sent as
 # soon as it holds this much.
@@ -102,28 +103,6 @@ class ServedImage:
             can_multi_conn=multi_conn,
             preferred_block_size=4096,
         )
-
-
-class _BufferPool:
-    """Page-aligned read buffers by power-of-two size (unaligned large buffers copy
-    5x slower, see the machine notes). A buffer can be reused as soon as the reply
-    was handed to the transport, which copies what it cannot send at once."""
-
-    def __init__(self) -> None:
-        self._free: dict[int, list[mmap.mmap]] = {}
-
-    def take(self, length: int) -> tuple[mmap.mmap, memoryview]:
-        size = 1 << max(length - 1, 1).bit_length()
-        free = self._free.get(size)
-        buf = free.pop() if free else mmap.mmap(-1, size)
-        return buf, memoryview(buf)[:length]
-
-    def give(self, buf: mmap.mmap) -> None:
-        free = self._free.setdefault(len(buf), [])
-        if len(free) < 4:
-            free.append(buf)
-        else:
-            buf.close()
 
 
 # ---- one connection ---------------------------------------------------------------------
@@ -268,7 +247,8 @@ class _Connection(asyncio.Protocol):
         )
 
     async def _start_tls(self) -> None:
-        assert self.transport is not None and self.server.ssl_context is not None
+        if self.transport is None or self.server.ssl_context is None:
+            return  # the client went away before the handshake could start
         self._send_handshake()
         loop = asyncio.get_running_loop()
         try:
@@ -278,7 +258,7 @@ class _Connection(asyncio.Protocol):
         except (OSError, ssl.SSLError) as exc:
             self._drop(f"TLS handshake failed: {exc}")
             return
-        if new is None:
+        if new is None or self.closing:
             self._drop("TLS handshake failed")
             return
         self.transport = new
@@ -365,11 +345,14 @@ class _Connection(asyncio.Protocol):
         image = served.image
         stats = served.stats
         stats.requests += 1
-        buf: mmap.mmap | None = None
         try:
             if isinstance(event, p.Read):
                 if event.length >= _POOL_MIN:
-                    buf, view = self.server.pool.take(event.length)
+                    # A fresh page-aligned buffer (unaligned large buffers copy 5x
+                    # slower, see the machine notes). Never pooled: uvloop's transport
+                    # keeps the reply's buffers, uncopied, until they are sent.
+                    buf = mmap.mmap(-1, event.length)
+                    view = memoryview(buf)
                     await image.readinto(event.offset, view)
                     reply = conn.reply_read(cookie, view)
                 else:
@@ -411,11 +394,6 @@ class _Connection(asyncio.Protocol):
                 exc,
             )
             return conn.reply_error(cookie, code, str(exc))
-        finally:
-            if buf is not None:
-                # The caller writes the reply before the loop runs callbacks again,
-                # and the transport copies whatever it cannot send at once.
-                asyncio.get_running_loop().call_soon(self.server.pool.give, buf)
 
     async def _cache(self, image: BlockImage, offset: int, length: int) -> None:
         """NBD_CMD_CACHE: read the range so it is in the page cache."""
@@ -555,6 +533,27 @@ def _merge(extents: Any) -> list[tuple[int, int]]:
 # ---- the server -------------------------------------------------------------------------
 
 
+def claim_unix_path(path: str) -> None:
+    """Make ``path`` free for a new unix socket: a stale socket file is removed, but a
+    socket a live server still accepts on is not (QedError), and neither is anything
+    that is not a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise QedError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: left over from an earlier run
+        return
+    finally:
+        probe.close()
+    raise QedError(f"{path} is in use by a running server")
+
+
 class NbdServer:
     """Serves ``images`` over NBD until ``stop()``. Listen with ``listen_unix`` and/or
     ``listen_tcp`` (the default host is loopback); then ``await wait_stopped()``."""
@@ -575,12 +574,14 @@ class NbdServer:
         self.ssl_context = ssl_context
         self.tls_mode = p.TlsMode.REQUIRED if ssl_context is not None else p.TlsMode.DISABLED
         self.connections: dict[int, _Connection] = {}
-        self.pool = _BufferPool()
         self.stopping = False
         self.started = time.monotonic()
         self._listeners: list[asyncio.Server] = []
         self._next_ident = 1
         self._stopped: asyncio.Future[None] | None = None
+        # Awaited by stop(): on_stopping before the drain (cancel jobs), on_stop after
+        # it (close the control socket, which reports the drain meanwhile).
+        self.on_stopping: list[Callable[[], Awaitable[None]]] = []
         self.on_stop: list[Callable[[], Awaitable[None]]] = []
 
     def _protocol(self) -> _Connection:
@@ -591,9 +592,7 @@ class NbdServer:
         return connection
 
     async def listen_unix(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.exists(path) and not os.path.isdir(path):
-                os.unlink(path)  # a stale socket from an earlier run
+        claim_unix_path(path)
         loop = asyncio.get_running_loop()
         self._listeners.append(await loop.create_unix_server(self._protocol, path))
         log.info("listening on unix socket %s", path)
@@ -631,6 +630,10 @@ class NbdServer:
             listener.close()
         for connection in list(self.connections.values()):
             connection.shutdown()
+        # Jobs first: a paused job may hold allocating writes that the drain below
+        # would otherwise wait for forever.
+        for hook in self.on_stopping:
+            await hook()
         waits = [c.closed for c in self.connections.values()]
         if waits:
             await asyncio.gather(*waits, return_exceptions=True)

@@ -1,0 +1,259 @@
+"""Several requests in flight per connection, several connections at once."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from e2ekit import (
+    CLUSTER,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    FLAG_FUA,
+    TFLAG_CAN_MULTI_CONN,
+    Closed,
+    KiB,
+    MiB,
+    RawClient,
+    Reply,
+    ServerFactory,
+    Shadow,
+    assert_same_bytes,
+    pattern,
+    popen_all,
+    qemu_io,
+    run,
+)
+from qedtest import Qemu, require_tool
+
+import qedkit
+
+Disk = Callable[..., tuple[Path, Shadow]]
+
+
+def compare_export(qemu: Qemu, uri: str, shadow: Shadow) -> None:
+    result = qemu.img("compare", "-f", "raw", "-F", "raw", uri, shadow.path, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_four_qemu_io_writers_on_four_connections_write_disjoint_regions(
+    serve: ServerFactory, disk: Disk, qemu: Qemu
+) -> None:
+    image, shadow = disk(32 * MiB)
+    server = serve(image, "--shared", "4")
+    qemu_io_path = require_tool("qemu-io")
+    argvs = []
+    for writer in range(4):
+        commands = []
+        for i in range(24):
+            # writers interleave at 64 KiB steps, so that they allocate side by side
+            offset = (i * 4 + writer) * 320 * KiB + writer * 512
+            commands += ["-c", f"aio_write -P {writer * 24 + i + 1} {offset} 200k"]
+            shadow.fill(offset, 200 * KiB, writer * 24 + i + 1)
+        argvs.append([qemu_io_path, "-f", "raw", server.uri(), *commands, "-c", "aio_flush"])
+    with popen_all(argvs) as procs:
+        outputs = [proc.communicate(timeout=60) for proc in procs]
+        codes = [proc.returncode for proc in procs]
+    for code, (stdout, stderr) in zip(codes, outputs, strict=True):
+        assert code == 0 and "failed" not in stdout + stderr, stdout + stderr
+    compare_export(qemu, server.uri(), shadow)
+    server.finish(qemu, shadow)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_nbdcopy_with_four_connections_in_and_out(
+    loop: str, serve: ServerFactory, disk: Disk, qemu: Qemu, tmp_path: Path
+) -> None:
+    nbdcopy = require_tool("nbdcopy")
+    image, shadow = disk(32 * MiB)
+    source = tmp_path / "source.raw"
+    rng = random.Random(5)
+    content = bytearray(32 * MiB)
+    for _ in range(200):
+        offset = rng.randrange(0, 32 * MiB - 256 * KiB)
+        content[offset : offset + 128 * KiB] = rng.randbytes(128 * KiB)
+    source.write_bytes(content)
+    server = serve(image, "--shared", "4", loop=loop)
+    info = run([require_tool("nbdinfo"), server.uri()]).ok()
+    assert "can_multi_conn: true" in info.stdout
+    copy = [nbdcopy, "--connections=4", "--requests=16", "--request-size=262144"]
+    run([*copy, "--flush", source, server.uri()]).ok()
+    shadow.write(0, bytes(content))
+    out = tmp_path / "out.raw"
+    run([*copy, server.uri(), out]).ok()
+    assert_same_bytes(out.read_bytes(), bytes(content), "read back from the export")
+    server.finish(qemu, shadow)
+
+
+def test_more_clients_than_shared_are_turned_away_and_the_slot_comes_back(
+    serve: ServerFactory, disk: Disk, qemu: Qemu
+) -> None:
+    image, shadow = disk(8 * MiB)
+    server = serve(image, "--shared", "2")
+    first, second = server.client(), server.client()
+    assert first.flags & TFLAG_CAN_MULTI_CONN
+    refused = qemu_io(server.uri(), "read 0 4k", check=False)
+    assert refused.returncode != 0
+    extra = RawClient(server.address)
+    try:
+        extra.greeting()
+        raise AssertionError("a third client was greeted with --shared 2")
+    except (Closed, ConnectionResetError):
+        pass
+    finally:
+        extra.close()
+    second.write(0, b"\x01" * 4096)
+    shadow.write(0, b"\x01" * 4096)
+    second.disconnect()
+    first.disconnect()
+    qemu_io(server.uri(), "read -P 1 0 4k", "write -P 2 4k 4k")
+    shadow.fill(4096, 4096, 2)
+    server.finish(qemu, shadow)
+
+
+def test_many_requests_in_flight_on_one_connection_are_each_answered_once(
+    serve: ServerFactory, disk: Disk, qemu: Qemu
+) -> None:
+    """One raw client sends 300 mixed requests before it reads a reply (a thread
+    reads them as they come); every cookie is answered once, reads return what was
+    there, and the image ends up exactly like the shadow."""
+    image, shadow = disk(64 * MiB)
+    server = serve(image)
+    client = server.client()
+    old = pattern(1, 8 * MiB)  # read while the writes go on elsewhere
+    client.write(0, old)
+    shadow.write(0, old)
+
+    replies: list[Reply] = []
+    failure: list[BaseException] = []
+
+    def reader(count: int) -> None:
+        try:
+            for _ in range(count):
+                replies.append(client.reply())
+        except BaseException as exc:
+            failure.append(exc)
+
+    rng = random.Random(3)
+    expected_reads: dict[int, bytes] = {}
+    kinds: dict[int, int] = {}
+    requests = []
+    for cookie in range(1, 301):
+        kind = rng.choice([CMD_WRITE] * 5 + [CMD_READ] * 3 + [CMD_WRITE_ZEROES, CMD_TRIM])
+        if cookie % 50 == 0:
+            kind = CMD_FLUSH
+        kinds[cookie] = kind
+        slot = 8 * MiB + cookie * 160 * KiB  # each request has its own region
+        if kind == CMD_WRITE:
+            data = pattern(cookie, rng.choice([512, 4096, 65536, 100_000]))
+            flags = FLAG_FUA if cookie % 7 == 0 else 0
+            requests.append((kind, cookie, slot + rng.randrange(0, 4096), data, flags))
+        elif kind == CMD_READ:
+            offset = rng.randrange(0, 8 * MiB - 65536)
+            expected_reads[cookie] = old[offset : offset + 65536]
+            requests.append((kind, cookie, offset, b"", 0))
+        elif kind in (CMD_WRITE_ZEROES, CMD_TRIM):
+            requests.append((kind, cookie, slot, b"", 0))
+        else:
+            requests.append((kind, cookie, 0, b"", 0))
+    thread = threading.Thread(target=reader, args=(len(requests),))
+    thread.start()
+    for kind, cookie, offset, data, flags in requests:
+        if kind == CMD_WRITE:
+            client.request(kind, cookie, offset, payload=data, flags=flags)
+            shadow.write(offset, data)
+        elif kind == CMD_READ:
+            client.request(kind, cookie, offset, 65536)
+        elif kind in (CMD_WRITE_ZEROES, CMD_TRIM):
+            # whole, never-written clusters: zeros either way
+            client.request(kind, cookie, offset, 128 * KiB)
+        else:
+            client.request(kind, cookie, 0, 0)
+    thread.join(60)
+    assert not thread.is_alive(), f"only {len(replies)} of {len(requests)} replies came"
+    assert not failure, failure
+    assert sorted(r.cookie for r in replies) == list(range(1, 301))
+    assert all(r.error == 0 for r in replies), [r for r in replies if r.error]
+    for reply in replies:
+        if reply.cookie in expected_reads:
+            assert_same_bytes(reply.data, expected_reads[reply.cookie], f"read {reply.cookie}")
+    client.disconnect()
+    compare_export(qemu, server.uri(), shadow)
+    server.finish(qemu, shadow)
+
+
+def test_qemu_io_readers_and_writers_in_parallel_see_consistent_data(
+    serve: ServerFactory, disk: Disk, qemu: Qemu
+) -> None:
+    """Readers verify a fixed region again and again while writers fill others."""
+    image, shadow = disk(32 * MiB)
+    server = serve(image, "--shared", "4")
+    qemu_io(server.uri(), "write -P 0x5a 0 8M")
+    shadow.fill(0, 8 * MiB, 0x5A)
+    qemu_io_path = require_tool("qemu-io")
+    reads = ["-c", "read -P 0x5a 0 8M"] * 8
+    writers = []
+    for w in range(2):
+        commands = []
+        for i in range(16):
+            offset = 8 * MiB + (i * 2 + w) * 512 * KiB
+            commands += ["-c", f"write -P {0x60 + w} {offset} 512k"]
+            shadow.fill(offset, 512 * KiB, 0x60 + w)
+        writers.append([qemu_io_path, "-f", "raw", server.uri(), *commands])
+    argvs = [[qemu_io_path, "-f", "raw", server.uri(), *reads]] * 2 + writers
+    with popen_all(argvs) as procs:
+        results = [proc.communicate(timeout=60) for proc in procs]
+        codes = [proc.returncode for proc in procs]
+    for code, (stdout, stderr) in zip(codes, results, strict=True):
+        assert code == 0, stderr
+        assert "failed" not in stdout + stderr and "Pattern" not in stdout + stderr
+    compare_export(qemu, server.uri(), shadow)
+    server.finish(qemu, shadow)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_large_reads_on_two_connections_each_get_their_own_data(
+    loop: str, serve: ServerFactory, disk: Disk, qemu: Qemu
+) -> None:
+    """Client A pipelines 256 KiB reads and is slow to take the replies, while client
+    B reads other ranges: A's replies must still carry A's data. (The reads span
+    allocated and unallocated clusters, so they take the server's general read path
+    and its pooled buffers.)"""
+    size = 32 * MiB
+    image, shadow = disk(size)
+    with qedkit.open(str(image)) as img:
+        for cluster in range(0, size // CLUSTER, 2):
+            data = pattern(cluster, 32 * KiB)
+            img.write(cluster * CLUSTER, data)
+            shadow.write(cluster * CLUSTER, data)
+    expected = shadow.read(0, size)
+    server = serve(image, "--shared", "2", loop=loop)
+    a, b = server.client(), server.client()
+    n = 256 * KiB
+    wrong = []
+    for rnd in range(20):
+        offsets_a = [((rnd * 7 + i * 13) % (size // n)) * n for i in range(8)]
+        for i, offset in enumerate(offsets_a):
+            a.request(CMD_READ, i + 1, offset, n)
+        time.sleep(0.02)  # A's replies wait in the server's transport
+        offsets_b = [((rnd * 5 + i * 11) % (size // n)) * n for i in range(16)]
+        for offset in offsets_b:
+            if b.read(offset, n) != expected[offset : offset + n]:
+                wrong.append(("B", rnd, offset))
+        for _ in offsets_a:
+            reply = a.reply()
+            offset = offsets_a[reply.cookie - 1]
+            assert reply.error == 0
+            if reply.data != expected[offset : offset + n]:
+                wrong.append(("A", rnd, offset))
+    a.disconnect()
+    b.disconnect()
+    assert not wrong, f"{len(wrong)} READ replies carried the wrong data: {wrong[:5]}"
+    server.finish(qemu, shadow)

@@ -22,13 +22,10 @@ Only the standard library and qedkit are imported.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import mmap
 import os
-import platform
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -40,9 +37,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _common
+from _common import (
+    MiB,
+    allocated,
+    busy_warning,
+    bytecode_env,
+    children_cpu,
+    human,
+    load_average,
+    machine_info,
+    new_buffer,
+    parse_size,
+    print_machine,
+    print_table,
+    qed_command,
+    remove,
+    sync,
+    warm,
+)
+
 import qedkit
 
-MiB = 1 << 20
 ENV: dict[str, str] | None = None  # environment of every subprocess (see bytecode_env)
 _last_cpu = 0.0  # CPU seconds (user + sys) of the last timed_cmd / timed read
 BLOCK = MiB  # unit of the source layout and of the API reads
@@ -60,49 +76,9 @@ P_ZERO_4K = 0.02  # written zeros with one 4 KiB piece of data at a random 4 KiB
 # --------------------------------------------------------------------------- helpers
 
 
-def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    suffix = t[-1] if t and t[-1] in units else ""
-    number = t[: len(t) - len(suffix)] if suffix else t
-    try:
-        value = int(float(number) * units[suffix])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
-    if value <= 0 or value % BLOCK:
-        raise argparse.ArgumentTypeError(f"size must be a positive multiple of 1 MiB: {text!r}")
-    return value
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
-def allocated(path: Path) -> int:
-    return path.stat().st_blocks * 512
-
-
 def sh(cmd: list[str], *, capture: bool = False) -> str:
-    """Run a command (untimed); raise with its stderr on failure."""
-    p = subprocess.run(
-        cmd,
-        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    if p.returncode:
-        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr}")
-    return p.stdout if capture else ""
-
-
-def children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+    """Run a command (untimed, in ENV); raise with its stderr on failure."""
+    return _common.sh(cmd, capture=capture, env=ENV)
 
 
 def timed_cmd(cmd: list[str]) -> float:
@@ -119,38 +95,6 @@ def timed_cmd(cmd: list[str]) -> float:
             f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr.decode(errors='replace')}"
         )
     return dt
-
-
-def sync() -> None:
-    subprocess.run(["sync"], check=True)
-
-
-def remove(*paths: Path) -> None:
-    for p in paths:
-        p.unlink(missing_ok=True)
-
-
-def new_buffer(size: int) -> mmap.mmap:
-    """A page-aligned buffer (machine notes: bytearray buffers of >= 256 KiB start at page
-    offset 16 and copy from the page cache ~5x slower)."""
-    return mmap.mmap(-1, size)
-
-
-def warm(path: Path, buf: mmap.mmap) -> None:
-    """Read a whole file once so that it is in the page cache (idle files leave it after
-    about a minute on this machine)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        pos = 0
-        while pos < size:
-            n = os.preadv(fd, [buf], pos)
-            if n <= 0:
-                break
-            pos += n
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- sources
@@ -328,67 +272,6 @@ def verify_read(raw: Path, qed: Path, size: int) -> None:
         b.close()
 
 
-def load_average() -> str:
-    """1/5/15-minute load averages: anything else running on the 2 vCPUs skews the runs."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = human(kb * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    qemu = sh(["qemu-img", "--version"], capture=True).splitlines()[0]
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "nproc": os.cpu_count(),
-        "nproc_affinity": len(os.sched_getaffinity(0)),
-        "cpu": cpu,
-        "memory": mem,
-        "kernel": f"{platform.system()} {platform.release()} {platform.machine()}",
-        "python": platform.python_version(),
-        "qemu_img": qemu,
-        "qedkit": getattr(qedkit, "__version__", "?"),
-        "load_at_start": load_average(),
-    }
-
-
-def bytecode_env(d: Path) -> tuple[dict[str, str], str]:
-    """The environment for the qed subprocesses: bytecode caching on, with the cache in
-    the work directory. With PYTHONDONTWRITEBYTECODE set (as in this project's
-    environment) every `qed` run would compile all of qedkit's modules again (~0.1 s),
-    which an installed package never does; PYTHONPYCACHEPREFIX keeps the .pyc files out
-    of the source tree."""
-    env = os.environ.copy()
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = str(d / "pycache")
-    return env, f"bytecode cached in {d / 'pycache'} (PYTHONDONTWRITEBYTECODE unset for qed)"
-
-
-def qed_command(arg: str | None) -> list[str]:
-    if arg:
-        return arg.split()
-    beside = Path(sys.executable).parent / "qed"  # the venv's console script
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("qed")
-    return [found] if found else [sys.executable, "-m", "qedkit"]
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -454,12 +337,8 @@ def main() -> int:
 def bench(
     args: argparse.Namespace, d: Path, qed: list[str], size: int, outputs: list[Path], bytecode: str
 ) -> int:
-    machine = machine_info()
-    if float(machine["load_at_start"].split()[0] if machine["load_at_start"] != "?" else 0) > 1.0:
-        print(
-            f"warning: load average {machine['load_at_start']} - the machine is busy, "
-            "expect noisy timings (medians of interleaved runs still compare like with like)"
-        )
+    machine = machine_info({"qemu_img": ["qemu-img", "--version"]})
+    busy_warning(machine["load_at_start"])
     info = prepare_sources(d, size, args.seed, args.rebuild)
     src_raw, src_qed, full_raw, full_qed = (d / n for n in SOURCES)
     out_qemu_qed, out_qed_qed, out_qemu_raw, out_qed_raw = outputs
@@ -543,20 +422,7 @@ def bench(
     nblocks = size // BLOCK
     layout = ", ".join(f"{k} {v} ({100 * v / nblocks:.1f}%)" for k, v in blocks.items())
     print()
-    print(f"date     {machine['date']}")
-    print(
-        f"machine  {machine['host']}: nproc {machine['nproc']} "
-        f"(affinity {machine['nproc_affinity']}), "
-        f"{machine['cpu']}, {machine['memory']} RAM"
-    )
-    print(
-        f"kernel   {machine['kernel']}; Python {machine['python']}; {machine['qemu_img']}; "
-        f"qedkit {machine['qedkit']}"
-    )
-    print(
-        f"load     {machine['load_at_start']} at start, {machine['load_at_end']} at end "
-        "(1/5/15 min)"
-    )
+    print_machine(machine, ["qemu_img"])
     print(f"qed cmd  {' '.join(qed)}; {bytecode}")
     print(f"source   {human(size)} virtual, 1 MiB blocks (seed {args.seed}): {layout}")
     for p in (src_raw, src_qed, full_raw, full_qed):
@@ -582,12 +448,7 @@ def bench(
         )
         for r in rows
     ]
-    widths = [max(len(x[c]) for x in (header, *table)) for c in range(len(header))]
-    line = "  ".join(f"{{:<{w}}}" for w in widths)
-    print(line.format(*header))
-    print(line.format(*("-" * w for w in widths)))
-    for t in table:
-        print(line.format(*t))
+    print_table(header, table)
     print()
     print(
         "ratio: convert and start-up rows = qed time / qemu-img time (goal <= 1.0); read rows = "

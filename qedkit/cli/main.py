@@ -305,6 +305,45 @@ def cmd_defrag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_frag(args: argparse.Namespace) -> int:
+    from .. import api
+    from ..engine.qed import QedImage
+    from ..engine.sync import run
+    from ..jobs.frag import fragmentation_report
+    from . import output, picture
+
+    if args.picture is not None and picture.picture_format(args.picture) is None:
+        raise UsageError(f"{args.picture}: unknown picture format: use a .svg or .png name")
+    with api.open(
+        args.filename,
+        readonly=True,
+        format=args.format,
+        backing_chain=False,
+        auto_repair=False,
+        force_share=args.force_share,
+    ) as img:
+        if not isinstance(img.engine, QedImage):
+            raise UsageError(
+                f"{args.filename}: this image format ({img.format}) has no clusters to report on"
+            )
+        grid = picture.GRID if args.picture is not None else 0
+        report = run(fragmentation_report(img.engine, grid=grid))
+    if args.picture is not None:
+        data = picture.render(report, args.picture)
+        try:
+            with open(args.picture, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise UsageError(f"{args.picture}: {exc.strerror or exc}") from None
+    if args.output == "json":
+        print(output.frag_json(report))
+    else:
+        sys.stdout.write(output.frag_human(report))
+        if args.picture is not None:
+            print(f"picture: {args.picture}")
+    return 0
+
+
 def cmd_io(args: argparse.Namespace) -> int:
     from .. import api
     from .io import run_script
@@ -462,6 +501,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_defrag)
+
+    p = sub.add_parser("frag", help="report how fragmented a QED image is (read-only)")
+    _add_format(p)
+    _add_output(p)
+    p.add_argument(
+        "--picture",
+        metavar="PICTURE",
+        help="also draw the guest-to-host layout into PICTURE (a .svg or .png file)",
+    )
+    p.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="open even if another process writes the image",
+    )
+    p.add_argument("filename", metavar="FILE")
+    p.set_defaults(func=cmd_frag)
 
     from .serve import add_parsers
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from ..engine.base import ImageInfo
 from ..engine.check import CheckReport
 from ..engine.mapping import MapEntry
+from ..jobs.frag import FragReport
 
 # ---- QEMU's JSON key order ---------------------------------------------------
 
@@ -218,3 +219,59 @@ def problems_human(report: CheckReport, limit: int = 20) -> str:
     if len(lines) > limit:
         lines = [*lines[:limit], f"  ... and {len(lines) - limit} more"]
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+# ---- frag -----------------------------------------------------------------------
+
+
+def frag_dict(report: FragReport) -> dict[str, object]:
+    """``qed frag --output=json``: qemu-img's kebab-case keys, in reading order."""
+    return {
+        "filename": report.filename,
+        "format": "qed",
+        "virtual-size": report.image_size,
+        "cluster-size": report.cluster_size,
+        "file-size": report.file_size,
+        "data-start": report.data_start,
+        "total-clusters": report.total_clusters,
+        "allocated-clusters": report.allocated_clusters,
+        "zero-clusters": report.zero_clusters,
+        "fragmented-clusters": report.fragmented_clusters,
+        "fragmented-percent": round(report.fragmented_percent, 2),
+        "away-from-home-clusters": report.away_clusters,
+        "away-from-home-percent": round(report.away_percent, 2),
+        "runs": report.runs,
+        "host-extents": report.extents,
+        "max-extents-per-run": report.max_extents,
+        "mean-extents-per-run": round(report.mean_extents, 2),
+        "raw-like": report.raw_like,
+    }
+
+
+def frag_json(report: FragReport) -> str:
+    return json.dumps(frag_dict(report), indent=4)
+
+
+def frag_human(report: FragReport) -> str:
+    alloc = report.allocated_clusters
+    lines = [
+        f"image: {report.filename} ({size_to_str(report.image_size)} disk, "
+        f"{size_to_str(report.cluster_size)} clusters; file {size_to_str(report.file_size)}, "
+        f"data area from {_hex(report.data_start)})",
+        f"allocated {alloc}/{report.total_clusters} clusters ({report.allocated_percent:.2f}%), "
+        f"{report.zero_clusters} zero clusters",
+        f"fragmented {report.fragmented_percent:.2f}% ({report.fragmented_clusters} clusters, "
+        f"as qemu-img check counts), away from home {report.away_percent:.2f}% "
+        f"({report.away_clusters} clusters)",
+    ]
+    runs = f"{report.runs} run" + ("" if report.runs == 1 else "s")
+    if not report.runs:
+        lines.append("no data clusters: nothing to read from the file")
+    elif report.raw_like:
+        lines.append(f"raw-like: {runs} of data, each read with one host read (extents == runs)")
+    else:
+        lines.append(
+            f"host extents {report.extents} for {runs} "
+            f"(max {report.max_extents}, mean {report.mean_extents:.1f}; raw-like is 1 per run)"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,7 @@
-"""Sizes as qemu-img and qemu-io read them: 4096, 4k, 1.5G, 0x1000 (suffixes binary)."""
+"""Sizes as qemu-img and qemu-io read them: 4096, 4k, 1.5G, 0x1000 (suffixes binary).
+
+Unlike qemu-img 7.2, a hex number with a suffix (0x10k) is refused: QEMU accepts it
+with a deprecation warning and plans to drop it."""
 
 from __future__ import annotations
 

@@ -542,7 +542,15 @@ def _file_of(args: argparse.Namespace) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["ctl"]:
+        # KEY=VALUE arguments may come after options (qed ctl S defrag --until-done
+        # clusters=8): parse the subcommand with options and positionals intermixed.
+        from .serve import ctl_parser
+
+        args = ctl_parser().parse_intermixed_args(words[1:])
+    else:
+        args = parser.parse_args(words)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -79,7 +79,17 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("ctl", help="send a command to a qed serve control socket")
+    _ctl_arguments(sub.add_parser("ctl", help="send a command to a qed serve control socket"))
+
+
+def ctl_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser for ``qed ctl`` (main parses it intermixed)."""
+    parser = argparse.ArgumentParser(prog="qed ctl", description="send a command to qed serve")
+    _ctl_arguments(parser)
+    return parser
+
+
+def _ctl_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--output", choices=("human", "json"), default="human")
     c.add_argument(
         "--wait", action="store_true", help="after job-start: wait for the job, print events"

@@ -38,9 +38,12 @@ class ClusterMap:
     """Owner of every host cluster up to the end of the file: FREE, META, or the index
     of the guest cluster whose data it holds. Clusters past the end are FREE."""
 
-    def __init__(self, cluster_bits: int, clusters: int) -> None:
+    def __init__(self, cluster_bits: int, clusters: int, guest_clusters: int = 0) -> None:
         self.cluster_bits = cluster_bits
-        self.owner = array("q", [FREE]) * clusters
+        # 4 bytes per host cluster when guest cluster numbers fit (64 KiB clusters:
+        # images up to 128 TiB), else 8.
+        self.typecode = "i" if guest_clusters < 2**31 else "q"
+        self.owner = array(self.typecode, [FREE]) * clusters
 
     def __len__(self) -> int:
         return len(self.owner)
@@ -51,7 +54,7 @@ class ClusterMap:
         CorruptImageError if a cluster has two owners (run a repair first)."""
         geo = img.geo
         bits = geo.cluster_bits
-        cmap = cls(bits, img.file_end >> bits)
+        cmap = cls(bits, img.file_end >> bits, geo.bytes_to_clusters(img.size) + 1)
         for index in range(geo.header_size):
             cmap.owner[index] = META
         cmap.claim_range(img.header.l1_table_offset >> bits, geo.table_size, META, img)
@@ -70,7 +73,7 @@ class ClusterMap:
 
     def grow(self, clusters: int) -> None:
         if clusters > len(self.owner):
-            self.owner.extend(array("q", [FREE]) * (clusters - len(self.owner)))
+            self.owner.extend(array(self.typecode, [FREE]) * (clusters - len(self.owner)))
 
     def get(self, index: int) -> int:
         return self.owner[index] if index < len(self.owner) else FREE

@@ -137,6 +137,11 @@ class QedImage(BlockImage):
         # Per-cluster write stalls (jobs that move clusters): guest cluster index ->
         # a future done when the cluster may be written again. See stall_writes().
         self._stalls: dict[int, asyncio.Future[None]] = {}
+        # In-place writes in flight outside the allocation lock: token -> guest
+        # cluster range; a mover waits for those on its clusters (stall_writes).
+        self._writing: dict[int, tuple[int, int]] = {}
+        self._next_write = 0
+        self._write_done: asyncio.Future[None] | None = None
         # Ownership of host clusters, kept current on every allocation once a job or
         # the home allocation policy needs it (engine.layout).
         self.cluster_map: ClusterMap | None = None
@@ -600,8 +605,9 @@ class QedImage(BlockImage):
         while (fut := self._stall_for(pos, end)) is not None:
             await fut
 
-    def stall_writes(self, clusters: Iterable[int]) -> Callable[[], None]:
-        """Make writes to guest ``clusters`` wait until the returned function is called.
+    async def stall_writes(self, clusters: Iterable[int]) -> Callable[[], None]:
+        """Make writes to guest ``clusters`` wait until the returned function is called;
+        returns once no in-place write that began before is still in flight on them.
 
         For jobs that move clusters. The caller must hold ``allocations_paused()``
         while calling this, so that no allocating write is half done on a cluster that
@@ -618,6 +624,8 @@ class QedImage(BlockImage):
         for cluster in taken:
             self._stalls[cluster] = fut
 
+        # An in-place write that looked its clusters up before the stall and is
+        # still in the store (a store that suspends) would land after our copy.
         def release() -> None:
             for cluster in taken:
                 if self._stalls.get(cluster) is fut:
@@ -625,6 +633,15 @@ class QedImage(BlockImage):
             if not fut.done():
                 fut.set_result(None)
 
+        wanted = set(taken)
+        try:
+            while any(first <= c <= last for first, last in self._writing.values() for c in wanted):
+                if self._write_done is None:
+                    self._write_done = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._write_done)
+        except BaseException:
+            release()
+            raise
         return release
 
     # ---- writing ------------------------------------------------------------------
@@ -634,7 +651,11 @@ class QedImage(BlockImage):
         _ALLOCATE (nothing written), or _STALLED if a stall appeared meanwhile."""
         host = self._contiguous_host(pos, pos + len(data))
         if host >= 0:
-            await self.store.write(host, data)
+            token = self._begin_write(pos, pos + len(data))
+            try:
+                await self.store.write(host, data)
+            finally:
+                self._end_write(token)
             return _WRITTEN
         table = await self.get_l2(l1_index)
         if table is None:
@@ -645,12 +666,31 @@ class QedImage(BlockImage):
                 return _ALLOCATE
         if self._stall_for(pos, pos + len(data)) is not None:
             return _STALLED  # loading the table let a mover in
-        for run in runs:
-            assert run.host_offset is not None
-            await self.store.write(
-                run.host_offset, data[run.start - pos : run.start - pos + run.length]
-            )
+        token = self._begin_write(pos, pos + len(data))
+        try:
+            for run in runs:
+                assert run.host_offset is not None
+                await self.store.write(
+                    run.host_offset, data[run.start - pos : run.start - pos + run.length]
+                )
+        finally:
+            self._end_write(token)
         return _WRITTEN
+
+    def _begin_write(self, pos: int, end: int) -> int:
+        """Record an in-place write in flight (for stall_writes); returns its token."""
+        token = self._next_write
+        self._next_write += 1
+        self._writing[token] = (pos >> self._cluster_bits, (end - 1) >> self._cluster_bits)
+        return token
+
+    def _end_write(self, token: int) -> None:
+        del self._writing[token]
+        done = self._write_done
+        if done is not None:
+            self._write_done = None
+            if not done.done():
+                done.set_result(None)
 
     async def _allocating_write(self, l1_index: int, pos: int, data: memoryview) -> None:
         """Write ``data`` at ``pos`` (inside one L2 span), allocating clusters for the
@@ -696,15 +736,37 @@ class QedImage(BlockImage):
             cmap = await self.ensure_cluster_map()
             home = self.data_start + (guest_cluster << bits)
             if cmap.is_free(home >> bits, count):
-                end = home + (count << bits)
                 in_file = home < self._file_end
-                self._file_end = max(self._file_end, end)
+                self._file_end = max(self._file_end, home + (count << bits))
                 cmap.claim_data(home >> bits, count, guest_cluster)
                 return home, in_file
+            # Home taken: go past the home area, never onto another cluster's home.
+            old_end = self._file_end
+            host = self.place_outside_home(count)
+            cmap.claim_data(host >> bits, count, guest_cluster)
+            return host, host < old_end
         host = self._allocate(count)
         if self.cluster_map is not None:
             self.cluster_map.claim_data(host >> bits, count, guest_cluster)
         return host, False
+
+    @property
+    def home_end(self) -> int:
+        """End of the home area: the home slot after the last guest cluster's."""
+        return self.data_start + self.geo.round_up(self.size)
+
+    def place_outside_home(self, count: int) -> int:
+        """Reserve ``count`` free clusters at or after the end of the home area (the
+        first such run; the file grows as needed). Needs the cluster map."""
+        cmap = self.cluster_map
+        assert cmap is not None
+        bits = self._cluster_bits
+        index = self.home_end >> bits
+        while not cmap.is_free(index, count):
+            index += 1
+        host = index << bits
+        self._file_end = max(self._file_end, host + (count << bits))
+        return host
 
     async def ensure_cluster_map(self) -> ClusterMap:
         """The cluster ownership map, built by one scan of every table on first use
@@ -749,7 +811,11 @@ class QedImage(BlockImage):
         new = new_table(self.geo.l2_entries)
         for index, entry in updates.items():
             new[index] = entry
-        l2_offset = self._allocate(self.geo.table_size)
+        if self.home_allocation and self.cluster_map is not None:
+            # Tables go past the home area, which stays for data (raw-like layout).
+            l2_offset = self.place_outside_home(self.geo.table_size)
+        else:
+            l2_offset = self._allocate(self.geo.table_size)
         if self.cluster_map is not None:
             self.cluster_map.claim_range(l2_offset >> self._cluster_bits, self.geo.table_size, META)
         await self.store.write(l2_offset, pack_table(new))

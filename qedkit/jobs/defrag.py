@@ -10,10 +10,11 @@ guest read becomes scattered host I/O. Defragmentation brings clusters home:
 * **homecoming**: ``g``'s home slot is free (unused, a hole, past the end of the
   file): copy ``g`` there.
 * **eviction**: ``g``'s home holds another guest's data, ``h``, which is not at its own
-  home either: copy ``h`` to the end of the file first (its own home if that is free),
-  which frees the slot for ``g``.
-* a home slot held by an L2 table waits for **stage 2**, which moves L2 tables that sit
-  on the homes of allocated clusters to the end of the allocated home area.
+  home either: copy ``h`` past the home area first (to its own home if that is
+  free), which frees the slot for ``g``.
+* **stage 2** moves the L2 tables out of the home area, to the first free slots past
+  its end, so that the home area holds data only and the homes of unallocated
+  clusters stay free for them.
 
 Every move is made crash-safe by ordering (``_move``): the destination is claimed in
 the cluster map, the data is copied and flushed, then the L2 entries are rewritten and
@@ -188,8 +189,12 @@ class Defragmenter:
                 meta_blocked += 1
             elif owner >= 0 and len(blocked) < limit:
                 blocked.append((guest, src, owner))
+        if meta_blocked and not homecomings:
+            tables = await self.move_tables()
+            if tables:
+                return StepResult((), tables, done=False)
         if not homecomings and not blocked:
-            tables = await self._move_blocking_tables(misplaced) if meta_blocked else 0
+            tables = await self.move_tables()
             return StepResult((), tables, done=tables == 0)
         moves: list[Move] = []
         if len(homecomings) < max(1, int(limit * EVICT_WHEN_BELOW)) and blocked:
@@ -206,7 +211,7 @@ class Defragmenter:
                     dst = occupant_home  # the occupant can go home itself
                     freed.add(dst >> bits)
                 else:
-                    dst = -1  # the end of the file, chosen when moving
+                    dst = -1  # past the home area, chosen when moving
                 evictions.append((occupant, where, dst))
             moves += await self._move(evictions)
             for guest, src, _occupant in blocked[:room]:
@@ -217,7 +222,7 @@ class Defragmenter:
         return StepResult(tuple(moves), 0, done=not moves)
 
     async def _move(self, plan: list[tuple[int, int, int]]) -> list[Move]:
-        """Move guest clusters (guest, src, dst; dst -1 = end of file) as one batch:
+        """Move guest clusters (guest, src, dst; dst -1 = past the home area) as one batch:
         claim, stall, copy, flush, rewrite the entries, flush, release the sources."""
         if not plan:
             return []
@@ -234,11 +239,11 @@ class Defragmenter:
                 if dst < 0 or not cmap.is_free(dst >> bits):
                     if dst >= 0:
                         continue  # taken meanwhile by the home allocation policy
-                    dst = img.file_end
+                    dst = img.place_outside_home(1)  # never onto another home
                 cmap.claim_data(dst >> bits, 1, guest)
                 img.set_file_end(max(img.file_end, dst + size))
                 moves.append(Move(guest, src, dst, dst == self.home(guest)))
-            release = img.stall_writes([m.guest for m in moves])
+            release = await img.stall_writes([m.guest for m in moves])
         try:
             for m in moves:
                 await img.store.copy_range(m.src, m.dst, size)
@@ -264,27 +269,17 @@ class Defragmenter:
         self.stats.bytes_moved += len(moves) * size
         return moves
 
-    async def _move_blocking_tables(self, misplaced: list[tuple[int, int]]) -> int:
-        """Stage 2: move the L2 tables that sit on homes of misplaced clusters to the
-        end of the allocated home area (or the end of the file, if further)."""
+    async def move_tables(self) -> int:
+        """Stage 2: move every L2 table inside the home area to the first free slots
+        past it, so that the home area holds data only (and the homes of unallocated
+        clusters stay free for them)."""
         img = self.img
-        cmap = self.cmap
-        bits = self._bits
-        geo = img.geo
-        blocking: set[int] = set()
-        for guest, _src in misplaced:
-            home = self.home(guest)
-            if cmap.get(home >> bits) == META:
-                blocking.add(home >> bits)
+        data_start, home_end = img.data_start, img.home_end
         moved = 0
         for l1_index, l2_offset in enumerate(img.l1_table):
-            if not l2_offset:
-                continue
-            first = l2_offset >> bits
-            if not any(first + k in blocking for k in range(geo.table_size)):
-                continue
-            await self._move_table(l1_index)
-            moved += 1
+            if l2_offset and data_start <= l2_offset < home_end:
+                await self._move_table(l1_index)
+                moved += 1
         self.stats.tables_moved += moved
         return moved
 
@@ -297,7 +292,7 @@ class Defragmenter:
             table = await img.get_l2(l1_index)
             assert table is not None
             old = img.l1_table[l1_index]
-            dst = target if target is not None else self._table_slot(self._allocated_home_end())
+            dst = target if target is not None else self._table_slot(img.home_end)
             cmap.claim_range(dst >> bits, geo.table_size, META)
             img.set_file_end(max(img.file_end, dst + geo.table_bytes))
             try:
@@ -328,7 +323,7 @@ class Defragmenter:
         img = self.img
         bits = self._bits
         moved = 0
-        start = self._allocated_home_end()
+        start = img.home_end
         for l1_index, l2_offset in sorted(enumerate(img.l1_table), key=lambda item: item[1]):
             if not l2_offset or l2_offset < start:
                 continue
@@ -339,14 +334,6 @@ class Defragmenter:
             start = img.l1_table[l1_index] + (img.geo.table_size << bits)
         self.stats.tables_moved += moved
         return moved
-
-    def _allocated_home_end(self) -> int:
-        """End of the home slot of the last allocated guest cluster."""
-        highest = -1
-        for owner in self.cmap.owner:
-            if owner > highest:
-                highest = owner
-        return self.home(highest + 1) if highest >= 0 else self.img.data_start
 
     # ---- whole runs -----------------------------------------------------------------
 

@@ -249,6 +249,11 @@ class ControlServer:
             raise CommandError("InvalidArgument", 'missing "type"')
         served = self._served(arguments)
         extra = {k: v for k, v in arguments.items() if k not in ("type", "export", "id")}
+        if job_type == DefragJob.type and any(
+            j.export == served.name and j.type == job_type and not j.status.finished
+            for j in self.jobs.jobs.values()
+        ):
+            raise CommandError("GenericError", "a defrag job is already running on this export")
         job_id = arguments.get("id")
         job = self.jobs.start(
             job_type, served.name, served.image, extra, str(job_id) if job_id else None

@@ -244,8 +244,32 @@ class FileStore(ByteStore):
                 ) from exc
 
     async def copy_range(self, src: int, dst: int, length: int) -> None:
-        """In-kernel copy (copy_file_range): no trip through user memory."""
+        """In-kernel copy (copy_file_range): no trip through user memory. Holes in
+        the source stay holes in the destination (a punched cluster moved by defrag
+        must not take disk space again)."""
         self._check_writable()
+        extents = await self.extents(src, length)
+        if extents and not all(e.data for e in extents):
+            size = self.size_now()
+            for ext in extents:
+                at = dst + ext.offset - src
+                if ext.data:
+                    await self._copy_data(ext.offset, at, ext.length)
+                    size = max(size, at + ext.length)
+                    continue
+                inside = max(0, min(ext.length, size - at))  # stale bytes: punch
+                if inside:
+                    await self.write_zeroes(at, inside, punch=True)
+                if at + ext.length > size:  # past the end: growing the file is a hole
+                    await self.truncate(at + ext.length)
+                    size = at + ext.length
+            covered = sum(e.length for e in extents)
+            if covered < length:  # source past the end of the file
+                await self._copy_data(src + covered, dst + covered, length - covered)
+            return
+        await self._copy_data(src, dst, length)
+
+    async def _copy_data(self, src: int, dst: int, length: int) -> None:
         done = 0
         try:
             while done < length:

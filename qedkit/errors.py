@@ -59,8 +59,9 @@ class QedError(Exception):
         return self.message
 
 
-class FormatError(QedError):
-    """The bytes do not form a valid image of the expected format."""
+class _Located(QedError):
+    """An error about something recorded in the image: ``offset`` (bytes from the start
+    of the file) and ``field`` (a header field or table name) say where, if known."""
 
     def __init__(
         self,
@@ -73,27 +74,19 @@ class FormatError(QedError):
         super().__init__(message, filename=filename)
         self.offset = offset
         self.field = field
+
+
+class FormatError(_Located):
+    """The bytes do not form a valid image of the expected format."""
 
 
 class CorruptImageError(FormatError):
     """The image is recognisably QED but its metadata is inconsistent."""
 
 
-class UnsupportedFeatureError(QedError):
+class UnsupportedFeatureError(_Located):
     """A valid image or request that needs a feature qedkit does not implement.
     For an on-disk feature, ``offset`` and ``field`` say where it is recorded."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        filename: str | None = None,
-        offset: int | None = None,
-        field: str | None = None,
-    ) -> None:
-        super().__init__(message, filename=filename)
-        self.offset = offset
-        self.field = field
 
 
 class BackingFileError(QedError):

@@ -370,6 +370,15 @@ def _add_format(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_force_share(p: argparse.ArgumentParser, what: str = "the image") -> None:
+    p.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help=f"open {what} even if another process writes it (read-only)",
+    )
+
+
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--output", choices=("human", "json"), default="human", help="output format (default human)"
@@ -410,12 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_format(p)
     _add_output(p)
     p.add_argument("--backing-chain", action="store_true", help="also show every backing image")
-    p.add_argument(
-        "-U",
-        "--force-share",
-        action="store_true",
-        help="open even if another process writes the image",
-    )
+    _add_force_share(p)
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_info)
 
@@ -424,12 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p)
     p.add_argument("-s", "--start-offset", type=_size_arg_plain, default=0, metavar="OFFSET")
     p.add_argument("-l", "--max-length", type=_size_arg_plain, default=None, metavar="LENGTH")
-    p.add_argument(
-        "-U",
-        "--force-share",
-        action="store_true",
-        help="open even if another process writes the image",
-    )
+    _add_force_share(p)
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_map)
 
@@ -440,12 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-r", dest="repair", choices=("leaks", "all"), help="repair what can be repaired"
     )
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
-    p.add_argument(
-        "-U",
-        "--force-share",
-        action="store_true",
-        help="open even if another process writes the image",
-    )
+    _add_force_share(p)
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_check)
 
@@ -462,9 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", dest="options", metavar="OPTIONS", help="target options (cluster_size, table_size)"
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    p.add_argument(
-        "-U", "--force-share", action="store_true", help="read the source even if it is in use"
-    )
+    _add_force_share(p, "the source")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument(
         "-t",
@@ -481,9 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("io", help="run qemu-io style commands on an image")
     _add_format(p)
     p.add_argument("-r", dest="readonly", action="store_true", help="open read-only")
-    p.add_argument(
-        "-U", "--force-share", action="store_true", help="read even if in use (needs -r)"
-    )
+    _add_force_share(p, "the image (with -r)")
     p.add_argument(
         "-c",
         dest="commands",
@@ -510,12 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PICTURE",
         help="also draw the guest-to-host layout into PICTURE (a .svg or .png file)",
     )
-    p.add_argument(
-        "-U",
-        "--force-share",
-        action="store_true",
-        help="open even if another process writes the image",
-    )
+    _add_force_share(p)
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_frag)
 

@@ -24,7 +24,7 @@ from typing import TextIO
 
 from ..api import Image
 from ..errors import InvalidRequestError, QedError
-from .sizes import parse_size
+from ..format.sizes import parse_size
 
 DEFAULT_PATTERN = 0xCD  # qemu-io's default write pattern
 

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 from ..errors import QedError
 from ..format.geometry import DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE
+from ..format.sizes import parse_size
 from ..version import __version__
-from .sizes import parse_size
 
 EXIT_FAILURE = 1
 EXIT_NO_CHECK = 63  # qemu-img check: the format has no consistency check

@@ -185,7 +185,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | Non
                     raise QedError(f"{path}: --allocation needs a QED image")
                 await image.set_home_allocation(args.allocation == "home")
             if isinstance(image.store, FileStore):
-                image.store.flush_in_thread = True
+                image.store.offload = True
             served.append(ServedImage(name, image, args.description, args.readonly))
         server = NbdServer(served, max_connections=max(1, args.shared), ssl_context=ssl_context)
         await server.listen_socket(sock)

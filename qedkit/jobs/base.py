@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from ..engine.base import BlockImage
 from ..errors import InvalidRequestError, JobError, QedError
 
 Emit = Callable[[str, dict[str, Any]], None]
+
+log = logging.getLogger("qedkit.jobs")
 
 PROGRESS_INTERVAL = 0.5  # seconds between progress events of one job
 
@@ -109,6 +112,11 @@ class Job:
 
     # ---- for subclasses --------------------------------------------------------------
 
+    @classmethod
+    def parse_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """Check a job's arguments at job-start (InvalidRequestError if wrong)."""
+        return dict(arguments)
+
     async def work(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -143,6 +151,10 @@ class Job:
             raise
         except QedError as exc:
             self.error = str(exc)
+            self._set(JobStatus.FAILED)
+        except Exception as exc:  # a bug: report it as a failure, never hang "running"
+            log.exception("job %s failed", self.id)
+            self.error = f"internal error: {type(exc).__name__}: {exc}"
             self._set(JobStatus.FAILED)
         else:
             self._set(JobStatus.CONCLUDED)
@@ -218,6 +230,7 @@ class JobManager:
             raise InvalidRequestError(
                 f"unknown job type {job_type!r} (known: {', '.join(sorted(self.types))})"
             )
+        cls.parse_arguments(arguments)  # refuse bad arguments before anything starts
         if job_id is None:
             job_id = f"{job_type}-{next(self._ids)}"
         existing = self.jobs.get(job_id)

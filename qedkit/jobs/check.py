@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ..engine.base import ExtentKind
 from ..engine.check import check_image
 from ..engine.qed import QedImage
-from ..errors import JobError, QedError
+from ..errors import InvalidRequestError, JobError, QedError
+from ..format.sizes import parse_size
 from .base import Job
 
 SCRUB_CHUNK = 1 << 20
@@ -49,9 +51,19 @@ class CheckJob(Job):
 class ScrubJob(Job):
     type = "scrub"
 
+    @classmethod
+    def parse_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        for key in arguments:
+            if key != "rate":
+                raise InvalidRequestError(f"scrub: unknown argument {key!r} (rate)")
+        try:
+            return {"rate": parse_size(str(arguments.get("rate", 0) or 0))}
+        except ValueError as exc:
+            raise InvalidRequestError(f"scrub: {exc}") from None
+
     async def work(self) -> dict[str, Any]:
         image = self.image
-        rate = float(self.arguments.get("rate", 0) or 0)
+        rate = self.parse_arguments(self.arguments)["rate"]
         extents = [e for e in await image.block_status(0, image.size) if e.kind is ExtentKind.DATA]
         total = sum(e.length for e in extents)
         done = 0

@@ -43,15 +43,17 @@ as leaked clusters (exit code 3, "no harm to data"). See docs/DESIGN.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from array import array
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.layout import FREE, META, ClusterMap
 from ..engine.qed import QedImage
-from ..errors import JobError
+from ..errors import InvalidRequestError, JobError, QedError
+from ..format.sizes import parse_size
 from .base import Job
 
 # Offline batches: this many bytes are copied between two flush pairs.
@@ -60,6 +62,9 @@ DEFAULT_BATCH_BYTES = 64 * 1024 * 1024
 # at most a batch / EVICT_SHARE clusters per round.
 EVICT_WHEN_BELOW = 0.25
 EVICT_SHARE = 8
+# Online job: clusters per step. Big enough that a step's fixed cost (two flushes) is
+# spread over 16 MiB, small enough that guest writes to moving clusters stall briefly.
+DEFAULT_JOB_BATCH = 256
 
 Checkpoint = Callable[[int, int], Awaitable[None]]
 
@@ -117,6 +122,10 @@ class Defragmenter:
     cmap: ClusterMap
     batch_bytes: int = DEFAULT_BATCH_BYTES
     stats: DefragStats = field(default_factory=DefragStats)
+    # Misplaced clusters found by the last scan (guest cluster -> host offset), kept
+    # current as moves happen, so that a round costs O(batch), not a scan of every
+    # table; rescanned when it runs dry.
+    _queue: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     async def create(cls, img: QedImage, batch_bytes: int = DEFAULT_BATCH_BYTES) -> Defragmenter:
@@ -151,8 +160,9 @@ class Defragmenter:
                 out.append((l1_index, table))
         return out
 
-    def _misplaced(self, tables: list[tuple[int, array[int]]]) -> list[tuple[int, int]]:
-        """(guest cluster, host offset) of every data cluster not at home."""
+    async def _misplaced(self, tables: list[tuple[int, array[int]]]) -> list[tuple[int, int]]:
+        """(guest cluster, host offset) of every data cluster not at home; yields to
+        the event loop between tables (a scan is long next to a guest request)."""
         out = []
         entries = self.img.geo.l2_entries
         start = self.img.data_start
@@ -165,6 +175,7 @@ class Defragmenter:
                 if entry > 1 and entry != home:
                     out.append((base + index, entry))
                 home += step
+            await asyncio.sleep(0)
         return out
 
     # ---- one round -----------------------------------------------------------------
@@ -173,13 +184,15 @@ class Defragmenter:
         """Plan and make up to ``limit`` moves (a batch of evictions, then a batch of
         homecomings). ``cached_only``: look only at L2 tables already in the cache
         (an online step must not read tables to find work)."""
-        misplaced = self._misplaced(await self._tables(cached_only))
+        if not self._queue:
+            self._queue = dict(await self._misplaced(await self._tables(cached_only)))
+        queue = self._queue
         cmap = self.cmap
         bits = self._bits
         homecomings: list[tuple[int, int, int]] = []
         blocked: list[tuple[int, int, int]] = []  # (guest, src, occupant guest)
         meta_blocked = 0
-        for guest, src in misplaced:
+        for guest, src in queue.items():
             home = self.home(guest)
             owner = cmap.get(home >> bits)
             if owner == FREE:
@@ -189,13 +202,20 @@ class Defragmenter:
                 meta_blocked += 1
             elif owner >= 0 and len(blocked) < limit:
                 blocked.append((guest, src, owner))
+            if len(homecomings) >= limit and len(blocked) >= limit:
+                break
         if meta_blocked and not homecomings:
             tables = await self.move_tables()
             if tables:
                 return StepResult((), tables, done=False)
         if not homecomings and not blocked:
             tables = await self.move_tables()
-            return StepResult((), tables, done=tables == 0)
+            if tables:
+                return StepResult((), tables, done=False)
+            if queue:  # stale entries only (changed since the scan): look again
+                self._queue = {}
+                return StepResult((), 0, done=False)
+            return StepResult((), 0, done=True)
         moves: list[Move] = []
         if len(homecomings) < max(1, int(limit * EVICT_WHEN_BELOW)) and blocked:
             # Evict only a slice: each eviction starts a chain of homecomings (a slot
@@ -217,9 +237,11 @@ class Defragmenter:
             for guest, src, _occupant in blocked[:room]:
                 homecomings.append((guest, src, self.home(guest)))
         moves += await self._move(homecomings[:limit])
-        # A round that could move nothing (every candidate changed under it) ends the
-        # run rather than spinning; the next run starts from a fresh plan.
-        return StepResult(tuple(moves), 0, done=not moves)
+        if not moves:
+            # Every candidate changed under us: start again from a fresh scan; if that
+            # finds nothing either, the next round says done.
+            self._queue = {}
+        return StepResult(tuple(moves), 0, done=False)
 
     async def _move(self, plan: list[tuple[int, int, int]]) -> list[Move]:
         """Move guest clusters (guest, src, dst; dst -1 = past the home area) as one batch:
@@ -265,6 +287,10 @@ class Defragmenter:
             release()
         for m in moves:
             cmap.release(m.src >> bits)
+            if m.home:
+                self._queue.pop(m.guest, None)
+            else:
+                self._queue[m.guest] = m.dst
         self.stats.clusters_moved += len(moves)
         self.stats.bytes_moved += len(moves) * size
         return moves
@@ -347,7 +373,8 @@ class Defragmenter:
         """Rounds until no cluster is left to move, then truncate the free tail."""
         limit = max(1, self.batch_bytes >> self._bits)
         started = time.monotonic()
-        total = max(1, len(self._misplaced(await self._tables(cached_only))))
+        self._queue = dict(await self._misplaced(await self._tables(cached_only)))
+        total = max(1, len(self._queue))
         while True:
             result = await self.round(cached_only=cached_only, limit=limit)
             self.stats.rounds += 1
@@ -407,45 +434,76 @@ class Defragmenter:
 class DefragJob(Job):
     """``job-start type=defrag``: defragment a served image while it is in use.
 
-    Arguments: ``rate`` (bytes moved per second at most; 0: no limit), ``idle``
-    (milliseconds without guest requests to wait for before each step; 0: do not
-    wait), ``batch`` (clusters per step, default 16). Each step searches the L2
+    Arguments: ``rate`` (bytes moved per second at most, k/M/G suffixes; 0: no
+    limit), ``idle`` (milliseconds without guest requests to wait for before each
+    step; 0: do not wait), ``batch`` (clusters per step, default 256). Each step searches the L2
     tables in the cache; when they hold no more work, one full pass reads the others.
     """
 
     type = "defrag"
 
+    @classmethod
+    def parse_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate ``rate`` (bytes per second, size suffixes allowed: "50M"), ``idle``
+        (milliseconds) and ``batch`` (clusters) at job-start."""
+        out: dict[str, Any] = {}
+        for key in arguments:
+            if key not in ("rate", "idle", "batch"):
+                raise InvalidRequestError(f"defrag: unknown argument {key!r} (rate, idle, batch)")
+        try:
+            out["rate"] = parse_size(str(arguments.get("rate", 0) or 0))
+            out["idle"] = float(arguments.get("idle", 0) or 0)
+            out["batch"] = int(arguments.get("batch", DEFAULT_JOB_BATCH))
+        except ValueError as exc:
+            raise InvalidRequestError(f"defrag: {exc}") from None
+        if out["idle"] < 0 or out["batch"] < 1:
+            raise InvalidRequestError("defrag: idle must be >= 0 and batch >= 1")
+        return out
+
     async def work(self) -> dict[str, Any]:
         image = self.image
         if not isinstance(image, QedImage):
             raise JobError(f"{image.filename}: only QED images can be defragmented")
-        rate = float(self.arguments.get("rate", 0) or 0)
-        idle = float(self.arguments.get("idle", 0) or 0) / 1000.0
-        batch = max(1, int(self.arguments.get("batch", 16)))
+        args = self.parse_arguments(self.arguments)
+        rate, idle, batch = args["rate"], args["idle"] / 1000.0, args["batch"]
+        if rate:
+            # Steps of at most a quarter second's worth keep the rate smooth.
+            batch = max(1, min(batch, (rate // 4) >> image.geo.cluster_bits))
         defrag = await Defragmenter.create(image, batch_bytes=batch << image.geo.cluster_bits)
-        total = max(1, len(defrag._misplaced(await defrag._tables(False))))
+        defrag._queue = dict(await defrag._misplaced(await defrag._tables(False)))
+        total = max(1, len(defrag._queue))
         started = time.monotonic()
         cached_only = True
-        while True:
-            await self.checkpoint(min(defrag.stats.clusters_moved, total), total)
-            if idle > 0:
-                await self._wait_idle(idle)
-            result = await defrag.round(cached_only=cached_only, limit=batch)
-            defrag.stats.rounds += 1
-            if result.done:
-                if not cached_only:
-                    break
-                cached_only = False  # the cache is done: one pass over every table
-            elif not cached_only:
-                cached_only = True
-            if rate > 0:
-                ahead = defrag.stats.bytes_moved / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-        defrag.stats.done = True
-        await defrag.compact_tables()
-        await defrag.truncate()
-        await defrag.punch_free()
+        try:
+            while True:
+                await self.checkpoint(min(defrag.stats.clusters_moved, total), total)
+                if idle > 0:
+                    await self._wait_idle(idle)
+                result = await defrag.round(cached_only=cached_only, limit=batch)
+                defrag.stats.rounds += 1
+                if result.done:
+                    if not cached_only:
+                        break
+                    cached_only = False  # the cache is done: one pass over every table
+                elif not cached_only:
+                    cached_only = True
+                while rate > 0:
+                    ahead = defrag.stats.bytes_moved / rate - (time.monotonic() - started)
+                    if ahead <= 0:
+                        break
+                    await asyncio.sleep(min(ahead, 0.05))
+                    # pausing while ahead of the rate: the time paused does not count
+                    paused_at = time.monotonic()
+                    await self.checkpoint(min(defrag.stats.clusters_moved, total), total)
+                    started += time.monotonic() - paused_at
+            defrag.stats.done = True
+            await defrag.compact_tables()
+        finally:
+            # Also when cancelled: cut the free tail and punch the slots moves left,
+            # so a partial run costs no disk space (they stay counted as leaks).
+            with contextlib.suppress(QedError):
+                await defrag.truncate()
+                await defrag.punch_free()
         defrag.stats.seconds = time.monotonic() - started
         await self.checkpoint(total, total)
         return defrag.stats.as_dict()

@@ -95,9 +95,10 @@ class FileStore(ByteStore):
         # unsafe: flush() does nothing (qemu-img's cache=unsafe), for scratch output
         # such as a convert target that is useless after a crash anyway.
         self.unsafe = unsafe
-        # A server sets this so that fdatasync (milliseconds on a real disk) runs on a
+        # A server sets this so that the slow calls (fdatasync, which takes
+        # milliseconds on a real disk, and the bulk copies of defragmentation) run on a
         # worker thread while the event loop goes on serving other requests.
-        self.flush_in_thread = False
+        self.offload = False
         self.name = name
         self._closed = False
         st = os.fstat(fd)
@@ -273,7 +274,12 @@ class FileStore(ByteStore):
         done = 0
         try:
             while done < length:
-                n = os.copy_file_range(self.fd, self.fd, length - done, src + done, dst + done)
+                if self.offload:
+                    n = await asyncio.to_thread(
+                        os.copy_file_range, self.fd, self.fd, length - done, src + done, dst + done
+                    )
+                else:
+                    n = os.copy_file_range(self.fd, self.fd, length - done, src + done, dst + done)
                 if n == 0:  # source past the end of the file: the rest reads as zeros
                     await self.write_zeroes(dst + done, length - done)
                     return
@@ -293,7 +299,7 @@ class FileStore(ByteStore):
         if not self.capabilities.writable or self.unsafe:
             return
         try:
-            if self.flush_in_thread:
+            if self.offload:
                 await asyncio.to_thread(os.fdatasync, self.fd)
             else:
                 os.fdatasync(self.fd)

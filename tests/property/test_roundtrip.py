@@ -16,7 +16,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from qedkit.cli.sizes import parse_size
+from qedkit.format.sizes import parse_size
 from qedkit.errors import FormatError
 from qedkit.format import (
     HEADER_SIZE_BYTES,

@@ -1,4 +1,4 @@
-"""qedkit.cli.sizes.parse_size: sizes as qemu-img and qemu-io read them.
+"""qedkit.format.sizes.parse_size: sizes as qemu-img and qemu-io read them.
 
 Expected values were checked against `qemu-img create -f raw FILE SIZE` (7.2).
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from qedkit.cli.sizes import parse_size
+from qedkit.format.sizes import parse_size
 
 KiB, MiB, GiB, TiB, PiB, EiB = (1 << s for s in (10, 20, 30, 40, 50, 60))
 

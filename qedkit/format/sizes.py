@@ -1,5 +1,7 @@
 """Sizes as qemu-img and qemu-io read them: 4096, 4k, 1.5G, 0x1000 (suffixes binary).
 
+References: qemu-img(1) "size" notes; QEMU util/cutils.c (qemu_strtosz).
+
 Unlike qemu-img 7.2, a hex number with a suffix (0x10k) is refused: QEMU accepts it
 with a deprecation warning and plans to drop it."""
 

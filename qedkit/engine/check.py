@@ -22,8 +22,11 @@ Differences from QEMU, on purpose: the cluster count uses the correct division
 about (cluster_size - 1) clusters), and ``RepairMode.LEAKS`` does not touch
 corruptions (QEMU's ``-r leaks`` repairs them too).
 
-Repair (``RepairMode.ALL``) zeroes invalid L1 and L2 entries, writing each fixed
-table whole, then clears NEED_CHECK if no corruption and no read error remains.
+Repair (``RepairMode.ALL``) first gives every cluster referenced twice a single
+owner (later references get copies), then zeroes invalid L1 and L2 entries, writing
+each fixed table whole, then clears NEED_CHECK if no corruption and no read error
+remains. Duplicates go first so that clearing the "entries" of a cluster that is
+both a table and someone's data never zeroes that data.
 """
 
 from __future__ import annotations
@@ -78,6 +81,11 @@ class CheckReport:
         return 0
 
 
+# What marked a cluster (bits of _Scan.used).
+_TABLE = 1
+_DATA = 2
+
+
 class _Scan:
     def __init__(self, img: QedImage, file_end: int, fix: bool) -> None:
         self.img = img
@@ -95,8 +103,9 @@ class _Scan:
     def note(self, kind: str, offset: int, message: str) -> None:
         self.problems.append(Problem(kind, offset, message))
 
-    def mark(self, offset: int, count: int, what: str) -> int:
-        """Mark ``count`` clusters from ``offset`` used; returns how many were already."""
+    def mark(self, offset: int, count: int, what: str, kind: int = _TABLE) -> int:
+        """Mark ``count`` clusters from ``offset`` used (by a table or as data);
+        returns how many were already."""
         first = offset >> self.geo.cluster_bits
         dups = 0
         for index in range(first, first + count):
@@ -107,7 +116,7 @@ class _Scan:
                     index << self.geo.cluster_bits,
                     f"cluster at {index << self.geo.cluster_bits:#x} is referenced again by {what}",
                 )
-            self.used[index] = 1
+            self.used[index] |= kind
         self.corruptions += dups
         return dups
 
@@ -124,10 +133,16 @@ Checkpoint = Callable[[int, int], Awaitable[None]]
 
 
 async def _scan(
-    img: QedImage, fix: bool, checkpoint: Checkpoint | None = None, strict: bool = False
+    img: QedImage,
+    fix: bool,
+    checkpoint: Checkpoint | None = None,
+    strict: bool = False,
+    data_refs: bytearray | None = None,
 ) -> _Scan:
     """One pass over every table, counting as QEMU counts; with ``fix``, invalid
-    entries are cleared (each fixed table rewritten whole, then the L1).
+    entries are cleared (each fixed table rewritten whole, then the L1), except in a
+    table that ``data_refs`` (an earlier scan's ``used``) says is also someone's data:
+    rewriting it would change that data, so _repair_duplicates clears those.
     ``checkpoint(l1_index, l1_entries)`` is awaited before each L2 table. ``strict``:
     a table that cannot be read or written raises instead of counting as an error."""
     geo = img.geo
@@ -164,6 +179,10 @@ async def _scan(
             scan.check_errors += 1
             scan.note("check-error", l2_offset, f"cannot read L2 table at {l2_offset:#x}: {exc}")
             continue
+        if fix and data_refs is not None:
+            first = l2_offset >> geo.cluster_bits
+            if any(flags & _DATA for flags in data_refs[first : first + geo.table_size]):
+                continue  # also data: not rewritten in place
         if _check_l2(scan, table, l2_offset) and fix:
             try:
                 await img.store.write(l2_offset, pack_table(table))
@@ -221,21 +240,27 @@ async def check_image(
     """
     writable = repair is not None and not img.readonly
     fix = repair is RepairMode.ALL and writable
-    scan = await _scan(img, fix, checkpoint, strict)
+    scan = await _scan(img, False, checkpoint, strict)
     corruptions = scan.corruptions
-    fixed = scan.fixed
+    fixed = 0
     leaks = _leaked(scan) if not scan.check_errors else []
     leak_count = len(leaks)
     leaks_fixed = 0
     if writable and not scan.check_errors:
         async with img._alloc_lock:
             if fix and corruptions:
-                copies = await _repair_duplicates(img)
-                fixed += copies
+                # Invalid entries are cleared (durably) before the duplicate repair
+                # grows the file: judged against a longer file, an entry just past
+                # the old end would become a valid reference to a new copy. Tables
+                # that are also data are left to the duplicate repair, which clears
+                # their invalid entries once the data has its own copy.
+                fixed += (await _scan(img, True, strict=strict, data_refs=scan.used)).fixed
+                await img.store.flush()
+                fixed += await _repair_duplicates(img, scan.file_end)
                 after = await _scan(img, False, strict=strict)
                 corruptions = after.corruptions
                 leaks = _leaked(after) if not after.check_errors else []
-            if not scan.corruptions and not scan.fixed:
+            if not scan.corruptions:
                 # Only on an image without damage: next to a corruption, a leaked
                 # cluster may be the lost target of a damaged entry; it stays until
                 # a later check finds the image otherwise clean.
@@ -263,23 +288,25 @@ async def check_image(
     )
 
 
-async def _repair_duplicates(img: QedImage) -> int:
+async def _repair_duplicates(img: QedImage, file_end: int) -> int:
     """Give every cluster one owner; returns how many references were moved.
 
     Metadata owns its clusters first: the L1 table, then each L2 table in L1 order
     (a table overlapping an earlier one, or the L1, is moved to new clusters). Then
     data: in L1 and L2 order, the first reference keeps a cluster and every later one
     (including one pointing into a table) gets a new cluster holding a copy of the
-    bytes it pointed to, read before anything is rewritten. Order on disk: copies,
-    flush, rewritten L2 tables, flush, L1, flush. Invalid entries must be cleared
-    already. Caller holds the allocation lock.
+    bytes it pointed to, read before anything is rewritten. Invalid entries left
+    (judged against ``file_end``, the file before this repair grew it) are cleared
+    in the same rewrite. Order on disk: copies, flush, rewritten L2 tables, flush,
+    L1, flush. Caller holds the allocation lock. Returns the number of references
+    moved or cleared.
     """
     geo = img.geo
     bits = geo.cluster_bits
     ts = geo.table_size
     store = img.store
     l1 = img.l1_table
-    owned = bytearray(img.file_end >> bits)
+    owned = bytearray(max(file_end, img.file_end) >> bits)
 
     def claim(offset: int, count: int) -> bool:
         first = offset >> bits
@@ -293,8 +320,8 @@ async def _repair_duplicates(img: QedImage) -> int:
     tables: dict[int, tuple[int, array[int]]] = {}  # l1 index -> (offset to write, table)
     rewrite: set[int] = set()
     for l1_index, l2_offset in enumerate(l1):
-        if not l2_offset:
-            continue
+        if not geo.is_valid_table_offset(l2_offset, file_end):
+            continue  # unallocated, or invalid: cleared by the scan before this
         table = unpack_table(await store.read_exact(l2_offset, geo.table_bytes, "L2 table"))
         if not claim(l2_offset, ts):
             l2_offset = img._allocate(ts)  # beyond the old end: owned by construction
@@ -304,8 +331,15 @@ async def _repair_duplicates(img: QedImage) -> int:
     copies: list[tuple[int, int]] = []  # (from, to)
     for l1_index, (_, table) in tables.items():
         for index, entry in enumerate(table):
-            if entry <= L2_ZERO_CLUSTER or entry >> bits >= len(owned) or claim(entry, 1):
-                continue  # unallocated, zero, (invalid: cleared before), or first owner
+            if entry <= L2_ZERO_CLUSTER:
+                continue
+            if not geo.is_valid_cluster_offset(entry, file_end):
+                table[index] = 0
+                moved += 1
+                rewrite.add(l1_index)
+                continue
+            if claim(entry, 1):
+                continue  # the first owner
             new = img._allocate(1)
             copies.append((entry, new))
             table[index] = new
@@ -380,7 +414,7 @@ def _check_l2(scan: _Scan, table: array[int], l2_offset: int) -> bool:
                 table[index] = 0
                 changed = True
             continue
-        scan.mark(entry, 1, f"L2 entry {index} of the table at {l2_offset:#x}")
+        scan.mark(entry, 1, f"L2 entry {index} of the table at {l2_offset:#x}", _DATA)
     return changed
 
 

@@ -62,12 +62,16 @@ class ClusterMap:
         for l1_index, l2_offset in enumerate(img.l1_table):
             if not l2_offset:
                 continue
-            cmap.claim_range(l2_offset >> bits, geo.table_size, META, img)
-            table = await img.get_l2(l1_index)
+            table = await img.get_l2(l1_index)  # validates the L1 entry
             assert table is not None
+            cmap.claim_range(l2_offset >> bits, geo.table_size, META, img)
             base = l1_index * span_clusters
             for index, entry in enumerate(table):
                 if entry > 1:
+                    if not geo.is_valid_cluster_offset(entry, img.file_end):
+                        # Checked before claiming: one flipped high bit must not
+                        # size the map for an offset far past the end of the file.
+                        img._check_data_run(entry, entry, l1_index, index, index)
                     cmap.claim_range(entry >> bits, 1, base + index, img)
         return cmap
 

@@ -44,7 +44,12 @@ from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-from ..errors import CorruptImageError, InvalidRequestError, UnsupportedFeatureError
+from ..errors import (
+    BackingFileError,
+    CorruptImageError,
+    InvalidRequestError,
+    UnsupportedFeatureError,
+)
 from ..format.geometry import (
     DEFAULT_CLUSTER_SIZE,
     DEFAULT_TABLE_SIZE,
@@ -99,7 +104,10 @@ def fill_zero(view: memoryview) -> None:
 
 def full_backing_filename(image_filename: str, backing_name: str) -> str:
     """Resolve a stored backing name as QEMU does: absolute names and URLs as they are,
-    relative names against the directory of the image (not the working directory)."""
+    relative names against the directory of the image (not the working directory).
+    A name holding a NUL byte cannot name a file: BackingFileError."""
+    if "\0" in backing_name:
+        raise BackingFileError(f"backing file name {backing_name!r} contains a NUL byte")
     if os.path.isabs(backing_name) or "://" in backing_name:
         return backing_name
     return os.path.join(os.path.dirname(image_filename), backing_name)

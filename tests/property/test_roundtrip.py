@@ -16,7 +16,6 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from qedkit.format.sizes import parse_size
 from qedkit.errors import FormatError
 from qedkit.format import (
     HEADER_SIZE_BYTES,
@@ -33,6 +32,7 @@ from qedkit.format import (
     qemu_max_image_size,
     unpack_table,
 )
+from qedkit.format.sizes import parse_size
 from qedkit.format.tables import pack_entries
 
 # The profile chosen in conftest.py (fast or thorough), applied to every test here;

@@ -51,7 +51,7 @@ def test_sync_api_refuses_to_run_inside_an_event_loop(tmp_path: Path) -> None:
         img = await aio.open_image(str(path))
         await img.write(0, b"async")
         assert await img.read(0, 5) == b"async"
-        assert [e.data for e in await aio.map_chain(img)][0] is True
+        assert next(e.data for e in await aio.map_chain(img)) is True
         await img.close()
 
     asyncio.run(inside())

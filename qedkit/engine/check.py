@@ -81,11 +81,6 @@ class CheckReport:
         return 0
 
 
-# What marked a cluster (bits of _Scan.used).
-_TABLE = 1
-_DATA = 2
-
-
 class _Scan:
     def __init__(self, img: QedImage, file_end: int, fix: bool) -> None:
         self.img = img
@@ -93,6 +88,8 @@ class _Scan:
         self.file_end = file_end
         self.fix = fix
         self.used = bytearray(file_end >> self.geo.cluster_bits)
+        # Clusters some L2 entry points at, counting the tables the scan skips.
+        self.data = bytearray(len(self.used))
         self.allocated = 0
         self.fragmented = 0
         self.corruptions = 0
@@ -103,9 +100,8 @@ class _Scan:
     def note(self, kind: str, offset: int, message: str) -> None:
         self.problems.append(Problem(kind, offset, message))
 
-    def mark(self, offset: int, count: int, what: str, kind: int = _TABLE) -> int:
-        """Mark ``count`` clusters from ``offset`` used (by a table or as data);
-        returns how many were already."""
+    def mark(self, offset: int, count: int, what: str) -> int:
+        """Mark ``count`` clusters from ``offset`` used; returns how many were already."""
         first = offset >> self.geo.cluster_bits
         dups = 0
         for index in range(first, first + count):
@@ -116,7 +112,7 @@ class _Scan:
                     index << self.geo.cluster_bits,
                     f"cluster at {index << self.geo.cluster_bits:#x} is referenced again by {what}",
                 )
-            self.used[index] |= kind
+            self.used[index] = 1
         self.corruptions += dups
         return dups
 
@@ -141,7 +137,7 @@ async def _scan(
 ) -> _Scan:
     """One pass over every table, counting as QEMU counts; with ``fix``, invalid
     entries are cleared (each fixed table rewritten whole, then the L1), except in a
-    table that ``data_refs`` (an earlier scan's ``used``) says is also someone's data:
+    table that ``data_refs`` (an earlier scan's ``data``) says is also someone's data:
     rewriting it would change that data, so _repair_duplicates clears those.
     ``checkpoint(l1_index, l1_entries)`` is awaited before each L2 table. ``strict``:
     a table that cannot be read or written raises instead of counting as an error."""
@@ -153,6 +149,13 @@ async def _scan(
     l1 = img.l1_table
     l1_fixed = False
 
+    def also_data(offset: int) -> bool:
+        if data_refs is None:
+            return False
+        first = offset >> geo.cluster_bits
+        return any(data_refs[first : first + geo.table_size])
+
+    l1_also_data = fix and also_data(header.l1_table_offset)
     scan.mark(header.l1_table_offset, geo.table_size, "the L1 table")
     for l1_index in range(len(l1)):
         l2_offset = l1[l1_index]
@@ -162,6 +165,8 @@ async def _scan(
             await checkpoint(l1_index, len(l1))
         where = header.l1_table_offset + 8 * l1_index
         if not geo.is_valid_table_offset(l2_offset, file_end):
+            if l1_also_data:
+                continue  # not rewritten in place
             scan.invalid(
                 where, f"L1 entry {l1_index} at {where}: invalid L2 table offset {l2_offset:#x}"
             )
@@ -170,6 +175,8 @@ async def _scan(
                 l1_fixed = True
             continue
         if scan.mark(l2_offset, geo.table_size, f"the L2 table of L1 entry {l1_index}"):
+            if not fix:  # not counted (as QEMU), but its data references are noted
+                await _note_data(scan, l2_offset, strict)
             continue
         try:
             table = unpack_table(await img.store.read_exact(l2_offset, geo.table_bytes, "L2 table"))
@@ -179,10 +186,8 @@ async def _scan(
             scan.check_errors += 1
             scan.note("check-error", l2_offset, f"cannot read L2 table at {l2_offset:#x}: {exc}")
             continue
-        if fix and data_refs is not None:
-            first = l2_offset >> geo.cluster_bits
-            if any(flags & _DATA for flags in data_refs[first : first + geo.table_size]):
-                continue  # also data: not rewritten in place
+        if fix and also_data(l2_offset):
+            continue  # not rewritten in place
         if _check_l2(scan, table, l2_offset) and fix:
             try:
                 await img.store.write(l2_offset, pack_table(table))
@@ -204,6 +209,23 @@ async def _scan(
             scan.check_errors += 1
             scan.note("check-error", header.l1_table_offset, f"cannot write the L1 table: {exc}")
     return scan
+
+
+async def _note_data(scan: _Scan, l2_offset: int, strict: bool) -> None:
+    """Note the data references of a table the scan does not count (``strict``: a
+    read error raises; otherwise the table's other reference shows it)."""
+    geo = scan.geo
+    try:
+        table = unpack_table(
+            await scan.img.store.read_exact(l2_offset, geo.table_bytes, "L2 table")
+        )
+    except QedError:
+        if strict:
+            raise
+        return
+    for entry in table:
+        if geo.is_valid_cluster_offset(entry, scan.file_end):
+            scan.data[entry >> geo.cluster_bits] = 1
 
 
 def _leaked(scan: _Scan) -> list[int]:
@@ -254,7 +276,7 @@ async def check_image(
                 # the old end would become a valid reference to a new copy. Tables
                 # that are also data are left to the duplicate repair, which clears
                 # their invalid entries once the data has its own copy.
-                fixed += (await _scan(img, True, strict=strict, data_refs=scan.used)).fixed
+                fixed += (await _scan(img, True, strict=strict, data_refs=scan.data)).fixed
                 await img.store.flush()
                 fixed += await _repair_duplicates(img, scan.file_end)
                 after = await _scan(img, False, strict=strict)
@@ -319,9 +341,14 @@ async def _repair_duplicates(img: QedImage, file_end: int) -> int:
     moved = 0
     tables: dict[int, tuple[int, array[int]]] = {}  # l1 index -> (offset to write, table)
     rewrite: set[int] = set()
+    l1_changed = False
     for l1_index, l2_offset in enumerate(l1):
         if not geo.is_valid_table_offset(l2_offset, file_end):
-            continue  # unallocated, or invalid: cleared by the scan before this
+            if l2_offset:  # invalid, left by the scan because the L1 is also data
+                l1[l1_index] = 0
+                l1_changed = True
+                moved += 1
+            continue
         table = unpack_table(await store.read_exact(l2_offset, geo.table_bytes, "L2 table"))
         if not claim(l2_offset, ts):
             l2_offset = img._allocate(ts)  # beyond the old end: owned by construction
@@ -352,7 +379,6 @@ async def _repair_duplicates(img: QedImage, file_end: int) -> int:
         l2_offset, table = tables[l1_index]
         await store.write(l2_offset, pack_table(table))
     await store.flush()
-    l1_changed = False
     for l1_index in rewrite:
         if l1[l1_index] != tables[l1_index][0]:
             l1[l1_index] = tables[l1_index][0]
@@ -414,7 +440,8 @@ def _check_l2(scan: _Scan, table: array[int], l2_offset: int) -> bool:
                 table[index] = 0
                 changed = True
             continue
-        scan.mark(entry, 1, f"L2 entry {index} of the table at {l2_offset:#x}", _DATA)
+        scan.mark(entry, 1, f"L2 entry {index} of the table at {l2_offset:#x}")
+        scan.data[entry >> geo.cluster_bits] = 1
     return changed
 
 

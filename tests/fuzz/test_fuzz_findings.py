@@ -25,6 +25,9 @@ behaviour (see test_fuzz_images.py for the fuzzer itself).
    (offset / cluster size) entries: MemoryError, not a QedError, for a huge
    offset, and for offsets of a few TiB gigabytes of memory filled before
    ``get_l2`` would have rejected the entry.
+5. ``check -r all`` changes guest data that an L2 entry reads from the L1 table
+   itself: clearing an invalid L1 entry rewrote the L1 in place before the
+   duplicate repair gave that data reference its own copy.
 """
 
 from __future__ import annotations
@@ -135,6 +138,30 @@ def test_repair_keeps_data_that_an_l1_entry_also_points_at(tmp_path: Path) -> No
         img.check("all")
     with qedkit.open(str(path), readonly=True) as img:
         assert img.read(4 * MiB, 8192) == b"\x22" * 8192, "check -r all destroyed guest data"
+        assert img.check().corruptions == 0
+
+
+# ---- 5. check -r all changes data an L2 entry reads from the L1 table ----------------------
+
+
+def test_repair_keeps_data_that_an_l2_entry_reads_from_the_l1_table(tmp_path: Path) -> None:
+    path = tmp_path / "l2-at-l1.qed"
+    qedkit.create(str(path), 8 * MiB, cluster_size=4096, table_size=2)  # 4 MiB per L2
+    with qedkit.open(str(path)) as img:
+        img.write(0, b"\x11" * 4096)
+        img.write(4 * MiB, b"\x22" * 4096)
+    data = path.read_bytes()
+    l1 = unpack_table(data[4096 : 4096 + 8192])
+    _patch(path, 4096, "<Q", l1[0] | 1)  # L1 entry 0: unaligned, invalid
+    _patch(path, l1[1], "<Q", 4096)  # guest 4 MiB now reads the L1 table's first cluster
+    with qedkit.open(str(path), readonly=True) as img:
+        before = img.read(4 * MiB, 4096)
+    assert before[:8] == (l1[0] | 1).to_bytes(8, "little")
+
+    with qedkit.open(str(path), auto_repair=False) as img:
+        img.check("all")
+    with qedkit.open(str(path), readonly=True) as img:
+        assert img.read(4 * MiB, 4096) == before, "check -r all changed guest data"
         assert img.check().corruptions == 0
 
 

@@ -72,8 +72,10 @@ class Image:
 
     def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
         """Fill ``buf`` from ``offset``; returns ``len(buf)``."""
-        run(self.engine.readinto(offset, buf))
-        return len(buf)
+        view = memoryview(buf).cast("B")
+        if not self.engine.readinto_now(offset, view):  # no event loop round trip
+            run(self.engine.readinto(offset, view))
+        return len(view)
 
     def write(self, offset: int, data: _Buffer) -> None:
         run(self.engine.write(offset, data))

@@ -95,6 +95,12 @@ class BlockImage(ABC):
         NBD server's fast path for reads."""
         return None
 
+    def readinto_now(self, offset: int, view: memoryview) -> bool:
+        """Fill ``view`` at once if the driver can without waiting (as read_now);
+        False (``view`` untouched or partly filled) means use ``readinto``. The
+        synchronous API's fast path."""
+        return False
+
     @abstractmethod
     async def write(self, offset: int, data: Buffer) -> None: ...
 

@@ -157,6 +157,9 @@ class QedImage(BlockImage):
         self.data_start = layout_data_start(self)
         self._pread_now: Callable[[int, int], bytes] | None = getattr(store, "pread_now", None)
         self._pwrite_now: Callable[[int, Buffer], None] | None = getattr(store, "pwrite_now", None)
+        self._preadinto_now: Callable[[int, memoryview], int] | None = getattr(
+            store, "preadinto_now", None
+        )
         # Geometry constants of the hot path, as plain attributes.
         geo = self.geo
         self._cluster_bits = geo.cluster_bits
@@ -499,6 +502,14 @@ class QedImage(BlockImage):
             return None
         data = pread(host, length)
         return data if len(data) == length else None
+
+    def readinto_now(self, offset: int, view: memoryview) -> bool:
+        preadinto = self._preadinto_now
+        n = len(view)
+        if preadinto is None or n <= 0 or offset < 0 or offset + n > self.header.image_size:
+            return False
+        host = self._contiguous_host(offset, offset + n)
+        return host >= 0 and preadinto(host, view) == n
 
     def write_now(self, offset: int, data: Buffer) -> bool:
         pwrite = self._pwrite_now

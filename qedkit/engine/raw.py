@@ -44,6 +44,13 @@ class RawImage(BlockImage):
         data: bytes = pread(offset, length)
         return data if len(data) == length else None
 
+    def readinto_now(self, offset: int, view: memoryview) -> bool:
+        preadinto = getattr(self.store, "preadinto_now", None)
+        n = len(view)
+        if preadinto is None or n <= 0 or offset < 0 or offset + n > self._size:
+            return False
+        return bool(preadinto(offset, view) == n)
+
     def write_now(self, offset: int, data: Buffer) -> bool:
         pwrite = getattr(self.store, "pwrite_now", None)
         if pwrite is None or self.readonly or offset < 0 or offset + len(data) > self._size:

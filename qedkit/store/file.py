@@ -162,6 +162,14 @@ class FileStore(ByteStore):
                 self.name, f"read of {length} bytes at offset {offset} failed", exc
             ) from exc
 
+    def preadinto_now(self, offset: int, view: memoryview) -> int:
+        """Synchronous read into ``view`` (hot paths, like pread_now); returns the
+        bytes read, short only at the end of the file."""
+        try:
+            return os.preadv(self.fd, [view], offset)
+        except OSError as exc:
+            raise _store_error(self.name, f"read at offset {offset} failed", exc) from exc
+
     def pwrite_now(self, offset: int, data: Buffer) -> None:
         """Synchronous write of ``data`` (hot paths, like pread_now)."""
         self._check_writable()

@@ -59,3 +59,31 @@ def test_sync_api_refuses_to_run_inside_an_event_loop(tmp_path: Path) -> None:
         assert img.read(0, 5) == b"async"
         assert repr(img).startswith("<qedkit.Image ")
         assert img.format == "qed" and img.cluster_size == 65536
+
+
+@pytest.mark.parametrize("fmt", ["qed", "raw"])
+def test_readinto_of_mapped_data_skips_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    path = str(tmp_path / f"disk.{fmt}")
+    qedkit.create(path, 1 << 20, format=fmt, cluster_size=4096)
+    with qedkit.open(path) as img:
+        img.write(0, bytes(range(256)) * 64)  # 4 clusters, allocated in order
+        img.write(65536, b"\x07" * 4096)
+    with qedkit.open(path, readonly=True) as img:
+        buf = bytearray(16384)
+        img.readinto(0, buf)  # loads the L2 table
+        assert buf == bytes(range(256)) * 64
+
+        async def no_loop(*args: object) -> None:
+            raise AssertionError("took the event loop")
+
+        monkeypatch.setattr(img.engine, "readinto", no_loop)
+        buf = bytearray(12288)
+        assert img.readinto(4096, buf) == 12288
+        assert buf == (bytes(range(256)) * 64)[4096:]
+        monkeypatch.undo()
+        if fmt == "qed":  # a hole and data: the general path, same bytes
+            buf = bytearray(8192)
+            img.readinto(61440, buf)
+            assert buf == bytes(4096) + b"\x07" * 4096

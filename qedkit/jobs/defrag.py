@@ -126,6 +126,10 @@ class Defragmenter:
     # current as moves happen, so that a round costs O(batch), not a scan of every
     # table; rescanned when it runs dry.
     _queue: dict[int, int] = field(default_factory=dict)
+    # Guests of the queue whose home slot was free when last seen: the homecomings
+    # of the next rounds, found without walking the queue (a slot a move frees is
+    # the home of at most one guest).
+    _ready: list[int] = field(default_factory=list)
 
     @classmethod
     async def create(cls, img: QedImage, batch_bytes: int = DEFAULT_BATCH_BYTES) -> Defragmenter:
@@ -178,6 +182,25 @@ class Defragmenter:
             await asyncio.sleep(0)
         return out
 
+    async def load_queue(self, cached_only: bool) -> int:
+        """Scan for misplaced clusters (the queue the rounds work through); returns
+        how many there are."""
+        self._set_queue(dict(await self._misplaced(await self._tables(cached_only))))
+        return len(self._queue)
+
+    def _set_queue(self, queue: dict[int, int]) -> None:
+        self._queue = queue
+        cmap = self.cmap
+        bits = self._bits
+        self._ready = [g for g in queue if cmap.get(self.home(g) >> bits) == FREE]
+        self._ready.reverse()  # popped from the end: guest order
+
+    def _freed(self, slot: int) -> None:
+        """``slot`` became free: its guest, if misplaced, can come home."""
+        guest = (slot - self.img.data_start) >> self._bits
+        if guest >= 0 and guest in self._queue:
+            self._ready.append(guest)
+
     # ---- one round -----------------------------------------------------------------
 
     async def round(self, *, cached_only: bool, limit: int) -> StepResult:
@@ -185,32 +208,47 @@ class Defragmenter:
         homecomings). ``cached_only``: look only at L2 tables already in the cache
         (an online step must not read tables to find work)."""
         if not self._queue:
-            self._queue = dict(await self._misplaced(await self._tables(cached_only)))
+            await self.load_queue(cached_only)
         queue = self._queue
         cmap = self.cmap
         bits = self._bits
         homecomings: list[tuple[int, int, int]] = []
+        chosen: set[int] = set()
+        ready = self._ready
+        while ready and len(homecomings) < limit:
+            guest = ready.pop()
+            src = queue.get(guest)
+            home = self.home(guest)
+            if src is not None and guest not in chosen and cmap.get(home >> bits) == FREE:
+                homecomings.append((guest, src, home))
+                chosen.add(guest)
         blocked: list[tuple[int, int, int]] = []  # (guest, src, occupant guest)
         meta_blocked = 0
-        for guest, src in queue.items():
-            home = self.home(guest)
-            owner = cmap.get(home >> bits)
-            if owner == FREE:
-                if len(homecomings) < limit:
-                    homecomings.append((guest, src, home))
-            elif owner == META:
-                meta_blocked += 1
-            elif owner >= 0 and len(blocked) < limit:
-                blocked.append((guest, src, owner))
-            if len(homecomings) >= limit and len(blocked) >= limit:
-                break
+        if len(homecomings) < max(1, int(limit * EVICT_WHEN_BELOW)):
+            # Few homecomings ready: walk the queue for evictions (and free homes
+            # the ready list missed), only until a batch of them is found.
+            for guest, src in queue.items():
+                home = self.home(guest)
+                owner = cmap.get(home >> bits)
+                if owner == FREE:
+                    if len(homecomings) < limit and guest not in chosen:
+                        homecomings.append((guest, src, home))
+                        chosen.add(guest)
+                elif owner == META:
+                    meta_blocked += 1
+                elif owner >= 0:
+                    blocked.append((guest, src, owner))
+                    if len(blocked) >= limit:
+                        break
         if meta_blocked and not homecomings:
             tables = await self.move_tables()
             if tables:
+                self._set_queue(queue)  # the tables left home slots free
                 return StepResult((), tables, done=False)
         if not homecomings and not blocked:
             tables = await self.move_tables()
             if tables:
+                self._set_queue(queue)  # the tables left home slots free
                 return StepResult((), tables, done=False)
             if queue:  # stale entries only (changed since the scan): look again
                 self._queue = {}
@@ -291,6 +329,8 @@ class Defragmenter:
                 self._queue.pop(m.guest, None)
             else:
                 self._queue[m.guest] = m.dst
+        for m in moves:
+            self._freed(m.src)
         self.stats.clusters_moved += len(moves)
         self.stats.bytes_moved += len(moves) * size
         return moves
@@ -373,8 +413,7 @@ class Defragmenter:
         """Rounds until no cluster is left to move, then truncate the free tail."""
         limit = max(1, self.batch_bytes >> self._bits)
         started = time.monotonic()
-        self._queue = dict(await self._misplaced(await self._tables(cached_only)))
-        total = max(1, len(self._queue))
+        total = max(1, await self.load_queue(cached_only))
         while True:
             result = await self.round(cached_only=cached_only, limit=limit)
             self.stats.rounds += 1
@@ -470,8 +509,7 @@ class DefragJob(Job):
             # Steps of at most a quarter second's worth keep the rate smooth.
             batch = max(1, min(batch, (rate // 4) >> image.geo.cluster_bits))
         defrag = await Defragmenter.create(image, batch_bytes=batch << image.geo.cluster_bits)
-        defrag._queue = dict(await defrag._misplaced(await defrag._tables(False)))
-        total = max(1, len(defrag._queue))
+        total = max(1, await defrag.load_queue(False))
         started = time.monotonic()
         cached_only = True
         try:

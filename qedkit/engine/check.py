@@ -248,8 +248,8 @@ async def check_image(
 
     * ``ALL``: clear invalid L1/L2 entries (those of a table that is also someone's
       data only once that data has its own copy); give every duplicate reference its
-      own copy of the cluster it pointed to (so each keeps the bytes it had); clear
-      NEED_CHECK when no corruption remains.
+      own copy of the cluster it pointed to (so each keeps the bytes it had); reclaim
+      leaks as below; clear NEED_CHECK when no corruption remains.
     * ``LEAKS``: truncate leaked clusters at the end of the file (counted as
       leaks-fixed) and punch holes in the others (they keep being counted as leaks,
       by any QED checker, since the file still spans them). Leaks are reclaimed only

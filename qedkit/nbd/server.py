@@ -154,6 +154,20 @@ class _Connection(asyncio.Protocol):
         self._send_handshake()
 
     def data_received(self, data: bytes) -> None:
+        if self.served is not None and not self._reading_paused and not self.closing:
+            # One whole READ or WRITE in this chunk (the usual case at low queue
+            # depth): no buffering, no parser loop.
+            event = self.conn.receive_request(data)
+            if event is not None:
+                try:
+                    if isinstance(event, p.Read):
+                        if not self._read_now(event):
+                            self._dispatch(event)
+                    elif not self._write_now(event):
+                        self._dispatch(event)
+                finally:
+                    self._flush_out()
+                return
         try:
             self.conn.receive_data(data)
         except p.LocalProtocolError as exc:  # bytes while TLS is pending

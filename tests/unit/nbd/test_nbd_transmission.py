@@ -485,3 +485,80 @@ def test_eof_between_requests_is_a_clean_close() -> None:
     assert conn.inflight == 1  # still answerable
     conn.reply_error(1, EINVAL)
     assert conn.inflight == 0
+
+
+# ---- the one-chunk fast lane (receive_request) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        request(CMD_READ, cookie=7, offset=4096, length=4096),
+        request(CMD_READ, cookie=8, offset=0, length=0),
+        request(CMD_WRITE, cookie=9, offset=512, payload=PAYLOAD),
+        request(CMD_WRITE, cookie=10, offset=SIZE - 4, payload=b"last"),
+    ],
+    ids=["read", "read-empty", "write", "write-at-the-end"],
+)
+def test_fast_lane_gives_the_event_and_reply_of_the_general_path(message: bytes) -> None:
+    fast, slow = full(), full()
+    event = fast.receive_request(message)
+    assert event is not None
+    assert [event] == feed(slow, message)
+    assert fast.inflight == slow.inflight == 1
+    if isinstance(event, Read):
+        replies = [c.reply_read(event.cookie, bytes(event.length)) for c in (fast, slow)]
+    else:
+        replies = [c.reply_ok(event.cookie) for c in (fast, slow)]
+    assert b"".join(replies[0]) == b"".join(replies[1])
+    assert fast.inflight == slow.inflight == 0
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [request(CMD_READ, flags=FLAG_FUA, length=512)],  # flags: the general path
+        [request(CMD_WRITE, payload=PAYLOAD)[:-1]],  # payload not whole
+        [request(CMD_WRITE, payload=PAYLOAD) + FLUSH_NEXT],  # more than one request
+        [request(CMD_READ, length=512) + FLUSH_NEXT],
+        [request(CMD_READ, length=512)[:10], request(CMD_READ, length=512)[10:]],
+        [request(CMD_WRITE, offset=SIZE - 1, payload=b"ab")],  # refused: past the end
+        [request(CMD_READ, length=MiB + 1)],  # refused: over the block size
+        [request(CMD_FLUSH)],
+        [request(CMD_READ, length=512, magic=0x12345678)],  # a violation
+    ],
+    ids=[
+        "flags",
+        "partial-payload",
+        "write-then-flush",
+        "read-then-flush",
+        "split-header",
+        "past-the-end",
+        "too-long",
+        "flush",
+        "bad-magic",
+    ],
+)
+def test_fast_lane_leaves_everything_else_to_the_general_path(chunks: list[bytes]) -> None:
+    fast, slow = full(), full()
+    outcomes: list[object] = []
+    for conn in (fast, slow):
+        try:
+            events = []
+            for chunk in chunks:
+                if conn is fast:
+                    assert conn.receive_request(chunk) is None
+                events += feed(conn, chunk)
+            outcomes.append(events)
+        except RemoteProtocolError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_fast_lane_is_closed_on_a_read_only_export_for_writes_and_while_shutting_down() -> None:
+    conn = transmission(Export("ro", SIZE, read_only=True))
+    assert conn.receive_request(request(CMD_WRITE, payload=b"data")) is None
+    assert conn.receive_request(request(CMD_READ, length=4)) is not None
+    conn = full()
+    conn.start_shutdown()
+    assert conn.receive_request(request(CMD_READ, length=4)) is None

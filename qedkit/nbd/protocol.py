@@ -1699,6 +1699,9 @@ class ServerConnection:
                 self._inflight_count += 1
                 if command == _CMD_READ:
                     return Read(cookie=cookie, offset=offset, length=length, fua=False, df=False)
+                if len(self._buffer) >= length:  # the payload is here already
+                    data = memoryview(self._buffer.take(length))
+                    return Write(cookie=cookie, offset=offset, length=length, fua=False, data=data)
 
                 def written_fast(data: memoryview) -> Event:
                     return Write(cookie=cookie, offset=offset, length=length, fua=False, data=data)

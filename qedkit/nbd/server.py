@@ -441,7 +441,10 @@ class _Connection(asyncio.Protocol):
     def _write(self, buffers: Sequence[p.Buffer]) -> None:
         """Queue a reply; ``_flush_out`` sends the queue (or this, if it grew large)."""
         self._out.extend(buffers)
-        self._out_bytes += sum(len(b) for b in buffers)
+        if len(buffers) == 1:  # a simple reply: the common case
+            self._out_bytes += len(buffers[0])
+        else:
+            self._out_bytes += sum(len(b) for b in buffers)
         if self._out_bytes >= _OUT_BATCH:
             self._flush_out()
 

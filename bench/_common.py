@@ -7,6 +7,7 @@ sys.path, so `python bench/bench_X.py` finds it from any working directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import mmap
 import os
@@ -15,7 +16,8 @@ import resource
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,27 @@ def sync() -> None:
 def remove(*paths: Path) -> None:
     for p in paths:
         p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def work_dir(path: Path | None, prefix: str, *, keep: bool, files: Iterable[str]) -> Iterator[Path]:
+    """The benchmark's work directory: ``path`` (made if missing) or, when None, a new
+    temporary directory under /var/tmp. At the end it is kept as it is with ``keep``;
+    otherwise a temporary directory is removed, and in a given one only ``files`` and
+    the bytecode cache go (a later ``--keep`` run may have left other things there)."""
+    created = path is None
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")) if path is None else path.resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        yield d
+    finally:
+        if keep:
+            print(f"\nkept {d}")
+        elif created:
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            remove(*(d / name for name in files))
+            shutil.rmtree(d / "pycache", ignore_errors=True)
 
 
 def new_buffer(size: int) -> mmap.mmap:

@@ -30,7 +30,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -55,6 +54,7 @@ from _common import (
     remove,
     sync,
     warm,
+    work_dir,
 )
 
 import qedkit
@@ -307,31 +307,18 @@ def main() -> int:
     if not shutil.which("qemu-img"):
         ap.error("qemu-img not found")
 
-    created_dir = args.dir is None
-    if created_dir:
-        d = Path(tempfile.mkdtemp(prefix="qedkit-bench-", dir="/var/tmp"))
-    else:
-        d = args.dir.resolve()
-        d.mkdir(parents=True, exist_ok=True)
     qed = qed_command(args.qed)
     global ENV
-    if args.inherit_bytecode_env:
-        flag = os.environ.get("PYTHONDONTWRITEBYTECODE", "")
-        bytecode = f"inherited environment (PYTHONDONTWRITEBYTECODE={flag})"
-    else:
-        ENV, bytecode = bytecode_env(d)
-    size = args.size
-    outputs = [d / n for n in ("out-qemu.qed", "out-qed.qed", "out-qemu.raw", "out-qed.raw")]
-    try:
-        return bench(args, d, qed, size, outputs, bytecode)
-    finally:
-        if args.keep:
-            print(f"\nkept {d}")
-        elif created_dir:
-            shutil.rmtree(d, ignore_errors=True)
+    names = ("out-qemu.qed", "out-qed.qed", "out-qemu.raw", "out-qed.raw")
+    files = (*names, *SOURCES, "sources.json")
+    with work_dir(args.dir, "qedkit-bench-", keep=args.keep, files=files) as d:
+        if args.inherit_bytecode_env:
+            flag = os.environ.get("PYTHONDONTWRITEBYTECODE", "")
+            bytecode = f"inherited environment (PYTHONDONTWRITEBYTECODE={flag})"
         else:
-            remove(*outputs, *(d / n for n in (*SOURCES, "sources.json")))
-            shutil.rmtree(d / "pycache", ignore_errors=True)
+            ENV, bytecode = bytecode_env(d)
+        outputs = [d / n for n in names]
+        return bench(args, d, qed, args.size, outputs, bytecode)
 
 
 def bench(

@@ -40,7 +40,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ from _common import (
     remove,
     sync,
     warm,
+    work_dir,
 )
 from bench_convert import read_api, read_raw
 from bench_nbd import Server
@@ -459,26 +459,11 @@ def main() -> int:
         if not shutil.which(tool):
             ap.error(f"{tool} not found")
 
-    created_dir = args.dir is None
-    if created_dir:
-        d = Path(tempfile.mkdtemp(prefix="qedkit-defrag-", dir="/var/tmp"))
-    else:
-        d = args.dir.resolve()
-        d.mkdir(parents=True, exist_ok=True)
-    if len(str(d / "online.sock")) > 100:
-        ap.error(f"work directory path too long for a unix socket: {d}")
-    try:
+    files = (SRC, FRAG, DEFRAG, ONLINE, "images.json", "fio.json", "serve.log", "online.log")
+    with work_dir(args.dir, "qedkit-defrag-", keep=args.keep, files=files) as d:
+        if len(str(d / "online.sock")) > 100:
+            ap.error(f"work directory path too long for a unix socket: {d}")
         return bench(args, d)
-    finally:
-        if args.keep:
-            print(f"\nkept {d}")
-        elif created_dir:
-            shutil.rmtree(d, ignore_errors=True)
-        else:
-            for name in (SRC, FRAG, DEFRAG, ONLINE, "images.json", "fio.json",
-                         "serve.log", "online.log"):  # fmt: skip
-                remove(d / name)
-            shutil.rmtree(d / "pycache", ignore_errors=True)
 
 
 def bench(args: argparse.Namespace, d: Path) -> int:

@@ -36,7 +36,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +60,7 @@ from _common import (
     sh,
     sync,
     warm,
+    work_dir,
 )
 
 IMAGE = "img.qed"
@@ -315,25 +315,11 @@ def main() -> int:
         if not shutil.which(tool):
             ap.error(f"{tool} not found")
 
-    created_dir = args.dir is None
-    if created_dir:
-        d = Path(tempfile.mkdtemp(prefix="qedkit-nbd-", dir="/var/tmp"))
-    else:
-        d = args.dir.resolve()
-        d.mkdir(parents=True, exist_ok=True)
-    if len(str(d / "qed.sock")) > 100:
-        ap.error(f"work directory path too long for a unix socket: {d}")
-    try:
+    files = (IMAGE, SOURCE, "fio.json", "prof.out", "qemu-nbd.log", "qed.log")
+    with work_dir(args.dir, "qedkit-nbd-", keep=args.keep, files=files) as d:
+        if len(str(d / "qed.sock")) > 100:
+            ap.error(f"work directory path too long for a unix socket: {d}")
         return bench(args, d)
-    finally:
-        if args.keep:
-            print(f"\nkept {d}")
-        elif created_dir:
-            shutil.rmtree(d, ignore_errors=True)
-        else:
-            for name in (IMAGE, SOURCE, "fio.json", "prof.out", "qemu-nbd.log", "qed.log"):
-                remove(d / name)
-            shutil.rmtree(d / "pycache", ignore_errors=True)
 
 
 def prepare(d: Path, size: int) -> None:

@@ -1340,25 +1340,10 @@ class ServerConnection:
         ):
             return None
         magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(data)
-        if command == _CMD_READ:
-            if size != _REQUEST_SIZE:
-                return None
-        elif command != _CMD_WRITE or size != _REQUEST_SIZE + length:
+        if size != _REQUEST_SIZE + (length if command == _CMD_WRITE else 0):
             return None
-        if flags or magic != REQUEST_MAGIC:
-            return None
-        export = self._export
-        if (
-            export is None
-            or self._shutting_down
-            or offset + length > export.size
-            or length > export.max_block_size
-            or export.min_block_size != 1
-            or (command == _CMD_WRITE and export.read_only)
-        ):
-            return None  # the general path refuses it with the right error
-        self._inflight.setdefault(cookie, []).append(_InFlight(command, offset, length, 0, True))
-        self._inflight_count += 1
+        if not self._accept_fast(magic, flags, command, cookie, offset, length):
+            return None  # the general path handles it (or refuses it with the right error)
         if command == _CMD_READ:
             return Read(cookie=cookie, offset=offset, length=length, fua=False, df=False)
         payload = memoryview(data)[_REQUEST_SIZE:]
@@ -1678,36 +1663,43 @@ class ServerConnection:
     def _on_request_header(self, raw: bytes) -> Event | None:
         return self._on_request(*_REQUEST.unpack(raw))
 
+    def _accept_fast(
+        self, magic: int, flags: int, command: int, cookie: int, offset: int, length: int
+    ) -> bool:
+        """The fast path for the bulk of traffic, READ and WRITE without flags: the
+        checks of _request_refusal that can fail for them, in the same order. True:
+        the request is valid and now tracked as in flight; False: nothing happened."""
+        if flags or magic != REQUEST_MAGIC or (command != _CMD_READ and command != _CMD_WRITE):
+            return False
+        export = self._export
+        if (
+            export is None
+            or self._shutting_down
+            or offset + length > export.size
+            or length > export.max_block_size
+            or export.min_block_size != 1
+            or (command == _CMD_WRITE and export.read_only)
+        ):
+            return False
+        self._inflight.setdefault(cookie, []).append(_InFlight(command, offset, length, 0, True))
+        self._inflight_count += 1
+        return True
+
     def _on_request(
         self, magic: int, flags: int, command: int, cookie: int, offset: int, length: int
     ) -> Event | None:
-        # Fast path for the bulk of traffic, READ and WRITE without flags: the checks
-        # of _request_refusal that can fail for them, in the same order.
-        if not flags and magic == REQUEST_MAGIC and command in (_CMD_READ, _CMD_WRITE):
-            export = self._export
-            if (
-                export is not None
-                and not self._shutting_down
-                and offset + length <= export.size
-                and length <= export.max_block_size
-                and export.min_block_size == 1
-                and (command == _CMD_READ or not export.read_only)
-            ):
-                self._inflight.setdefault(cookie, []).append(
-                    _InFlight(command, offset, length, 0, True)
-                )
-                self._inflight_count += 1
-                if command == _CMD_READ:
-                    return Read(cookie=cookie, offset=offset, length=length, fua=False, df=False)
-                if len(self._buffer) >= length:  # the payload is here already
-                    data = memoryview(self._buffer.take(length))
-                    return Write(cookie=cookie, offset=offset, length=length, fua=False, data=data)
+        if self._accept_fast(magic, flags, command, cookie, offset, length):
+            if command == _CMD_READ:
+                return Read(cookie=cookie, offset=offset, length=length, fua=False, df=False)
+            if len(self._buffer) >= length:  # the payload is here already
+                data = memoryview(self._buffer.take(length))
+                return Write(cookie=cookie, offset=offset, length=length, fua=False, data=data)
 
-                def written_fast(data: memoryview) -> Event:
-                    return Write(cookie=cookie, offset=offset, length=length, fua=False, data=data)
+            def written_fast(data: memoryview) -> Event:
+                return Write(cookie=cookie, offset=offset, length=length, fua=False, data=data)
 
-                self._pending = _Payload(length, written_fast)
-                return None
+            self._pending = _Payload(length, written_fast)
+            return None
         if magic != REQUEST_MAGIC:
             raise RemoteProtocolError(f"bad request magic {magic:#010x}")
         if command == Cmd.DISC:

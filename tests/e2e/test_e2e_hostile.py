@@ -103,6 +103,30 @@ HANDSHAKE_ABUSE: dict[str, Callable[[RawClient], None]] = {
 }
 
 
+def send_flood(
+    sock: socket.socket, burst: bytes, pid: int, *, seconds: float, stalled: float
+) -> tuple[int, int]:
+    """Send ``burst`` again and again for ``seconds`` without reading anything, or until
+    the server has not taken a byte for ``stalled`` seconds (it stopped reading: what
+    a bounded server must do). Returns the bytes sent and the server's peak RSS (KiB)."""
+    sock.setblocking(False)
+    sent = peak = 0
+    deadline = time.monotonic() + seconds
+    blocked_since: float | None = None
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(burst)
+            blocked_since = None
+        except BlockingIOError:
+            now = time.monotonic()
+            blocked_since = blocked_since or now
+            if now - blocked_since > stalled:
+                break
+            time.sleep(0.01)
+        peak = max(peak, rss_kib(pid))
+    return sent, peak
+
+
 @pytest.mark.parametrize("abuse", list(HANDSHAKE_ABUSE))
 def test_handshake_abuse_drops_that_client_and_others_are_served(
     abuse: str, serve: ServerFactory, disk: Disk, qemu: Qemu
@@ -298,24 +322,9 @@ def test_flooding_client_that_never_reads_replies_cannot_grow_server_memory(
     baseline = rss_kib(server.pid)
 
     flood = server.client()
-    flood.sock.setblocking(False)
     request = struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, 1, 0, MAX_PAYLOAD)
-    sent = 0
-    peak = baseline
-    deadline = time.monotonic() + 3.0
-    blocked_since: float | None = None
-    burst = request * 64
-    while time.monotonic() < deadline:
-        try:
-            sent += flood.sock.send(burst)
-            blocked_since = None
-        except BlockingIOError:
-            now = time.monotonic()
-            blocked_since = blocked_since or now
-            if now - blocked_since > 1.0:
-                break  # the server stopped reading: what we wanted
-            time.sleep(0.01)
-        peak = max(peak, rss_kib(server.pid))
+    sent, peak = send_flood(flood.sock, request * 64, server.pid, seconds=3.0, stalled=1.0)
+    peak = max(peak, baseline)
     requests = sent // len(request)
     asked = requests * MAX_PAYLOAD
     # the flood asked for far more than the server may hold
@@ -344,23 +353,8 @@ def test_option_flood_without_reading_replies_cannot_grow_server_memory(
     flood = greeted(server)
     flood.send(struct.pack(">I", C_FIXED_NEWSTYLE | C_NO_ZEROES))
     option = struct.pack(">QII", IHAVEOPT, 6, 6) + struct.pack(">IH", 0, 0)  # INFO ""
-    flood.sock.setblocking(False)
-    sent = 0
-    peak = baseline
-    deadline = time.monotonic() + 2.0
-    blocked_since: float | None = None
-    burst = option * 1000
-    while time.monotonic() < deadline:
-        try:
-            sent += flood.sock.send(burst)
-            blocked_since = None
-        except BlockingIOError:
-            now = time.monotonic()
-            blocked_since = blocked_since or now
-            if now - blocked_since > 0.5:
-                break
-            time.sleep(0.01)
-        peak = max(peak, rss_kib(server.pid))
+    sent, peak = send_flood(flood.sock, option * 1000, server.pid, seconds=2.0, stalled=0.5)
+    peak = max(peak, baseline)
     growth_mib = (peak - baseline) / 1024
     assert growth_mib < 128, f"RSS grew by {growth_mib:.0f} MiB for {sent // len(option)} options"
     assert_still_serves(qemu, server, shadow, 0x2D)

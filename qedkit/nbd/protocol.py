@@ -929,6 +929,15 @@ class _Payload:
             self._filled += count
         return view[count:]
 
+    def missing(self) -> int:
+        return self.size - self._filled
+
+    def finish(self, view: memoryview) -> Event | None:
+        """Absorb the ``missing()`` bytes that ``view`` holds and build the event."""
+        self.absorb(view)
+        data = self._data if self._data is not None else bytearray()
+        return self.done(memoryview(data).toreadonly())
+
     def advance(self, conn: ServerConnection) -> Event | None:
         buffer = conn._buffer
         if self._filled == 0 and len(buffer) >= self.size:
@@ -1322,32 +1331,71 @@ class ServerConnection:
         if len(view):
             self._buffer.append(view)
 
-    def receive_request(self, data: bytes) -> Read | Write | None:
-        """Fast lane for the steady state: when ``data`` (bytes just read from the
-        client) is exactly one flagless READ request, or one flagless WRITE request
-        with its whole payload, and nothing is buffered or pending, consume it and
-        return its event (a WRITE's ``data`` is a view of ``data``, not a copy).
-        Otherwise return None and consume nothing: feed ``data`` to
-        :meth:`receive_data` as usual. Equivalent to ``receive_data`` followed by
-        ``next_event``, minus the buffering."""
+    def receive_requests(
+        self, data: bytes, limit: int, read_bytes: int
+    ) -> tuple[list[Read | Write], int]:
+        """Fast lane for the steady state: parse, in place, the flagless READ and WRITE
+        requests that ``data`` (bytes just read from the client) begins with, when
+        nothing is buffered: at most ``limit`` requests, and READs for at most
+        ``read_bytes`` in all (one READ, whatever its length, when it comes first), so
+        that the glue can stop between the others when its output backs up. Returns
+        their events (a WRITE's ``data`` is a view of ``data``, not a copy) and how many
+        bytes of ``data`` were taken; feed the rest to :meth:`receive_data` as usual.
+
+        Equivalent to ``receive_data`` followed by ``next_event`` calls, minus the
+        buffering. It also finishes a WRITE payload that an earlier chunk left
+        incomplete, and takes the start of a payload that ``data`` ends with. It
+        stops at the first request that is anything else (another command, flags, a
+        refusal, a violation, a header cut in two), which the general path then
+        handles."""
+        events: list[Read | Write] = []
+        if self._state is not State.TRANSMISSION or self._eof or len(self._buffer):
+            return events, 0
         size = len(data)
-        if (
-            size < _REQUEST_SIZE
-            or self._state is not State.TRANSMISSION
-            or self._pending is not None
-            or self._eof
-            or len(self._buffer)
-        ):
-            return None
-        magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(data)
-        if size != _REQUEST_SIZE + (length if command == _CMD_WRITE else 0):
-            return None
-        if not self._accept_fast(magic, flags, command, cookie, offset, length):
-            return None  # the general path handles it (or refuses it with the right error)
-        if command == _CMD_READ:
-            return Read(cookie=cookie, offset=offset, length=length, fua=False, df=False)
-        payload = memoryview(data)[_REQUEST_SIZE:]
-        return Write(cookie=cookie, offset=offset, length=length, fua=False, data=payload)
+        pos = 0
+        view: memoryview | None = None
+        pending = self._pending
+        if pending is not None:
+            if type(pending) is not _Payload:
+                return events, 0
+            view = memoryview(data)
+            pos = pending.missing()
+            if pos > size:
+                pending.absorb(view)
+                return events, size
+            self._pending = None
+            event = pending.finish(view[:pos])
+            assert isinstance(event, Write)
+            events.append(event)
+        unpack = _REQUEST.unpack_from
+        accept = self._accept_fast
+        while size - pos >= _REQUEST_SIZE and len(events) < limit:
+            magic, flags, command, cookie, offset, length = unpack(data, pos)
+            start = pos + _REQUEST_SIZE
+            end = start + length if command == _CMD_WRITE else start
+            if command == _CMD_READ:
+                if events and length > read_bytes:
+                    break
+                read_bytes -= length
+            if not accept(magic, flags, command, cookie, offset, length):
+                break  # the general path handles it (or refuses it with the right error)
+            if view is None:
+                view = memoryview(data)
+            if command == _CMD_READ:
+                events.append(
+                    Read(cookie=cookie, offset=offset, length=length, fua=False, df=False)
+                )
+            elif end <= size:
+                payload = view[start:end]
+                events.append(
+                    Write(cookie=cookie, offset=offset, length=length, fua=False, data=payload)
+                )
+            else:  # the payload goes on in the next chunks
+                self._pending = self._fast_payload(cookie, offset, length)
+                self._pending.absorb(view[start:])
+                return events, size
+            pos = end
+        return events, pos
 
     def next_event(self) -> Event:
         """The next event, or NEED_DATA / PAUSED. Raises RemoteProtocolError when the
@@ -1685,6 +1733,15 @@ class ServerConnection:
         self._inflight_count += 1
         return True
 
+    @staticmethod
+    def _fast_payload(cookie: int, offset: int, length: int) -> _Payload:
+        """The collector of an accepted flagless WRITE's payload."""
+
+        def written(data: memoryview) -> Event:
+            return Write(cookie=cookie, offset=offset, length=length, fua=False, data=data)
+
+        return _Payload(length, written)
+
     def _on_request(
         self, magic: int, flags: int, command: int, cookie: int, offset: int, length: int
     ) -> Event | None:
@@ -1694,11 +1751,7 @@ class ServerConnection:
             if len(self._buffer) >= length:  # the payload is here already
                 data = memoryview(self._buffer.take(length))
                 return Write(cookie=cookie, offset=offset, length=length, fua=False, data=data)
-
-            def written_fast(data: memoryview) -> Event:
-                return Write(cookie=cookie, offset=offset, length=length, fua=False, data=data)
-
-            self._pending = _Payload(length, written_fast)
+            self._pending = self._fast_payload(cookie, offset, length)
             return None
         if magic != REQUEST_MAGIC:
             raise RemoteProtocolError(f"bad request magic {magic:#010x}")

@@ -487,7 +487,22 @@ def test_eof_between_requests_is_a_clean_close() -> None:
     assert conn.inflight == 0
 
 
-# ---- the one-chunk fast lane (receive_request) --------------------------------------------
+# ---- the fast lane (receive_requests) -----------------------------------------------------
+
+
+def fast_feed(
+    conn: ServerConnection, *chunks: bytes, limit: int = 64, read_bytes: int = MiB
+) -> list[Event]:
+    """What the server does with each chunk: the fast lane first, the rest (if any)
+    through receive_data and next_event."""
+    events: list[Event] = []
+    for chunk in chunks:
+        taken, used = conn.receive_requests(chunk, limit, read_bytes)
+        events += taken
+        if used < len(chunk):
+            conn.receive_data(chunk[used:])
+        events += drain(conn)
+    return events
 
 
 @pytest.mark.parametrize(
@@ -497,59 +512,92 @@ def test_eof_between_requests_is_a_clean_close() -> None:
         request(CMD_READ, cookie=8, offset=0, length=0),
         request(CMD_WRITE, cookie=9, offset=512, payload=PAYLOAD),
         request(CMD_WRITE, cookie=10, offset=SIZE - 4, payload=b"last"),
+        request(CMD_WRITE, cookie=11, offset=0, payload=b""),
     ],
-    ids=["read", "read-empty", "write", "write-at-the-end"],
+    ids=["read", "read-empty", "write", "write-at-the-end", "write-empty"],
 )
 def test_fast_lane_gives_the_event_and_reply_of_the_general_path(message: bytes) -> None:
     fast, slow = full(), full()
-    event = fast.receive_request(message)
-    assert event is not None
-    assert [event] == feed(slow, message)
+    events, used = fast.receive_requests(message, 64, MiB)
+    assert used == len(message)
+    assert events == feed(slow, message)
     assert fast.inflight == slow.inflight == 1
+    (event,) = events
     if isinstance(event, Read):
         replies = [c.reply_read(event.cookie, bytes(event.length)) for c in (fast, slow)]
     else:
+        assert isinstance(event.data, memoryview)
         replies = [c.reply_ok(event.cookie) for c in (fast, slow)]
     assert b"".join(replies[0]) == b"".join(replies[1])
     assert fast.inflight == slow.inflight == 0
+
+
+def test_fast_lane_takes_a_run_of_requests_and_stops_at_anything_else() -> None:
+    reads = [request(CMD_READ, cookie=c, offset=512 * c, length=512) for c in range(1, 4)]
+    write = request(CMD_WRITE, cookie=4, offset=0, payload=PAYLOAD)
+    message = b"".join(reads) + write + FLUSH_NEXT + reads[0]
+    conn = full()
+    events, used = conn.receive_requests(message, 64, MiB)
+    assert used == len(message) - len(FLUSH_NEXT) - len(reads[0])
+    assert [e.cookie for e in events] == [1, 2, 3, 4]
+    assert conn.inflight == 4
+    conn.receive_data(message[used:])
+    assert drain(conn) == [FLUSH_EVENT, *feed(full(), reads[0])]
+
+
+def test_fast_lane_stops_at_its_limit() -> None:
+    message = b"".join(request(CMD_READ, cookie=c, length=512) for c in range(1, 6))
+    conn = full()
+    events, used = conn.receive_requests(message, 2, MiB)
+    assert [e.cookie for e in events] == [1, 2]
+    assert used == 2 * len(message) // 5
+
+
+def test_fast_lane_stops_before_reads_over_its_byte_budget() -> None:
+    big = request(CMD_READ, cookie=1, length=MiB)
+    small = request(CMD_READ, cookie=2, length=4096)
+    conn = full()
+    events, used = conn.receive_requests(big + small, 64, 4096)  # the first goes anyway
+    assert ([e.cookie for e in events], used) == ([1], len(big))
+    conn = full()
+    events, used = conn.receive_requests(small + small + big, 64, 8192)
+    assert ([e.cookie for e in events], used) == ([2, 2], 2 * len(small))
+
+
+def test_fast_lane_carries_a_payload_over_chunks() -> None:
+    write = request(CMD_WRITE, cookie=5, offset=1024, payload=PAYLOAD)
+    read = request(CMD_READ, cookie=6, length=512)
+    message = write + read
+    cuts = [40, 300, 700]  # the header whole, then the payload in three pieces
+    conn = full()
+    seen: list[Event] = []
+    for chunk in splits(message, cuts):
+        events, used = conn.receive_requests(chunk, 64, MiB)
+        assert used == len(chunk)  # taken whole: nothing goes to the general path
+        seen += events
+    assert seen == feed(full(), message)
 
 
 @pytest.mark.parametrize(
     "chunks",
     [
         [request(CMD_READ, flags=FLAG_FUA, length=512)],  # flags: the general path
-        [request(CMD_WRITE, payload=PAYLOAD)[:-1]],  # payload not whole
-        [request(CMD_WRITE, payload=PAYLOAD) + FLUSH_NEXT],  # more than one request
-        [request(CMD_READ, length=512) + FLUSH_NEXT],
         [request(CMD_READ, length=512)[:10], request(CMD_READ, length=512)[10:]],
         [request(CMD_WRITE, offset=SIZE - 1, payload=b"ab")],  # refused: past the end
         [request(CMD_READ, length=MiB + 1)],  # refused: over the block size
         [request(CMD_FLUSH)],
         [request(CMD_READ, length=512, magic=0x12345678)],  # a violation
     ],
-    ids=[
-        "flags",
-        "partial-payload",
-        "write-then-flush",
-        "read-then-flush",
-        "split-header",
-        "past-the-end",
-        "too-long",
-        "flush",
-        "bad-magic",
-    ],
+    ids=["flags", "split-header", "past-the-end", "too-long", "flush", "bad-magic"],
 )
 def test_fast_lane_leaves_everything_else_to_the_general_path(chunks: list[bytes]) -> None:
-    fast, slow = full(), full()
+    fast = full()
+    taken, used = fast.receive_requests(chunks[0], 64, MiB)
+    assert (taken, used) == ([], 0)
     outcomes: list[object] = []
-    for conn in (fast, slow):
+    for conn in (fast, full()):
         try:
-            events = []
-            for chunk in chunks:
-                if conn is fast:
-                    assert conn.receive_request(chunk) is None
-                events += feed(conn, chunk)
-            outcomes.append(events)
+            outcomes.append(fast_feed(conn, *chunks) if conn is fast else feed(conn, *chunks))
         except RemoteProtocolError as exc:
             outcomes.append(str(exc))
     assert outcomes[0] == outcomes[1]
@@ -557,8 +605,53 @@ def test_fast_lane_leaves_everything_else_to_the_general_path(chunks: list[bytes
 
 def test_fast_lane_is_closed_on_a_read_only_export_for_writes_and_while_shutting_down() -> None:
     conn = transmission(Export("ro", SIZE, read_only=True))
-    assert conn.receive_request(request(CMD_WRITE, payload=b"data")) is None
-    assert conn.receive_request(request(CMD_READ, length=4)) is not None
+    assert conn.receive_requests(request(CMD_WRITE, payload=b"data"), 64, MiB) == ([], 0)
+    message = request(CMD_READ, length=4)
+    events, used = conn.receive_requests(message, 64, MiB)
+    assert (len(events), used) == (1, len(message))
     conn = full()
     conn.start_shutdown()
-    assert conn.receive_request(request(CMD_READ, length=4)) is None
+    assert conn.receive_requests(request(CMD_READ, length=4), 64, MiB) == ([], 0)
+
+
+# Requests for the equivalence property: mostly the fast lane's own, with the ones
+# that must stop it mixed in.
+LANE_REQUESTS = [
+    request(CMD_READ, cookie=1, offset=0, length=4096),
+    request(CMD_READ, cookie=2, offset=SIZE - 1, length=1),
+    request(CMD_WRITE, cookie=3, offset=4096, payload=PAYLOAD),
+    request(CMD_WRITE, cookie=4, offset=8, payload=b"x"),
+    request(CMD_WRITE, cookie=5, offset=0, payload=bytes(5000)),
+    request(CMD_WRITE, cookie=6, offset=0, payload=b""),
+    request(CMD_WRITE, cookie=7, offset=512, flags=FLAG_FUA, payload=PAYLOAD),
+    request(CMD_WRITE, cookie=8, offset=SIZE - 2, payload=b"abc"),  # refused, payload skipped
+    request(CMD_READ, cookie=9, offset=0, length=MiB + 1),  # refused
+    FLUSH_NEXT,
+    request(CMD_TRIM, cookie=10, offset=0, length=4096),
+]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_lane_equals_the_general_path_at_every_split(seed: int) -> None:
+    rng = random.Random(seed)
+    message = b"".join(rng.choice(LANE_REQUESTS) for _ in range(rng.randrange(1, 25)))
+    if rng.random() < 0.2:  # a violation somewhere in the stream
+        bad = request(CMD_READ, length=1, magic=0xBAD)
+        message += bad + rng.choice(LANE_REQUESTS)
+    cuts = sorted(rng.sample(range(1, len(message)), min(len(message) - 1, rng.randrange(0, 12))))
+    chunks = splits(message, cuts)
+    limit = rng.choice([1, 3, 64])
+    read_bytes = rng.choice([0, 4096, MiB])
+    outcomes: list[object] = []
+    for conn in (full(), full()):
+        events: list[Event] = []
+        try:
+            for chunk in chunks:  # (a failing chunk's events are lost on both sides)
+                if not outcomes:
+                    events += fast_feed(conn, chunk, limit=limit, read_bytes=read_bytes)
+                else:
+                    events += feed(conn, chunk)
+            outcomes.append((events, conn.inflight, None))
+        except RemoteProtocolError as exc:
+            outcomes.append((events, conn.inflight, str(exc)))
+    assert outcomes[0] == outcomes[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from e2ekit import (
     CMD_WRITE,
     CMD_WRITE_ZEROES,
     FLAG_FUA,
+    REQUEST_MAGIC,
     TFLAG_CAN_MULTI_CONN,
     Closed,
     KiB,
@@ -180,6 +182,70 @@ def test_many_requests_in_flight_on_one_connection_are_each_answered_once(
     assert not thread.is_alive(), f"only {len(replies)} of {len(requests)} replies came"
     assert not failure, failure
     assert sorted(r.cookie for r in replies) == list(range(1, 301))
+    assert all(r.error == 0 for r in replies), [r for r in replies if r.error]
+    for reply in replies:
+        if reply.cookie in expected_reads:
+            assert_same_bytes(reply.data, expected_reads[reply.cookie], f"read {reply.cookie}")
+    client.disconnect()
+    compare_export(qemu, server.uri(), shadow)
+    server.finish(qemu, shadow)
+
+
+def test_requests_cut_at_odd_places_are_served_like_whole_ones(
+    serve: ServerFactory, disk: Disk, qemu: Qemu
+) -> None:
+    """A stream of pipelined reads and in-place writes (the server's fast lane), sent
+    in pieces cut anywhere: inside headers, inside payloads, several requests at once.
+    Every request is answered once, reads see the data, the image ends like the shadow."""
+    image, shadow = disk(16 * MiB)
+    server = serve(image)
+    client = server.client()
+    old = pattern(7, 8 * MiB)  # allocated: writes below go in place
+    client.write(0, old)
+    shadow.write(0, old)
+
+    rng = random.Random(11)
+    stream = bytearray()
+    expected_reads: dict[int, bytes] = {}
+    count = 400
+    for cookie in range(1, count + 1):
+        if rng.random() < 0.4:  # reads of the upper half, which nothing writes
+            offset = 4 * MiB + rng.randrange(0, 4 * MiB - 8192)
+            length = rng.choice([1, 512, 4096, 8192])
+            expected_reads[cookie] = old[offset : offset + length]
+            client.pending[cookie] = length
+            stream += struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, cookie, offset, length)
+            continue
+        data = pattern(cookie, rng.choice([1, 512, 4096, 5000]))
+        offset = cookie * 8 * KiB + rng.randrange(0, 1024)  # each write its own slot
+        flags = FLAG_FUA if cookie % 37 == 0 else 0  # not the fast lane: in between
+        stream += struct.pack(">IHHQQI", REQUEST_MAGIC, flags, CMD_WRITE, cookie, offset, len(data))
+        stream += data
+        shadow.write(offset, data)
+
+    replies: list[Reply] = []
+    failure: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            for _ in range(count):
+                replies.append(client.reply())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    pos = 0
+    while pos < len(stream):
+        cut = min(len(stream), pos + rng.choice([1, 7, 28, 29, 100, 4096, 5000, 30000]))
+        client.send(bytes(stream[pos:cut]))
+        pos = cut
+        if rng.random() < 0.3:
+            time.sleep(0.001)  # let the server read this piece on its own
+    thread.join(60)
+    assert not thread.is_alive(), f"only {len(replies)} of {count} replies came"
+    assert not failure, failure
+    assert sorted(r.cookie for r in replies) == list(range(1, count + 1))
     assert all(r.error == 0 for r in replies), [r for r in replies if r.error]
     for reply in replies:
         if reply.cookie in expected_reads:

@@ -4,13 +4,17 @@
 Theory of operation
 -------------------
 One event loop runs everything: listeners, connections, the images' engines and the
-control socket. Each connection is an ``asyncio.Protocol``: bytes from the socket go
-into its ``ServerConnection``; every request event is handled by a coroutine that
-calls the engine and returns the reply buffers. With a local file, most engine calls
-finish without suspending, so the handler is first stepped inline
+control socket. Each connection is an ``asyncio.Protocol``. The flagless READs and
+WRITEs a chunk from the socket begins with are parsed in place
+(``ServerConnection.receive_requests``) and served by the engine's synchronous fast
+paths (``read_now``/``write_now``: cached mappings, allocated clusters). Everything
+else goes into the ``ServerConnection`` and each request event is handled by a
+coroutine that calls the engine and returns the reply buffers. With a local file,
+most engine calls finish without suspending, so the handler is first stepped inline
 (``engine.sync.step``) and its reply written at once; only a handler that really
 waits (a flush offloaded to a thread, a contended allocation lock) becomes a task.
-Replies therefore leave in completion order, which NBD allows.
+Replies therefore leave in completion order, which NBD allows; those produced while
+handling one chunk leave together.
 
 Bounds: a connection stops reading from its socket while it has
 ``MAX_INFLIGHT`` requests or ``MAX_INFLIGHT_BYTES`` of write payload in flight, or

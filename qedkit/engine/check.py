@@ -312,7 +312,7 @@ async def check_image(
 
 
 async def _repair_duplicates(img: QedImage, file_end: int) -> int:
-    """Give every cluster one owner; returns how many references were moved.
+    """Give every cluster one owner; returns how many references were moved or cleared.
 
     Metadata owns its clusters first: the L1 table, then each L2 table in L1 order
     (a table overlapping an earlier one, or the L1, is moved to new clusters). Then
@@ -321,8 +321,7 @@ async def _repair_duplicates(img: QedImage, file_end: int) -> int:
     bytes it pointed to, read before anything is rewritten. Invalid entries left
     (judged against ``file_end``, the file before this repair grew it) are cleared
     in the same rewrite. Order on disk: copies, flush, rewritten L2 tables, flush,
-    L1, flush. Caller holds the allocation lock. Returns the number of references
-    moved or cleared.
+    L1, flush. Caller holds the allocation lock.
     """
     geo = img.geo
     bits = geo.cluster_bits

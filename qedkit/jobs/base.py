@@ -86,13 +86,13 @@ class Job:
         job_id: str,
         export: str,
         image: BlockImage,
-        arguments: Mapping[str, Any],
+        options: Mapping[str, Any],
         emit: Emit,
     ) -> None:
         self.id = job_id
         self.export = export
         self.image = image
-        self.arguments = dict(arguments)
+        self.options = dict(options)  # the arguments as parse_arguments returned them
         self._emit = emit
         self.status = JobStatus.CREATED
         self.current = 0
@@ -114,7 +114,8 @@ class Job:
 
     @classmethod
     def parse_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
-        """Check a job's arguments at job-start (InvalidRequestError if wrong)."""
+        """Check a job's arguments at job-start (InvalidRequestError if wrong) and
+        return them as ``work`` uses them (``self.options``)."""
         return dict(arguments)
 
     async def work(self) -> dict[str, Any]:
@@ -230,13 +231,13 @@ class JobManager:
             raise InvalidRequestError(
                 f"unknown job type {job_type!r} (known: {', '.join(sorted(self.types))})"
             )
-        cls.parse_arguments(arguments)  # refuse bad arguments before anything starts
+        options = cls.parse_arguments(arguments)  # refused before anything starts
         if job_id is None:
             job_id = f"{job_type}-{next(self._ids)}"
         existing = self.jobs.get(job_id)
         if existing is not None and not existing.status.finished:
             raise InvalidRequestError(f"a job with id {job_id!r} is still running")
-        job = cls(job_id, export, image, arguments, self.emit)
+        job = cls(job_id, export, image, options, self.emit)
         job.activity = self.activity.get(export)
         self.jobs[job_id] = job
         job.start()

@@ -63,7 +63,7 @@ class ScrubJob(Job):
 
     async def work(self) -> dict[str, Any]:
         image = self.image
-        rate = self.parse_arguments(self.arguments)["rate"]
+        rate = self.options["rate"]
         extents = [e for e in await image.block_status(0, image.size) if e.kind is ExtentKind.DATA]
         total = sum(e.length for e in extents)
         done = 0

@@ -503,8 +503,8 @@ class DefragJob(Job):
         image = self.image
         if not isinstance(image, QedImage):
             raise JobError(f"{image.filename}: only QED images can be defragmented")
-        args = self.parse_arguments(self.arguments)
-        rate, idle, batch = args["rate"], args["idle"] / 1000.0, args["batch"]
+        options = self.options
+        rate, idle, batch = options["rate"], options["idle"] / 1000.0, options["batch"]
         if rate:
             # Steps of at most a quarter second's worth keep the rate smooth.
             batch = max(1, min(batch, (rate // 4) >> image.geo.cluster_bits))

@@ -935,6 +935,9 @@ class _Payload:
     def finish(self, view: memoryview) -> Event | None:
         """Absorb the ``missing()`` bytes that ``view`` holds and build the event."""
         self.absorb(view)
+        return self._event()
+
+    def _event(self) -> Event | None:
         data = self._data if self._data is not None else bytearray()
         return self.done(memoryview(data).toreadonly())
 
@@ -947,8 +950,7 @@ class _Payload:
             self._filled += buffer.copy_into(self._target())
         if self._filled == self.size:
             conn._pending = None
-            data = self._data if self._data is not None else bytearray()
-            return self.done(memoryview(data).toreadonly())
+            return self._event()
         if conn._eof:
             raise RemoteProtocolError(
                 f"end of file inside an NBD_CMD_WRITE payload ({self._filled} of {self.size} bytes)"

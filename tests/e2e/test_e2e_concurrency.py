@@ -45,6 +45,39 @@ def compare_export(qemu: Qemu, uri: str, shadow: Shadow) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+class PipelinedReplies:
+    """Reads the replies to requests 1..count on a thread while the test sends them
+    (a client that sends everything first would fill both sockets and stall)."""
+
+    def __init__(self, client: RawClient, count: int) -> None:
+        self.client = client
+        self.count = count
+        self.replies: list[Reply] = []
+        self.failure: list[BaseException] = []
+        self.thread = threading.Thread(target=self._read)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for _ in range(self.count):
+                self.replies.append(self.client.reply())
+        except BaseException as exc:
+            self.failure.append(exc)
+
+    def check(self, expected_reads: dict[int, bytes]) -> None:
+        """Every cookie answered once and without error; reads gave ``expected_reads``."""
+        self.thread.join(60)
+        replies = self.replies
+        assert not self.thread.is_alive(), f"only {len(replies)} of {self.count} replies came"
+        assert not self.failure, self.failure
+        assert sorted(r.cookie for r in replies) == list(range(1, self.count + 1))
+        assert all(r.error == 0 for r in replies), [r for r in replies if r.error]
+        for reply in replies:
+            if reply.cookie in expected_reads:
+                expected = expected_reads[reply.cookie]
+                assert_same_bytes(reply.data, expected, f"read {reply.cookie}")
+
+
 def test_four_qemu_io_writers_on_four_connections_write_disjoint_regions(
     serve: ServerFactory, disk: Disk, qemu: Qemu
 ) -> None:
@@ -133,25 +166,13 @@ def test_many_requests_in_flight_on_one_connection_are_each_answered_once(
     client.write(0, old)
     shadow.write(0, old)
 
-    replies: list[Reply] = []
-    failure: list[BaseException] = []
-
-    def reader(count: int) -> None:
-        try:
-            for _ in range(count):
-                replies.append(client.reply())
-        except BaseException as exc:
-            failure.append(exc)
-
     rng = random.Random(3)
     expected_reads: dict[int, bytes] = {}
-    kinds: dict[int, int] = {}
     requests = []
     for cookie in range(1, 301):
         kind = rng.choice([CMD_WRITE] * 5 + [CMD_READ] * 3 + [CMD_WRITE_ZEROES, CMD_TRIM])
         if cookie % 50 == 0:
             kind = CMD_FLUSH
-        kinds[cookie] = kind
         slot = 8 * MiB + cookie * 160 * KiB  # each request has its own region
         if kind == CMD_WRITE:
             data = pattern(cookie, rng.choice([512, 4096, 65536, 100_000]))
@@ -165,8 +186,7 @@ def test_many_requests_in_flight_on_one_connection_are_each_answered_once(
             requests.append((kind, cookie, slot, b"", 0))
         else:
             requests.append((kind, cookie, 0, b"", 0))
-    thread = threading.Thread(target=reader, args=(len(requests),))
-    thread.start()
+    replies = PipelinedReplies(client, len(requests))
     for kind, cookie, offset, data, flags in requests:
         if kind == CMD_WRITE:
             client.request(kind, cookie, offset, payload=data, flags=flags)
@@ -178,14 +198,7 @@ def test_many_requests_in_flight_on_one_connection_are_each_answered_once(
             client.request(kind, cookie, offset, 128 * KiB)
         else:
             client.request(kind, cookie, 0, 0)
-    thread.join(60)
-    assert not thread.is_alive(), f"only {len(replies)} of {len(requests)} replies came"
-    assert not failure, failure
-    assert sorted(r.cookie for r in replies) == list(range(1, 301))
-    assert all(r.error == 0 for r in replies), [r for r in replies if r.error]
-    for reply in replies:
-        if reply.cookie in expected_reads:
-            assert_same_bytes(reply.data, expected_reads[reply.cookie], f"read {reply.cookie}")
+    replies.check(expected_reads)
     client.disconnect()
     compare_export(qemu, server.uri(), shadow)
     server.finish(qemu, shadow)
@@ -223,18 +236,7 @@ def test_requests_cut_at_odd_places_are_served_like_whole_ones(
         stream += data
         shadow.write(offset, data)
 
-    replies: list[Reply] = []
-    failure: list[BaseException] = []
-
-    def reader() -> None:
-        try:
-            for _ in range(count):
-                replies.append(client.reply())
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
+    replies = PipelinedReplies(client, count)
     pos = 0
     while pos < len(stream):
         cut = min(len(stream), pos + rng.choice([1, 7, 28, 29, 100, 4096, 5000, 30000]))
@@ -242,14 +244,7 @@ def test_requests_cut_at_odd_places_are_served_like_whole_ones(
         pos = cut
         if rng.random() < 0.3:
             time.sleep(0.001)  # let the server read this piece on its own
-    thread.join(60)
-    assert not thread.is_alive(), f"only {len(replies)} of {count} replies came"
-    assert not failure, failure
-    assert sorted(r.cookie for r in replies) == list(range(1, count + 1))
-    assert all(r.error == 0 for r in replies), [r for r in replies if r.error]
-    for reply in replies:
-        if reply.cookie in expected_reads:
-            assert_same_bytes(reply.data, expected_reads[reply.cookie], f"read {reply.cookie}")
+    replies.check(expected_reads)
     client.disconnect()
     compare_export(qemu, server.uri(), shadow)
     server.finish(qemu, shadow)

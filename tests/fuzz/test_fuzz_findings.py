@@ -97,15 +97,21 @@ def test_backing_name_with_nul_byte_is_a_clean_cli_error(
 # ---- 2. one check -r all is not enough ----------------------------------------------------
 
 
+def _two_tables(path: Path, *writes: tuple[int, bytes]) -> list[int]:
+    """An 8 MiB image with 4 KiB clusters and 4 MiB per L2 table, ``writes`` made;
+    returns its L1 table's entries (the L1 table is at 4096, two clusters long)."""
+    qedkit.create(str(path), 8 * MiB, cluster_size=4096, table_size=2)
+    with qedkit.open(str(path)) as img:
+        for offset, data in writes:
+            img.write(offset, data)
+    with path.open("rb") as f:
+        f.seek(4096)
+        return unpack_table(f.read(8192))
+
+
 def test_one_repair_clears_invalid_entries_of_a_table_also_used_as_data(tmp_path: Path) -> None:
     path = tmp_path / "dup.qed"
-    qedkit.create(str(path), 8 * MiB, cluster_size=4096, table_size=2)  # 4 MiB per L2
-    with qedkit.open(str(path)) as img:
-        img.write(0, b"\x11" * 4096)
-        img.write(4 * MiB, b"\x22" * 4096)
-    data = path.read_bytes()
-    l1 = unpack_table(data[4096 : 4096 + 8192])
-    table_a, table_b = l1[0], l1[1]
+    table_a, table_b = _two_tables(path, (0, b"\x11" * 4096), (4 * MiB, b"\x22" * 4096))[:2]
     # Table A's entry 1 points at table B's first cluster (a duplicate reference, found
     # first as data), and table B's entry 1 is invalid (2).
     _patch(path, table_a + 8, "<Q", table_b)
@@ -123,11 +129,8 @@ def test_one_repair_clears_invalid_entries_of_a_table_also_used_as_data(tmp_path
 
 def test_repair_keeps_data_that_an_l1_entry_also_points_at(tmp_path: Path) -> None:
     path = tmp_path / "l1-at-data.qed"
-    qedkit.create(str(path), 8 * MiB, cluster_size=4096, table_size=2)  # 4 MiB per L2
-    with qedkit.open(str(path)) as img:
-        img.write(4 * MiB, b"\x22" * 8192)  # two data clusters in the second L2 span
+    l1 = _two_tables(path, (4 * MiB, b"\x22" * 8192))  # two data clusters in the second span
     data = path.read_bytes()
-    l1 = unpack_table(data[4096 : 4096 + 8192])
     first_data = unpack_table(data[l1[1] : l1[1] + 8192])[0]
     # L1 entry 0 points at those two data clusters as if they were an L2 table.
     _patch(path, 4096, "<Q", first_data)
@@ -146,12 +149,7 @@ def test_repair_keeps_data_that_an_l1_entry_also_points_at(tmp_path: Path) -> No
 
 def test_repair_keeps_data_that_an_l2_entry_reads_from_the_l1_table(tmp_path: Path) -> None:
     path = tmp_path / "l2-at-l1.qed"
-    qedkit.create(str(path), 8 * MiB, cluster_size=4096, table_size=2)  # 4 MiB per L2
-    with qedkit.open(str(path)) as img:
-        img.write(0, b"\x11" * 4096)
-        img.write(4 * MiB, b"\x22" * 4096)
-    data = path.read_bytes()
-    l1 = unpack_table(data[4096 : 4096 + 8192])
+    l1 = _two_tables(path, (0, b"\x11" * 4096), (4 * MiB, b"\x22" * 4096))
     _patch(path, 4096, "<Q", l1[0] | 1)  # L1 entry 0: unaligned, invalid
     _patch(path, l1[1], "<Q", 4096)  # guest 4 MiB now reads the L1 table's first cluster
     with qedkit.open(str(path), readonly=True) as img:

@@ -93,7 +93,7 @@ import struct
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -983,65 +983,68 @@ async def _guarded(step: str, obs: Observed, coro: Any) -> Any:
         raise _escaped(step, exc) from None
 
 
-async def step_read_only(path: Path, obs: Observed) -> None:
-    rec = Recorder(path, readonly=True)
+@contextlib.asynccontextmanager
+async def _recorded(
+    path: Path, obs: Observed, step: str, *, readonly: bool, repair: bool, backing_chain: bool
+) -> AsyncIterator[Any]:
+    """One step's open on a recording store, guarded: yields the image, or a Failed
+    when the open raised a QedError. The image is closed afterwards, then the step's
+    accesses must have stayed inside the file (checked unless the body raised)."""
+    rec = Recorder(path, readonly=readonly)
     img = await _guarded(
-        "open read-only",
+        f"{step}: open",
         obs,
-        open_recorded(path, rec, readonly=True, repair=True, backing_chain=True),
+        open_recorded(path, rec, readonly=readonly, repair=repair, backing_chain=backing_chain),
     )
-    if not isinstance(img, Failed):
+    try:
+        yield img
+    finally:
+        if not isinstance(img, Failed):
+            await _guarded(f"{step}: close", obs, img.close())
+    rec.finish()
+    rec.assert_clean(step)
+
+
+async def step_read_only(path: Path, obs: Observed) -> None:
+    async with _recorded(
+        path, obs, "read-only open, info, map, read", readonly=True, repair=True, backing_chain=True
+    ) as img:
+        if isinstance(img, Failed):
+            return
         obs.opened = True
         obs.size = img.size
-        try:
-            await _guarded("info", obs, img.info())
-            entries = await _guarded("map", obs, map_chain(img))
-            obs.map_ok = not isinstance(entries, Failed)
-            if not obs.map_ok:
-                entries = None
-            ok = True
-            for start, n in _ranges(img.size, entries):
-                for pos in range(start, start + n, CHUNK):
-                    # In chunks: a damaged cluster fails its chunk only.
-                    k = min(CHUNK, start + n - pos)
-                    got = await _guarded("read", obs, img.read(pos, k))
-                    if isinstance(got, Failed):
-                        ok = False
-                    else:
-                        obs.reads[pos] = got
-            obs.read_ok = ok and obs.map_ok
-        finally:
-            await _guarded("close", obs, img.close())
-    rec.finish()
-    rec.assert_clean("read-only open, info, map, read")
+        await _guarded("info", obs, img.info())
+        entries = await _guarded("map", obs, map_chain(img))
+        obs.map_ok = not isinstance(entries, Failed)
+        if not obs.map_ok:
+            entries = None
+        ok = True
+        for start, n in _ranges(img.size, entries):
+            for pos in range(start, start + n, CHUNK):
+                # In chunks: a damaged cluster fails its chunk only.
+                k = min(CHUNK, start + n - pos)
+                got = await _guarded("read", obs, img.read(pos, k))
+                if isinstance(got, Failed):
+                    ok = False
+                else:
+                    obs.reads[pos] = got
+        obs.read_ok = ok and obs.map_ok
 
 
 async def step_check(path: Path, obs: Observed) -> None:
-    rec = Recorder(path, readonly=True)
-    img = await _guarded(
-        "check: open",
-        obs,
-        open_recorded(path, rec, readonly=True, repair=False, backing_chain=False),
-    )
-    if not isinstance(img, Failed):
-        try:
+    async with _recorded(
+        path, obs, "check", readonly=True, repair=False, backing_chain=False
+    ) as img:
+        if not isinstance(img, Failed):
             report = await _guarded("check", obs, check_and_repair(img, None))
             obs.check = None if isinstance(report, Failed) else report
-        finally:
-            await _guarded("check: close", obs, img.close())
-    rec.finish()
-    rec.assert_clean("check")
 
 
 async def step_repair(path: Path, obs: Observed, before: Observed) -> None:
-    rec = Recorder(path, readonly=False)
-    img = await _guarded(
-        "check -r all: open",
-        obs,
-        open_recorded(path, rec, readonly=False, repair=False, backing_chain=False),
-    )
-    if not isinstance(img, Failed):
-        try:
+    async with _recorded(
+        path, obs, "check -r all", readonly=False, repair=False, backing_chain=False
+    ) as img:
+        if not isinstance(img, Failed):
             report = await _guarded("check -r all", obs, check_and_repair(img, RepairMode.ALL))
             if not isinstance(report, Failed):
                 again = await _guarded("check after repair", obs, check_image(img, None))
@@ -1050,23 +1053,15 @@ async def step_repair(path: Path, obs: Observed, before: Observed) -> None:
                         f"check -r all left {again.corruptions} corruptions: "
                         f"{[p.message for p in again.problems][:5]}"
                     )
-        finally:
-            await _guarded("check -r all: close", obs, img.close())
-    rec.finish()
-    rec.assert_clean("check -r all")
     if isinstance(img, Failed) or not before.reads:
         return
     # Every byte that read before the repair reads the same after it: repair clears
     # only entries that cannot be read, and gives shared clusters their own copies.
-    rec = Recorder(path, readonly=True)
-    img = await _guarded(
-        "reopen after repair",
-        obs,
-        open_recorded(path, rec, readonly=True, repair=False, backing_chain=True),
-    )
-    if isinstance(img, Failed):
-        raise AssertionError(f"the image opened before check -r all, not after: {img}")
-    try:
+    async with _recorded(
+        path, obs, "read after repair", readonly=True, repair=False, backing_chain=True
+    ) as img:
+        if isinstance(img, Failed):
+            raise AssertionError(f"the image opened before check -r all, not after: {img}")
         for start, old in before.reads.items():
             new = await _guarded("read after repair", obs, img.read(start, len(old)))
             assert not isinstance(new, Failed), (
@@ -1078,9 +1073,6 @@ async def step_repair(path: Path, obs: Observed, before: Observed) -> None:
                     f"check -r all changed guest byte {start + first:#x}: "
                     f"{old[first]:#x} -> {new[first]:#x}"
                 )
-    finally:
-        await _guarded("close", obs, img.close())
-    rec.assert_clean("read after repair")
 
 
 def _ops(size: int, cs: int, k: int) -> list[tuple[str, int, int]]:
@@ -1135,40 +1127,26 @@ async def _write_ops(img: QedImage, obs: Observed, clean: bool, k: int) -> None:
 
 
 async def step_write(path: Path, obs: Observed, clean: bool, write_at: int) -> None:
-    rec = Recorder(path, readonly=False)
-    img = await _guarded(
-        "open read-write",
-        obs,
-        open_recorded(path, rec, readonly=False, repair=True, backing_chain=True),
-    )
-    if not isinstance(img, Failed):
-        try:
+    async with _recorded(
+        path, obs, "read-write open and write", readonly=False, repair=True, backing_chain=True
+    ) as img:
+        if not isinstance(img, Failed):
             await _write_ops(img, obs, clean, write_at)
-        finally:
-            await _guarded("close after write", obs, img.close())
-    rec.finish()
-    rec.assert_clean("read-write open and write")
     if isinstance(img, Failed):
         assert not clean, f"an image that checks clean does not open read-write: {img}"
         return
     if not clean:
         return
-    rec = Recorder(path, readonly=True)
-    img = await _guarded(
-        "check after write: open",
-        obs,
-        open_recorded(path, rec, readonly=True, repair=False, backing_chain=False),
-    )
-    if isinstance(img, Failed):
-        raise AssertionError(f"an image that checked clean no longer opens: {img}")
-    try:
+    async with _recorded(
+        path, obs, "check after write", readonly=True, repair=False, backing_chain=False
+    ) as img:
+        if isinstance(img, Failed):
+            raise AssertionError(f"an image that checked clean no longer opens: {img}")
         report = await _guarded("check after write", obs, check_image(img, None))
         assert not isinstance(report, Failed), f"check after a write failed: {report}"
         assert report.corruptions == 0 and not report.check_errors, (
             f"writes into an image that checked clean corrupted it: {report}"
         )
-    finally:
-        await _guarded("close", obs, img.close())
 
 
 def step_convert(path: Path, target: Path, obs: Observed) -> None:

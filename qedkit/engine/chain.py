@@ -22,13 +22,15 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..format.geometry import DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE
-from ..format.header import Feature
+from ..format.header import Feature, Header
 from ..format.probe import PROBE_BYTES, probe_format
 from ..store.base import ByteStore
 from ..store.file import FileStore
 from .base import BlockImage
+from .check import RepairMode, check_image
 from .l2cache import DEFAULT_BUDGET
-from .qed import QedImage, full_backing_filename
+from .names import full_backing_filename
+from .qed import QedImage
 from .raw import RawImage
 
 # QEMU sets no limit but runs out of stack eventually; 64 is deeper than any real
@@ -55,6 +57,36 @@ def _open_store(path: str, *, readonly: bool, unsafe: bool = False) -> ByteStore
 
 async def probe(store: ByteStore) -> str:
     return probe_format(await store.read(0, PROBE_BYTES))
+
+
+async def open_qed(
+    store: ByteStore,
+    header: Header,
+    header_area: bytes,
+    *,
+    backing: BlockImage | None,
+    readonly: bool,
+    filename: str | None = None,
+    cache_budget: int = DEFAULT_BUDGET,
+    repair: bool = True,
+) -> QedImage:
+    """Open a QED image in ``store`` over its (open) backing image; on a read-write
+    open of an image with NEED_CHECK set, check and repair it first (``repair=False``
+    skips that, for ``qed check`` itself). As QEMU: an image that could not be
+    checked must not be written (allocations could land on clusters a damaged table
+    still uses), so a store error during that repair fails the open."""
+    img = await QedImage.open(
+        store,
+        header,
+        header_area,
+        backing=backing,
+        readonly=readonly,
+        filename=filename,
+        cache_budget=cache_budget,
+    )
+    if not readonly and repair and img.header.needs_check:
+        await check_image(img, repair=RepairMode.ALL, strict=True)
+    return img
 
 
 async def open_image(
@@ -121,7 +153,7 @@ async def open_image(
             except QedError as exc:
                 raise BackingFileError(f"cannot open backing file: {exc}") from exc
         try:
-            return await QedImage.open(
+            return await open_qed(
                 store,
                 header,
                 area,
@@ -161,7 +193,7 @@ async def create_image(
     As in qemu-img 7.2 a backing file needs its format (``backing_format``); the
     backing file is opened to check it and, when ``size`` is None, to take its size.
     ``check_backing=False`` (qemu-img's ``-u``) skips that, and then needs ``size``.
-    ``allocation="home"`` records the home allocation policy (engine.layout). Nothing
+    ``allocation="home"`` records the home allocation policy (engine.qed.alloc). Nothing
     is created when a check fails.
     """
     _check_format_name(fmt)

@@ -270,7 +270,7 @@ async def check_image(
     leak_count = len(leaks)
     leaks_fixed = 0
     if writable and not scan.check_errors:
-        async with img._alloc_lock:
+        async with img.allocations_paused():
             if fix and corruptions:
                 # Invalid entries are cleared (durably) before the duplicate repair
                 # grows the file: judged against a longer file, an entry just past
@@ -351,7 +351,7 @@ async def _repair_duplicates(img: QedImage, file_end: int) -> int:
             continue
         table = unpack_table(await store.read_exact(l2_offset, geo.table_bytes, "L2 table"))
         if not claim(l2_offset, ts):
-            l2_offset = img._allocate(ts)  # beyond the old end: owned by construction
+            l2_offset = img.alloc.at_end(ts)  # beyond the old end: owned by construction
             moved += 1
             rewrite.add(l1_index)
         tables[l1_index] = (l2_offset, table)
@@ -367,7 +367,7 @@ async def _repair_duplicates(img: QedImage, file_end: int) -> int:
                 continue
             if claim(entry, 1):
                 continue  # the first owner
-            new = img._allocate(1)
+            new = img.alloc.at_end(1)
             copies.append((entry, new))
             table[index] = new
             moved += 1
@@ -414,7 +414,7 @@ async def _reclaim_leaks(img: QedImage, leaks: list[int]) -> int:
         await img.store.flush()
         await img.store.truncate(new_end)
         await img.store.flush()
-        img._file_end = new_end
+        img.alloc.truncated(new_end)
     return trailing
 
 

@@ -125,6 +125,14 @@ class Header:
     def geometry(self) -> Geometry:
         return Geometry(self.cluster_size, self.table_size, self.header_size)
 
+    @property
+    def data_start(self) -> int:
+        """Where the data area begins: the first whole cluster past the header area
+        and the L1 table (QEMU's layout puts the L1 right after a one-cluster header,
+        so this is ``(1 + table_size) * cluster_size``)."""
+        geo = self.geometry
+        return geo.round_up(max(geo.header_bytes, self.l1_table_offset + geo.table_bytes))
+
     def has(self, feature: Feature) -> bool:
         return bool(self.features & feature)
 

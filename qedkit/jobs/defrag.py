@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Guest cluster ``g`` is *at home* at host offset ``data_start + g * cluster_size``
-(engine.layout). QED allocates at the end of the file in the order the guest first
+(engine.qed.alloc). QED allocates at the end of the file in the order the guest first
 writes, so after random first writes the clusters are scattered and a sequential
 guest read becomes scattered host I/O. Defragmentation brings clusters home:
 
@@ -50,8 +50,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.layout import FREE, META, ClusterMap
-from ..engine.qed import QedImage
+from ..engine.qed import FREE, META, ClusterMap, Move, Mover, Planned, QedImage
 from ..errors import InvalidRequestError, JobError, QedError
 from ..format.sizes import parse_size
 from .base import Job
@@ -67,16 +66,6 @@ EVICT_SHARE = 8
 DEFAULT_JOB_BATCH = 256
 
 Checkpoint = Callable[[int, int], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class Move:
-    """Guest cluster ``guest`` moved from host offset ``src`` to ``dst``."""
-
-    guest: int
-    src: int
-    dst: int
-    home: bool  # dst is the cluster's home
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,57 +271,21 @@ class Defragmenter:
         return StepResult(tuple(moves), 0, done=False)
 
     async def _move(self, plan: list[tuple[int, int, int]]) -> list[Move]:
-        """Move guest clusters (guest, src, dst; dst -1 = past the home area) as one batch:
-        claim, stall, copy, flush, rewrite the entries, flush, release the sources."""
-        if not plan:
-            return []
-        img = self.img
-        cmap = self.cmap
-        bits = self._bits
-        size = img.geo.cluster_size
-        moves: list[Move] = []
-        async with img.allocations_paused():
-            for guest, src, dst in plan:
-                table = await img.get_l2(guest // img.geo.l2_entries)
-                if table is None or table[guest % img.geo.l2_entries] != src:
-                    continue  # changed meanwhile (cannot happen today: only we move)
-                if dst < 0 or not cmap.is_free(dst >> bits):
-                    if dst >= 0:
-                        continue  # taken meanwhile by the home allocation policy
-                    dst = img.place_outside_home(1)  # never onto another home
-                cmap.claim_data(dst >> bits, 1, guest)
-                img.set_file_end(max(img.file_end, dst + size))
-                moves.append(Move(guest, src, dst, dst == self.home(guest)))
-            release = await img.stall_writes([m.guest for m in moves])
-        try:
-            for m in moves:
-                await img.store.copy_range(m.src, m.dst, size)
-            await img.store.flush()
-            by_table: dict[int, dict[int, int]] = {}
-            for m in moves:
-                l1_index, index = divmod(m.guest, img.geo.l2_entries)
-                by_table.setdefault(l1_index, {})[index] = m.dst
-            async with img.allocations_paused():
-                for l1_index, updates in by_table.items():
-                    table = await img.get_l2(l1_index)
-                    assert table is not None
-                    await img.write_l2_entries(l1_index, table, updates)
-            await img.store.flush()
-        except BaseException:
-            img.cluster_map = None  # rebuilt by a scan on next use: the safe answer
-            raise
-        finally:
-            release()
+        """Move guest clusters (guest, src, dst; dst -1 = past the home area) as one
+        batch (engine.qed.move), then update the queue."""
+        moves = await Mover(self.img).move_data(
+            [Planned(g, src, None if dst < 0 else dst, dst == self.home(g)) for g, src, dst in plan]
+        )
         for m in moves:
-            cmap.release(m.src >> bits)
-            if m.home:
+            home = m.dst == self.home(m.guest)
+            if home:
                 self._queue.pop(m.guest, None)
             else:
                 self._queue[m.guest] = m.dst
         for m in moves:
             self._freed(m.src)
         self.stats.clusters_moved += len(moves)
-        self.stats.bytes_moved += len(moves) * size
+        self.stats.bytes_moved += len(moves) << self._bits
         return moves
 
     async def move_tables(self) -> int:
@@ -350,37 +303,11 @@ class Defragmenter:
         return moved
 
     async def _move_table(self, l1_index: int, target: int | None = None) -> None:
-        img = self.img
-        cmap = self.cmap
-        geo = img.geo
-        bits = self._bits
-        async with img.allocations_paused():
-            table = await img.get_l2(l1_index)
-            assert table is not None
-            old = img.l1_table[l1_index]
-            dst = target if target is not None else self._table_slot(img.home_end)
-            cmap.claim_range(dst >> bits, geo.table_size, META)
-            img.set_file_end(max(img.file_end, dst + geo.table_bytes))
-            try:
-                await img.store.copy_range(old, dst, geo.table_bytes)
-                await img.store.flush()
-                await img.set_l1_entry(l1_index, dst)
-                await img.store.flush()
-            except BaseException:
-                img.cluster_map = None
-                raise
-            img.cache.forget(old)
-            img.cache.store(dst, table)
-        cmap.release(old >> bits, geo.table_size)
+        await Mover(self.img).move_table(l1_index, target)
 
     def _table_slot(self, start: int) -> int:
         """The first ``table_size`` free clusters at or after ``start``."""
-        bits = self._bits
-        count = self.img.geo.table_size
-        index = start >> bits
-        while not self.cmap.is_free(index, count):
-            index += 1
-        return index << bits
+        return self.img.alloc.free_run(start, self.img.geo.table_size)
 
     async def compact_tables(self) -> int:
         """Move L2 tables that sit past the allocated home area down to the first free
@@ -432,39 +359,13 @@ class Defragmenter:
     async def punch_free(self) -> int:
         """Release the disk space of free clusters inside the file (slots left by
         moves, holes of unallocated homes), one punch per run; returns bytes."""
-        img = self.img
-        bits = self._bits
-        owner = self.cmap.owner
-        punched = 0
-        async with img.allocations_paused():
-            index, end = 0, min(len(owner), img.file_end >> bits)
-            while index < end:
-                if owner[index] != FREE:
-                    index += 1
-                    continue
-                run_end = index
-                while run_end < end and owner[run_end] == FREE:
-                    run_end += 1
-                await img.store.discard(index << bits, (run_end - index) << bits)
-                punched += (run_end - index) << bits
-                index = run_end
-        return punched
+        return await Mover(self.img).punch_free()
 
     async def truncate(self) -> int:
         """Cut free space past the last used cluster; returns the bytes removed."""
-        img = self.img
-        async with img.allocations_paused():
-            end = (self.cmap.last_used() + 1) << self._bits
-            size = await img.store.size()
-            if end >= size:
-                return 0
-            await img.store.flush()
-            await img.store.truncate(end)
-            await img.store.flush()
-            img.set_file_end(end)
-            del self.cmap.owner[end >> self._bits :]
-        self.stats.truncated_bytes += size - end
-        return size - end
+        removed = await Mover(self.img).truncate()
+        self.stats.truncated_bytes += removed
+        return removed
 
 
 # ---- the online job ---------------------------------------------------------------

@@ -10,7 +10,7 @@ Figures
   so the two figures equal qemu-img check's "allocated-clusters" and
   "fragmented-clusters", damaged images included.
 * **away from home**: data clusters not at ``data_start + g * cluster_size``
-  (engine.layout). 0 means the guest disk is laid out like a raw file.
+  (engine.qed.alloc). 0 means the guest disk is laid out like a raw file.
 * **host extents per run**: the guest disk split into *runs* of consecutive data
   clusters (a zero or unallocated cluster ends a run), each run counted in
   *extents*, the host-contiguous pieces it needs (1: the run reads with one host

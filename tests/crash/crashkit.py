@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from qedkit.engine.base import BlockImage, ExtentKind
+from qedkit.engine.chain import open_qed
 from qedkit.engine.check import check_image
 from qedkit.engine.qed import QedImage
 from qedkit.engine.raw import RawImage
@@ -235,13 +236,13 @@ class Workload:
 
         if prepare is not None:
             header, area = await QedImage.read_header(fmt)
-            img = await QedImage.open(fmt, header, area, backing=backing_image(), readonly=False)
+            img = await open_qed(fmt, header, area, backing=backing_image(), readonly=False)
             await prepare(img, fmt)
             await img.close()
         initial = bytes(fmt.data)
         crash = store_class(initial, name=name)
         header, area = await QedImage.read_header(crash)
-        img = await QedImage.open(crash, header, area, backing=backing_image(), readonly=False)
+        img = await open_qed(crash, header, area, backing=backing_image(), readonly=False)
         baseline = await img.read(0, size)
         if prepare is None:
             expect = (backing or b"")[:size]
@@ -734,14 +735,12 @@ async def _verify_state(
         ]
     if header.needs_check:
         totals.dirty_states += 1
-        img_ro = await QedImage.open(
-            ro, header, area, backing=sc.backing_image(name), readonly=True
-        )
+        img_ro = await open_qed(ro, header, area, backing=sc.backing_image(name), readonly=True)
         totals.entries_repaired += (await check_image(img_ro)).corruptions
     # The real recovery: a read-write open repairs a dirty image.
     store = MemoryStore(state_bytes, name=sc.name)
     header, area = await QedImage.read_header(store)
-    img = await QedImage.open(store, header, area, backing=sc.backing_image(name), readonly=False)
+    img = await open_qed(store, header, area, backing=sc.backing_image(name), readonly=False)
     report = await check_image(img)
     if report.corruptions or report.check_errors:
         totals.corruptions += report.corruptions

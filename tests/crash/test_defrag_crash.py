@@ -61,6 +61,7 @@ from crashkit import (
     scaled,
 )
 
+from qedkit.engine.chain import open_qed
 from qedkit.engine.qed import QedImage
 from qedkit.jobs.defrag import Defragmenter, DefragStats, Move
 from qedkit.store import CrashStore, MemoryStore
@@ -243,7 +244,7 @@ async def _concurrent(w: Workload, defrag: Defragmenter, seed: int, clusters: li
         async def guest(new: int = new, i: int = i) -> None:
             nonlocal stalled
             await asyncio.sleep(0)  # the round is in its first flush now
-            moving = sorted(w.img._stalls)
+            moving = w.img.stalled_clusters
             stalled += bool(moving)
             victim = rng.choice(moving or clusters)
             await w.write(victim * CS + rng.randrange(CS - 600), pattern(seed + 80 + i, 500))
@@ -440,7 +441,7 @@ def test_defragmentation_never_changes_the_guest_view_at_any_crash_point() -> No
                 store = MemoryStore(data, writable=False)
                 header, area = await QedImage.read_header(store)
                 assert not header.needs_check, f"{name}: NEED_CHECK at crash point {k}"
-                img = await QedImage.open(
+                img = await open_qed(
                     store,
                     header,
                     area,
@@ -478,7 +479,7 @@ def test_a_defragmented_image_is_judged_by_qemu(qemu: Any, tmp_path: Path) -> No
 async def _data_start(data: bytes) -> int:
     store = MemoryStore(data, writable=False)
     header, area = await QedImage.read_header(store)
-    img = await QedImage.open(store, header, area, backing=None, readonly=True)
+    img = await open_qed(store, header, area, backing=None, readonly=True)
     return img.data_start
 
 

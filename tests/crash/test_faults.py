@@ -55,6 +55,7 @@ from crashkit import (
 
 import qedkit
 from qedkit.engine.base import BlockImage, ExtentKind
+from qedkit.engine.chain import open_qed
 from qedkit.engine.check import check_image
 from qedkit.engine.qed import QedImage
 from qedkit.engine.raw import RawImage
@@ -242,7 +243,7 @@ def _format(case: Case) -> bytes:
 async def _open(data: bytes, backing: bytes | None, *, readonly: bool = False) -> QedImage:
     store = MemoryStore(data, name=IMG, writable=not readonly)
     header, area = await QedImage.read_header(store)
-    img = await QedImage.open(
+    img = await open_qed(
         store, header, area, backing=_backing_image(backing, False)[0], readonly=readonly
     )
     return img
@@ -297,7 +298,7 @@ async def _run_case(case: Case, initial: bytes, fault: Fault | None, totals: Fau
     store = FaultStore(inner)
     backing, bstore = _backing_image(case.backing, True)
     header, area = await QedImage.read_header(store)
-    img = await QedImage.open(store, header, area, backing=backing, readonly=False)
+    img = await open_qed(store, header, area, backing=backing, readonly=False)
     acked = bytearray(await img.read(0, case.size))
     flushed = bytes(acked)
     for req in case.prefix:
@@ -553,7 +554,7 @@ def test_a_failed_write_reads_old_or_new_in_its_range(partial: bool) -> None:
         await QedImage.format_store(fmt, 8 * MiB, cluster_size=CS, table_size=TABLE_SIZE)
         store = FaultStore(MemoryStore(fmt.data, name=IMG))
         header, area = await QedImage.read_header(store)
-        img = await QedImage.open(store, header, area, backing=None, readonly=False)
+        img = await open_qed(store, header, area, backing=None, readonly=False)
         lo, n = 4 * MiB - 2 * CS, 4 * CS
         old, new = pattern(70, n), pattern(71, n)
         await img.write(lo, old)
@@ -582,7 +583,7 @@ def test_a_failed_write_reads_old_or_new_in_its_range(partial: bool) -> None:
 async def _repair_calls(data: bytes) -> Counter[str]:
     store = FaultStore(MemoryStore(data, name=IMG))
     header, area = await QedImage.read_header(store)
-    await QedImage.open(store, header, area, backing=None, readonly=False)
+    await open_qed(store, header, area, backing=None, readonly=False)
     return Counter(store.calls)
 
 
@@ -592,7 +593,7 @@ async def _handmade_dirty_image(*, shared_table: bool) -> bytes:
     fmt = MemoryStore(name=IMG)
     await QedImage.format_store(fmt, 8 * MiB, cluster_size=CS, table_size=TABLE_SIZE)
     header, area = await QedImage.read_header(fmt)
-    img = await QedImage.open(fmt, header, area, backing=None, readonly=False)
+    img = await open_qed(fmt, header, area, backing=None, readonly=False)
     await img.write(0, pattern(50, 3 * CS))
     await img.write(4 * MiB, pattern(51, CS))
     await img.close()
@@ -663,7 +664,7 @@ def test_a_failed_open_time_repair_leaves_an_image_a_later_open_repairs(
                 exc: BaseException | None = None
                 try:
                     header, area = await QedImage.read_header(store)
-                    await QedImage.open(store, header, area, backing=None, readonly=False)
+                    await open_qed(store, header, area, backing=None, readonly=False)
                 except Exception as caught:  # judged below
                     exc = caught
                 problems = _check_error(exc, fault)

@@ -35,6 +35,7 @@ from crashkit import (
     touched_ranges,
 )
 
+from qedkit.engine.chain import open_qed
 from qedkit.engine.check import check_image
 from qedkit.engine.qed import QedImage
 from qedkit.errors import StoreError
@@ -391,7 +392,7 @@ def test_a_failed_allocating_write_leaves_a_checkable_image() -> None:
         await QedImage.format_store(fmt, MiB, cluster_size=CS, table_size=2)
         store = FaultStore(MemoryStore(fmt.data, name="img.qed"))
         header, area = await QedImage.read_header(store)
-        img = await QedImage.open(store, header, area, backing=None, readonly=False)
+        img = await open_qed(store, header, area, backing=None, readonly=False)
         await img.write(0, b"a" * 100)
         store.fail("writev", errno=errno.ENOSPC)
         with pytest.raises(StoreError) as info:
@@ -435,7 +436,7 @@ async def _guest_after_recovery(sc: Scenario, image: bytes) -> tuple[list[bytes]
     corruptions a check then finds."""
     store = MemoryStore(image, name=sc.name)
     header, area = await QedImage.read_header(store)
-    img = await QedImage.open(store, header, area, backing=sc.backing, readonly=False)
+    img = await open_qed(store, header, area, backing=sc.backing, readonly=False)
     report = await check_image(img)
     return [await img.read(a, b - a) for a, b in touched_ranges(sc)], report.corruptions
 
@@ -456,7 +457,7 @@ def test_a_crash_during_repair_is_repaired_again_to_the_same_result(
                 header, area = await QedImage.read_header(store)
                 if not header.needs_check or data in needing_repair:
                     continue
-                img = await QedImage.open(store, header, area, backing=None, readonly=True)
+                img = await open_qed(store, header, area, backing=None, readonly=True)
                 if (await check_image(img)).corruptions:
                     needing_repair[data] = None
 
@@ -472,7 +473,7 @@ def test_a_crash_during_repair_is_repaired_again_to_the_same_result(
             assert corruptions == 0
             repair = CrashStore(image, name="repairing.qed")
             header, area = await QedImage.read_header(repair)
-            await QedImage.open(repair, header, area, backing=None, readonly=False)
+            await open_qed(repair, header, area, backing=None, readonly=False)
             assert repair.crash_points() >= 3  # table rewrites, then flush, header, flush
             for k in range(repair.crash_points() + 1):
                 for state in repair.scenarios(k, torn=True, max_states=16):

@@ -43,6 +43,7 @@ from crashkit import (
 )
 
 from qedkit.engine.base import ExtentKind
+from qedkit.engine.chain import open_qed
 from qedkit.engine.qed import QedImage
 from qedkit.store import MemoryStore
 from qedkit.store.crash import CrashStore
@@ -323,9 +324,7 @@ def _after(sc: Scenario) -> QedImage:
         store = MemoryStore(bytes(sc.crash.data), writable=False)
         header, area = await QedImage.read_header(store)
         name = header.backing_filename(area)
-        return await QedImage.open(
-            store, header, area, backing=sc.backing_image(name), readonly=True
-        )
+        return await open_qed(store, header, area, backing=sc.backing_image(name), readonly=True)
 
     return run(go())
 
@@ -342,7 +341,7 @@ def test_resize_hides_a_longer_backing_file_with_zero_clusters() -> None:
     # The initial image really had backing bytes past its end (QEMU's copy-on-write).
     first = MemoryStore(sc.initial, writable=False)
     header, area = run(QedImage.read_header(first))
-    before = run(QedImage.open(first, header, area, backing=None, readonly=True))
+    before = run(open_qed(first, header, area, backing=None, readonly=True))
     (ext,) = run(before.block_status(round_down(OLD_OVER), OLD_OVER % CS))
     assert ext.host_offset is not None
     tail = run(first.read(ext.host_offset + OLD_OVER % CS, 16))

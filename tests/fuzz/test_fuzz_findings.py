@@ -19,7 +19,7 @@ behaviour (see test_fuzz_images.py for the fuzzer itself).
    their own clusters. The same runs at every read-write open of such an image
    with NEED_CHECK set.
 4. With the home allocation policy (autoclear bit), the first allocating write
-   builds the cluster map (engine.layout.ClusterMap.scan), which sizes its array
+   builds the cluster map (engine.qed.alloc.ClusterMap.scan), which sizes its array
    from the raw L1 and L2 entries before any of them is validated: one entry far
    past the end of the file (a flipped high bit) makes it allocate an array of
    (offset / cluster size) entries: MemoryError, not a QedError, for a huge

@@ -106,10 +106,11 @@ from qedtest import IN_CI
 import qedkit
 from qedkit.cli.main import main as qed_main
 from qedkit.engine.base import BlockImage
-from qedkit.engine.chain import open_image
+from qedkit.engine.chain import open_image, open_qed
 from qedkit.engine.check import CheckReport, RepairMode, check_and_repair, check_image
 from qedkit.engine.mapping import MapEntry, map_chain
-from qedkit.engine.qed import QedImage, full_backing_filename
+from qedkit.engine.names import full_backing_filename
+from qedkit.engine.qed import QedImage
 from qedkit.engine.sync import close_thread_loop
 from qedkit.errors import BackingFileError, QedError
 from qedkit.format.geometry import qemu_max_image_size
@@ -891,7 +892,7 @@ async def open_recorded(
             except QedError as exc:
                 raise BackingFileError(f"cannot open backing file: {exc}") from exc
         try:
-            img = await QedImage.open(
+            img = await open_qed(
                 store,
                 header,
                 area,

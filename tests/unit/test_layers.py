@@ -116,7 +116,8 @@ def test_every_module_is_found_and_parsed() -> None:
 def test_resolver_sees_relative_function_level_and_package_imports() -> None:
     assert "qedkit.errors" in imports_of("qedkit.format.header")  # from ..errors import
     assert "qedkit.format.geometry" in imports_of("qedkit.format.header")  # from .geometry
-    assert "qedkit.engine.check" in imports_of("qedkit.engine.qed")  # inside a method
+    assert "qedkit.errors" in imports_of("qedkit.store.base")  # inside a method, too
+    assert "qedkit.engine.qed.image" in imports_of("qedkit.engine.qed.move")  # TYPE_CHECKING
     assert "qedkit.api" in imports_of("qedkit.cli.main")  # from .. import api
     assert "qedkit.cli.output" in imports_of("qedkit.cli.main")  # from . import output
 
@@ -166,6 +167,64 @@ def test_imports_follow_the_layer_direction(name: str) -> None:
 def test_no_module_below_the_root_imports_the_package_root(name: str) -> None:
     # "import qedkit" or "from qedkit import x" in a submodule hides a layer violation.
     assert "qedkit" not in internal_imports(name)
+
+
+# ---- no circles -----------------------------------------------------------------------
+
+
+def import_cycles() -> list[list[str]]:
+    """Every strongly connected set of qedkit modules larger than one (Tarjan), each
+    sorted: modules that import each other, directly or through others."""
+    graph = {name: sorted(internal_imports(name) & set(MODULES)) for name in MODULES}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1 or node in graph[node]:
+                found.append(sorted(component))
+
+    for name in sorted(graph):
+        if name not in index:
+            visit(name)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    """Imports inside functions and under TYPE_CHECKING count: a circle hidden by a
+    late import is still a circle in the design."""
+    assert import_cycles() == []
+
+
+def test_the_cycle_finder_finds_a_cycle(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = internal_imports
+
+    def fake(name: str) -> set[str]:
+        if name == "qedkit.errors":
+            return {"qedkit.format.header"}
+        return real(name)
+
+    monkeypatch.setattr(sys.modules[__name__], "internal_imports", fake)
+    assert ["qedkit.errors", "qedkit.format.header"] in import_cycles()
 
 
 def test_errors_imports_nothing_from_qedkit() -> None:

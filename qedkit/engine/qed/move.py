@@ -1,0 +1,179 @@
+"""Moving clusters and tables inside a QED file, crash-safely, while it is in use.
+
+References: QED's design ("online defragmentation", never shipped by QEMU); the
+ordering rules of qed_spec "Cluster allocation".
+
+Theory of operation
+-------------------
+A move copies a data cluster (or an L2 table) to a free slot and repoints its entry.
+The order makes every instant safe:
+
+1. claim the destination in the cluster map (nobody else may place there);
+2. stall guest writes to the moving guest clusters (engine.qed.io), with
+   allocations paused while the stall is set, so none is half done on them;
+3. copy, flush;
+4. rewrite the L2 entries (for a table: the L1 entry), flush;
+5. release the stall, then the source slot: only now may it be reused.
+
+At every instant each entry points at a complete copy of its cluster, and a slot is
+never overwritten while a durable entry still points to it. A batch of data moves
+shares one flush pair. If a move fails midway the cluster map may be wrong, so it
+is dropped (the next user rescans).
+
+This is the one mechanism behind defragmentation (jobs.defrag plans, this moves),
+leak compaction in repair (engine.check) and the final compaction of a defrag:
+``compact`` moves the clusters past the end of the used space into the free slots
+below it, then ``truncate`` cuts the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .alloc import FREE, META
+
+if TYPE_CHECKING:
+    from .image import QedImage
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Guest cluster ``guest`` moved from host offset ``src`` to ``dst``."""
+
+    guest: int
+    src: int
+    dst: int
+    home: bool  # dst is where the plan wanted it
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One data move asked of ``Mover.move_data``: guest cluster ``guest``, now at
+    host ``src``, to ``dst``; ``dst`` None means the first free slot at or after
+    ``spill`` (never a slot below it)."""
+
+    guest: int
+    src: int
+    dst: int | None
+    home: bool = False
+
+
+class Mover:
+    """Crash-safe moves in one open QED image (see the module docstring). Needs the
+    image's cluster map (``await img.ensure_cluster_map()`` first)."""
+
+    def __init__(self, img: QedImage, *, spill: int | None = None) -> None:
+        self.img = img
+        # Where moves without a destination go: free slots at or after this offset.
+        self.spill = img.home_end if spill is None else spill
+
+    async def move_data(self, plan: Sequence[Planned]) -> list[Move]:
+        """Move guest clusters as one batch: claim, stall, copy, flush, rewrite the
+        entries, flush, release the sources. A planned move whose cluster changed
+        meanwhile, or whose destination was taken, is skipped."""
+        if not plan:
+            return []
+        img = self.img
+        alloc = img.alloc
+        cmap = alloc.cluster_map
+        assert cmap is not None
+        geo = img.geo
+        bits = geo.cluster_bits
+        size = geo.cluster_size
+        moves: list[Move] = []
+        async with img.allocations_paused():
+            for p in plan:
+                table = await img.get_l2(p.guest // geo.l2_entries)
+                if table is None or table[p.guest % geo.l2_entries] != p.src:
+                    continue  # changed meanwhile
+                dst = p.dst
+                if dst is None:
+                    dst = alloc.free_run(self.spill, 1)
+                elif not cmap.is_free(dst >> bits):
+                    continue  # taken meanwhile by the allocation policy
+                alloc.claim(dst, 1, p.guest)
+                moves.append(Move(p.guest, p.src, dst, p.home))
+            release = await img.stall_writes([m.guest for m in moves])
+        try:
+            for m in moves:
+                await img.store.copy_range(m.src, m.dst, size)
+            await img.store.flush()
+            by_table: dict[int, dict[int, int]] = {}
+            for m in moves:
+                l1_index, index = divmod(m.guest, geo.l2_entries)
+                by_table.setdefault(l1_index, {})[index] = m.dst
+            async with img.allocations_paused():
+                for l1_index, updates in by_table.items():
+                    table = await img.get_l2(l1_index)
+                    assert table is not None
+                    await img.tables.write_entries(l1_index, table, updates)
+            await img.store.flush()
+        except BaseException:
+            alloc.forget_map()  # rebuilt by a scan on next use: the safe answer
+            raise
+        finally:
+            release()
+        for m in moves:
+            alloc.release(m.src)
+        return moves
+
+    async def move_table(self, l1_index: int, dst: int | None = None) -> int:
+        """Move the L2 table of ``l1_index`` to ``dst`` (default: the first free
+        slots at or after ``spill``); returns where it went."""
+        img = self.img
+        alloc = img.alloc
+        ts = img.geo.table_size
+        async with img.allocations_paused():
+            if dst is None:
+                dst = alloc.free_run(self.spill, ts)
+            alloc.claim(dst, ts, META)
+            try:
+                old = await img.tables.relocate(l1_index, dst)
+            except BaseException:
+                alloc.forget_map()
+                raise
+        alloc.release(old, ts)
+        return dst
+
+    def free_run(self, start: int, count: int) -> int:
+        """The first ``count`` free clusters at or after ``start`` (not claimed)."""
+        return self.img.alloc.free_run(start, count)
+
+    async def truncate(self) -> int:
+        """Cut free space past the last used cluster; returns the bytes removed."""
+        img = self.img
+        async with img.allocations_paused():
+            end = img.alloc.last_used_end()
+            size = await img.store.size()
+            if end >= size:
+                return 0
+            await img.store.flush()
+            await img.store.truncate(end)
+            await img.store.flush()
+            img.alloc.truncated(end)
+        return size - end
+
+    async def punch_free(self) -> int:
+        """Release the disk space of free clusters inside the file (slots left by
+        moves, holes), one punch per run; returns bytes."""
+        img = self.img
+        cmap = img.alloc.cluster_map
+        assert cmap is not None
+        bits = img.geo.cluster_bits
+        punched = 0
+        async with img.allocations_paused():
+            owner = cmap.owner
+            index, end = 0, min(len(owner), img.alloc.file_end >> bits)
+            while index < end:
+                if owner[index] != FREE:
+                    index += 1
+                    continue
+                run_end = index
+                while run_end < end and owner[run_end] == FREE:
+                    run_end += 1
+                await img.store.discard(index << bits, (run_end - index) << bits)
+                punched += (run_end - index) << bits
+                index = run_end
+        return punched

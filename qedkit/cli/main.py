@@ -268,7 +268,7 @@ def cmd_defrag(args: argparse.Namespace) -> int:
 
     from ..engine.chain import open_image
     from ..engine.check import check_image
-    from ..engine.qed import QedImage
+    from ..engine.qed import LayoutKind, QedImage
     from ..engine.sync import run
     from ..jobs.defrag import Defragmenter
     from .progress import Progress
@@ -283,7 +283,8 @@ def cmd_defrag(args: argparse.Namespace) -> int:
                 f"{args.filename}: the image has {report.corruptions} corruptions; "
                 "run 'qed check -r all' first"
             )
-        defrag = run(Defragmenter.create(img))
+        layout = LayoutKind(args.layout) if args.layout else None
+        defrag = run(Defragmenter.create(img, layout=layout))
         show = args.progress or (sys.stderr.isatty() and not args.quiet)
         with Progress(show, "defrag", unit=" clusters") as progress:
 
@@ -300,7 +301,8 @@ def cmd_defrag(args: argparse.Namespace) -> int:
         print(
             f"moved {stats.clusters_moved} clusters ({stats.bytes_moved} bytes, "
             f"{d['mb-per-second']} MB/s) and {stats.tables_moved} L2 tables in "
-            f"{stats.rounds} rounds; truncated {stats.truncated_bytes} bytes"
+            f"{stats.rounds} rounds ({stats.layout} layout); "
+            f"truncated {stats.truncated_bytes} bytes"
         )
     return 0
 
@@ -484,9 +486,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("filename", metavar="FILE")
     p.set_defaults(func=cmd_io)
 
-    p = sub.add_parser("defrag", help="move every data cluster to its home position (offline)")
+    p = sub.add_parser(
+        "defrag", help="lay the image out for sequential reads and a compact file (offline)"
+    )
     _add_format(p)
     _add_output(p)
+    p.add_argument(
+        "--layout",
+        choices=("packed", "identity"),
+        help="packed (default unless the image has the home allocation policy): tables "
+        "first, then the allocated clusters in guest order, no holes, a file as small as "
+        "a converted copy; identity: every cluster at data start + its guest offset, which "
+        "stays raw-like for later writes (sets the home allocation policy), but the file "
+        "spans the virtual disk and every QED checker reports its holes as leaked clusters",
+    )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("filename", metavar="FILE")

@@ -233,6 +233,7 @@ def frag_dict(report: FragReport) -> dict[str, object]:
         "cluster-size": report.cluster_size,
         "file-size": report.file_size,
         "data-start": report.data_start,
+        "layout": report.layout_kind,
         "total-clusters": report.total_clusters,
         "allocated-clusters": report.allocated_clusters,
         "zero-clusters": report.zero_clusters,
@@ -262,7 +263,7 @@ def frag_human(report: FragReport) -> str:
         f"{report.zero_clusters} zero clusters",
         f"fragmented {report.fragmented_percent:.2f}% ({report.fragmented_clusters} clusters, "
         f"as qemu-img check counts), away from home {report.away_percent:.2f}% "
-        f"({report.away_clusters} clusters)",
+        f"({report.away_clusters} clusters, {report.layout_kind} layout)",
     ]
     runs = f"{report.runs} run" + ("" if report.runs == 1 else "s")
     if not report.runs:

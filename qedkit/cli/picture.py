@@ -20,6 +20,7 @@ with a built-in 5x7 bitmap font for the text.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import zlib
@@ -170,14 +171,29 @@ def build_scene(report: FragReport) -> Scene:
 
 
 def _home_line(layout: LayoutSample) -> list[Item]:
-    """Where guest cluster g is at home: host cluster data_start + g."""
-    gc, hc, ds = layout.guest_clusters, layout.host_clusters, layout.data_start_cluster
-    end_g = min(gc, max(0, hc - ds))  # the line leaves the plot at the top of the file
-    if end_g <= 0:
-        return []
-    x0, y0 = LEFT, PLOT_BOTTOM - ds * PLOT / hc
-    x1, y1 = LEFT + end_g * PLOT / gc, PLOT_BOTTOM - (ds + end_g) * PLOT / hc
-    return [Line(x0, y0, x1, y1, HOME_LINE, dashed=True)]
+    """Where the clusters belong (the target layout's homes), as a dashed polyline
+    clipped to the file: a diagonal for the identity layout, a staircase for the
+    packed one."""
+    gc, hc = layout.guest_clusters, layout.host_clusters
+    points = layout.home_line
+    out: list[Item] = []
+    for (g0, h0), (g1, h1) in itertools.pairwise(points):
+        if h0 >= hc:
+            break
+        if h1 > hc:  # the line leaves the plot at the top of the file
+            g1 = g0 + (hc - h0) * (g1 - g0) // max(1, h1 - h0)
+            h1 = hc
+        out.append(
+            Line(
+                LEFT + g0 * PLOT / gc,
+                PLOT_BOTTOM - h0 * PLOT / hc,
+                LEFT + g1 * PLOT / gc,
+                PLOT_BOTTOM - h1 * PLOT / hc,
+                HOME_LINE,
+                dashed=True,
+            )
+        )
+    return out
 
 
 def _cells(layout: LayoutSample) -> list[Item]:

@@ -1,43 +1,40 @@
-"""Defragmentation: move data clusters to their home positions, online or offline.
+"""Defragmentation: move clusters to where a target layout wants them, online or offline.
 
 Theory of operation
 -------------------
-Guest cluster ``g`` is *at home* at host offset ``data_start + g * cluster_size``
-(engine.qed.alloc). QED allocates at the end of the file in the order the guest first
-writes, so after random first writes the clusters are scattered and a sequential
-guest read becomes scattered host I/O. Defragmentation brings clusters home:
+QED allocates at the end of the file in the order the guest first writes, so after
+random first writes the clusters are scattered and a sequential guest read becomes
+scattered host I/O. A *target layout* (engine.qed.alloc.TargetLayout) says where
+every L2 table and data cluster belongs:
 
-* **homecoming**: ``g``'s home slot is free (unused, a hole, past the end of the
-  file): copy ``g`` there.
-* **eviction**: ``g``'s home holds another guest's data, ``h``, which is not at its own
-  home either: copy ``h`` past the home area first (to its own home if that is
-  free), which frees the slot for ``g``.
-* **stage 2** moves the L2 tables out of the home area, to the first free slots past
-  its end, so that the home area holds data only and the homes of unallocated
-  clusters stay free for them.
+* **packed** (the default): the tables right after the L1 table, then the allocated
+  clusters in guest order, nothing between them. A sequential read is one host read
+  per run, the file is as small as a converted copy, and it checks clean.
+* **identity** (images with the home allocation policy): guest cluster ``g`` at
+  ``data_start + g * cluster_size``, tables after that home area; raw-like for any
+  later write, at the cost of a file spanning the disk whose holes checkers call
+  leaks.
 
-Every move is made crash-safe by ordering (``_move``): the destination is claimed in
-the cluster map, the data is copied and flushed, then the L2 entries are rewritten and
-flushed, and only then is the source released for reuse. At every instant each L2
-entry points at a complete copy of its cluster, and a slot is never overwritten while
-a durable entry still points to it. At the end, free slots inside the file are
-punched (no disk space) and free space at its end is cut off.
+The plan is made once, by a scan of every table (``create``); tables that map
+nothing are dropped first. Then:
 
-Guest writes to exactly the clusters being moved wait (``QedImage.stall_writes``)
-from before the copy until the new entries are written; all other I/O goes on.
-Stalls are set while allocating writes are paused, so none is half done on a
-stalled cluster.
+* **tables** go to their targets first (each move clears the target slots: data in
+  them is evicted, another table moved aside);
+* **homecoming**: a data cluster whose home slot is free goes there;
+* **eviction**: a cluster whose home holds another planned cluster that is not at
+  its own home either moves that occupant first (to the occupant's own home if free,
+  else past the planned area), which frees the slot.
 
-Moves are made in batches (one flush pair per batch, many clusters per batch when
-offline). Each round moves home every misplaced cluster whose home is free; when
-few can go home, it evicts occupants first. Every homecoming is final (a cluster at
-home is never evicted), so the process ends. At the end, free space past the last
-used cluster is truncated.
+Every homecoming is final (a cluster at home is never evicted), so the process ends.
+Clusters the guest allocates while an online job runs are not in the plan: they land
+past the planned area and the last step (``finish``) compacts them down into the
+free slots there (packed) before the free tail of the file is truncated.
 
-Home slots of unallocated guest clusters stay free (holes, no disk space): they are
-where the home allocation policy puts those clusters when they are first written.
-QED has no free list, so every QED checker, ``qemu-img check`` included, counts them
-as leaked clusters (exit code 3, "no harm to data"). See docs/DESIGN.md.
+Moves themselves are engine.qed.move's: crash-safe ordering, writes to exactly the
+clusters being moved stall, everything else goes on. Rounds cost O(batch): the
+misplaced clusters found by the scan stay in a queue and the ones whose home slot is
+free sit in a ready list fed by every move (the slot a move frees is the home of at
+most one planned cluster).
 """
 
 from __future__ import annotations
@@ -50,7 +47,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.qed import FREE, META, ClusterMap, Move, Mover, Planned, QedImage
+from ..engine.qed import (
+    FREE,
+    META,
+    ClusterMap,
+    LayoutKind,
+    Move,
+    Mover,
+    Planned,
+    QedImage,
+    TargetLayout,
+)
 from ..errors import InvalidRequestError, JobError, QedError
 from ..format.sizes import parse_size
 from .base import Job
@@ -84,17 +91,21 @@ class DefragStats:
     clusters_moved: int = 0
     bytes_moved: int = 0
     tables_moved: int = 0
+    tables_dropped: int = 0
     rounds: int = 0
     seconds: float = 0.0
     truncated_bytes: int = 0
+    layout: str = LayoutKind.PACKED.value
     done: bool = False
 
     def as_dict(self) -> dict[str, object]:
         mbps = self.bytes_moved / self.seconds / 1e6 if self.seconds else 0.0
         return {
+            "layout": self.layout,
             "clusters-moved": self.clusters_moved,
             "bytes-moved": self.bytes_moved,
             "tables-moved": self.tables_moved,
+            "tables-dropped": self.tables_dropped,
             "rounds": self.rounds,
             "seconds": round(self.seconds, 3),
             "mb-per-second": round(mbps, 1),
@@ -103,33 +114,60 @@ class DefragStats:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class _Blocked:
+    """Planned cluster ``guest`` (at ``src``) whose home holds planned ``occupant``."""
+
+    guest: int
+    src: int
+    occupant: int
+
+
 @dataclass
 class Defragmenter:
-    """Defragments one open QED image; see the module docstring."""
+    """Defragments one open QED image towards ``target``; see the module docstring."""
 
     img: QedImage
+    target: TargetLayout
+    # The cluster map the plan was made with (a failed move drops the image's map:
+    # a new plan is then needed).
     cmap: ClusterMap
     batch_bytes: int = DEFAULT_BATCH_BYTES
     stats: DefragStats = field(default_factory=DefragStats)
-    # Misplaced clusters found by the last scan (guest cluster -> host offset), kept
-    # current as moves happen, so that a round costs O(batch), not a scan of every
-    # table; rescanned when it runs dry.
+    # Misplaced planned clusters (guest cluster -> host offset), kept current as
+    # moves happen, so that a round costs O(batch); rescanned when it runs dry.
     _queue: dict[int, int] = field(default_factory=dict)
     # Guests of the queue whose home slot was free when last seen: the homecomings
-    # of the next rounds, found without walking the queue (a slot a move frees is
-    # the home of at most one guest).
+    # of the next rounds, found without walking the queue.
     _ready: list[int] = field(default_factory=list)
 
     @classmethod
-    async def create(cls, img: QedImage, batch_bytes: int = DEFAULT_BATCH_BYTES) -> Defragmenter:
+    async def create(
+        cls,
+        img: QedImage,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        layout: LayoutKind | None = None,
+    ) -> Defragmenter:
+        """Plan the defragmentation of ``img``. ``layout`` None keeps the image's
+        policy (identity with the home allocation bit, else packed); choosing one
+        sets the policy to match, so that later allocations keep the layout."""
         if img.readonly:
             raise JobError("defragmentation needs the image open read-write", filename=img.filename)
         if img.header.needs_check:
             # A dirty image may hold leaks and unflushed tables; make it whole first.
             await img.flush()
+        if layout is None:
+            layout = LayoutKind.IDENTITY if img.home_allocation else LayoutKind.PACKED
+        if img.home_allocation != (layout is LayoutKind.IDENTITY):
+            await img.set_home_allocation(layout is LayoutKind.IDENTITY)
         async with img.allocations_paused():
             cmap = await img.ensure_cluster_map()
-        return cls(img, cmap, batch_bytes)
+        target, dropped = await _plan(img, layout)
+        defrag = cls(img, target, cmap, batch_bytes)
+        defrag.stats.layout = layout.value
+        defrag.stats.tables_dropped = dropped
+        img.alloc.reserved_end = target.end
+        return defrag
 
     # ---- geometry ----------------------------------------------------------------
 
@@ -137,132 +175,97 @@ class Defragmenter:
     def _bits(self) -> int:
         return self.img.geo.cluster_bits
 
-    def home(self, guest: int) -> int:
-        return self.img.data_start + (guest << self._bits)
+    @property
+    def mover(self) -> Mover:
+        return Mover(self.img, spill=self.target.end)
+
+    def home(self, guest: int) -> int | None:
+        return self.target.home(guest)
+
+    def _free(self, offset: int) -> bool:
+        cmap = self.img.cluster_map
+        assert cmap is not None
+        return cmap.get(offset >> self._bits) == FREE
 
     # ---- finding work --------------------------------------------------------------
 
-    async def _tables(self, cached_only: bool) -> list[tuple[int, array[int]]]:
+    async def load_queue(self, cached_only: bool) -> int:
+        """Scan for misplaced planned clusters (the queue the rounds work through),
+        in the L2 tables of the cache only when ``cached_only``; returns how many."""
         img = self.img
-        out = []
+        entries = img.geo.l2_entries
+        queue: dict[int, int] = {}
         for l1_index, l2_offset in enumerate(img.l1_table):
             if not l2_offset:
                 continue
             table = img.cache.get(l2_offset) if cached_only else await img.get_l2(l1_index)
-            if table is not None:
-                out.append((l1_index, table))
-        return out
-
-    async def _misplaced(self, tables: list[tuple[int, array[int]]]) -> list[tuple[int, int]]:
-        """(guest cluster, host offset) of every data cluster not at home; yields to
-        the event loop between tables (a scan is long next to a guest request)."""
-        out = []
-        entries = self.img.geo.l2_entries
-        start = self.img.data_start
-        bits = self._bits
-        for l1_index, table in tables:
+            if table is None:
+                continue
             base = l1_index * entries
-            home = start + (base << bits)
-            step = 1 << bits
             for index, entry in enumerate(table):
-                if entry > 1 and entry != home:
-                    out.append((base + index, entry))
-                home += step
-            await asyncio.sleep(0)
-        return out
-
-    async def load_queue(self, cached_only: bool) -> int:
-        """Scan for misplaced clusters (the queue the rounds work through); returns
-        how many there are."""
-        self._set_queue(dict(await self._misplaced(await self._tables(cached_only))))
-        return len(self._queue)
+                if entry > 1:
+                    home = self.target.home(base + index)
+                    if home is not None and entry != home:
+                        queue[base + index] = entry
+            await asyncio.sleep(0)  # a scan is long next to a guest request
+        self._set_queue(queue)
+        return len(queue)
 
     def _set_queue(self, queue: dict[int, int]) -> None:
         self._queue = queue
-        cmap = self.cmap
-        bits = self._bits
-        self._ready = [g for g in queue if cmap.get(self.home(g) >> bits) == FREE]
-        self._ready.reverse()  # popped from the end: guest order
+        ready = []
+        for guest in queue:
+            home = self.target.home(guest)
+            if home is not None and self._free(home):
+                ready.append(guest)
+        ready.reverse()  # popped from the end: guest order
+        self._ready = ready
 
     def _freed(self, slot: int) -> None:
-        """``slot`` became free: its guest, if misplaced, can come home."""
-        guest = (slot - self.img.data_start) >> self._bits
-        if guest >= 0 and guest in self._queue:
+        """``slot`` became free: its planned cluster, if misplaced, can come home."""
+        guest = self.target.guest_at(slot)
+        if guest is not None and guest in self._queue:
             self._ready.append(guest)
+
+    def _tables_off_target(self) -> list[int]:
+        l1 = self.img.l1_table
+        return [i for i, dst in self.target.tables.items() if l1[i] and l1[i] != dst]
 
     # ---- one round -----------------------------------------------------------------
 
     async def round(self, *, cached_only: bool, limit: int) -> StepResult:
-        """Plan and make up to ``limit`` moves (a batch of evictions, then a batch of
-        homecomings). ``cached_only``: look only at L2 tables already in the cache
-        (an online step must not read tables to find work)."""
+        """Make up to ``limit`` moves: a table to its target if any is off it; else
+        a batch of evictions if few homecomings are ready, then the homecomings.
+        ``cached_only``: look for work only in L2 tables already in the cache (an
+        online step must not read tables to find work)."""
+        pending = self._tables_off_target()
+        if pending:
+            await self._place_table(pending[0])
+            return StepResult((), 1, done=False)
         if not self._queue:
             await self.load_queue(cached_only)
-        queue = self._queue
-        cmap = self.cmap
-        bits = self._bits
-        homecomings: list[tuple[int, int, int]] = []
         chosen: set[int] = set()
-        ready = self._ready
-        while ready and len(homecomings) < limit:
-            guest = ready.pop()
-            src = queue.get(guest)
-            home = self.home(guest)
-            if src is not None and guest not in chosen and cmap.get(home >> bits) == FREE:
-                homecomings.append((guest, src, home))
-                chosen.add(guest)
-        blocked: list[tuple[int, int, int]] = []  # (guest, src, occupant guest)
-        meta_blocked = 0
-        if len(homecomings) < max(1, int(limit * EVICT_WHEN_BELOW)):
-            # Few homecomings ready: walk the queue for evictions (and free homes
-            # the ready list missed), only until a batch of them is found.
-            for guest, src in queue.items():
-                home = self.home(guest)
-                owner = cmap.get(home >> bits)
-                if owner == FREE:
-                    if len(homecomings) < limit and guest not in chosen:
-                        homecomings.append((guest, src, home))
-                        chosen.add(guest)
-                elif owner == META:
-                    meta_blocked += 1
-                elif owner >= 0:
-                    blocked.append((guest, src, owner))
-                    if len(blocked) >= limit:
-                        break
-        if meta_blocked and not homecomings:
-            tables = await self.move_tables()
-            if tables:
-                self._set_queue(queue)  # the tables left home slots free
-                return StepResult((), tables, done=False)
+        homecomings = self._homecomings(limit, chosen)
+        few = max(1, int(limit * EVICT_WHEN_BELOW))
+        blocked: list[_Blocked] = []
+        if len(homecomings) < few:
+            blocked = self._walk_queue(limit, chosen, homecomings)
         if not homecomings and not blocked:
-            tables = await self.move_tables()
-            if tables:
-                self._set_queue(queue)  # the tables left home slots free
-                return StepResult((), tables, done=False)
-            if queue:  # stale entries only (changed since the scan): look again
+            if self._queue:  # stale entries only (changed since the scan): look again
                 self._queue = {}
                 return StepResult((), 0, done=False)
             return StepResult((), 0, done=True)
         moves: list[Move] = []
-        if len(homecomings) < max(1, int(limit * EVICT_WHEN_BELOW)) and blocked:
+        if len(homecomings) < few and blocked:
             # Evict only a slice: each eviction starts a chain of homecomings (a slot
             # freed by one cluster is the home of another), so a few evictions per
             # round keep the data copied close to once per cluster.
             room = max(1, min(limit - len(homecomings), limit // EVICT_SHARE))
-            evictions = []
-            freed = set()
-            for guest, _src, occupant in blocked[:room]:
-                occupant_home = self.home(occupant)
-                where = self.home(guest)
-                if occupant_home >> bits not in freed and cmap.get(occupant_home >> bits) == FREE:
-                    dst = occupant_home  # the occupant can go home itself
-                    freed.add(dst >> bits)
-                else:
-                    dst = -1  # past the home area, chosen when moving
-                evictions.append((occupant, where, dst))
-            moves += await self._move(evictions)
-            for guest, src, _occupant in blocked[:room]:
-                homecomings.append((guest, src, self.home(guest)))
+            moves += await self._move(self._evictions(blocked[:room], chosen))
+            for b in blocked[:room]:
+                home = self.home(b.guest)
+                assert home is not None
+                homecomings.append(Planned(b.guest, b.src, home, True))
         moves += await self._move(homecomings[:limit])
         if not moves:
             # Every candidate changed under us: start again from a fresh scan; if that
@@ -270,63 +273,122 @@ class Defragmenter:
             self._queue = {}
         return StepResult(tuple(moves), 0, done=False)
 
-    async def _move(self, plan: list[tuple[int, int, int]]) -> list[Move]:
-        """Move guest clusters (guest, src, dst; dst -1 = past the home area) as one
-        batch (engine.qed.move), then update the queue."""
-        moves = await Mover(self.img).move_data(
-            [Planned(g, src, None if dst < 0 else dst, dst == self.home(g)) for g, src, dst in plan]
-        )
-        for m in moves:
-            home = m.dst == self.home(m.guest)
-            if home:
-                self._queue.pop(m.guest, None)
+    def _homecomings(self, limit: int, chosen: set[int]) -> list[Planned]:
+        """Ready clusters whose home is still free, up to ``limit``."""
+        out: list[Planned] = []
+        ready, queue = self._ready, self._queue
+        while ready and len(out) < limit:
+            guest = ready.pop()
+            src = queue.get(guest)
+            home = self.home(guest)
+            if src is not None and home is not None and guest not in chosen and self._free(home):
+                out.append(Planned(guest, src, home, True))
+                chosen.add(guest)
+        return out
+
+    def _walk_queue(
+        self, limit: int, chosen: set[int], homecomings: list[Planned]
+    ) -> list[_Blocked]:
+        """Walk the queue for homes the ready list missed (appended to
+        ``homecomings``) and for clusters blocked by a planned occupant, until a batch
+        of those is found."""
+        cmap = self.img.cluster_map
+        assert cmap is not None
+        bits = self._bits
+        blocked: list[_Blocked] = []
+        for guest, src in self._queue.items():
+            home = self.home(guest)
+            assert home is not None
+            owner = cmap.get(home >> bits)
+            if owner == FREE:
+                if len(homecomings) < limit and guest not in chosen:
+                    homecomings.append(Planned(guest, src, home, True))
+                    chosen.add(guest)
+            elif owner >= 0 and self.home(owner) is not None:
+                blocked.append(_Blocked(guest, src, owner))
+                if len(blocked) >= limit:
+                    break
+        return blocked
+
+    def _evictions(self, blocked: list[_Blocked], chosen: set[int]) -> list[Planned]:
+        """Moves that clear the homes of ``blocked``: each occupant to its own home if
+        that is free, else past the planned area."""
+        out: list[Planned] = []
+        taken: set[int] = set()
+        for b in blocked:
+            if b.occupant in chosen:
+                continue  # already coming home this round
+            where = self.home(b.guest)
+            occupant_home = self.home(b.occupant)
+            assert where is not None and occupant_home is not None
+            if occupant_home not in taken and self._free(occupant_home):
+                taken.add(occupant_home)
+                out.append(Planned(b.occupant, where, occupant_home, True))
             else:
+                out.append(Planned(b.occupant, where, None))
+        return out
+
+    async def _move(self, plan: list[Planned]) -> list[Move]:
+        """Make ``plan``'s moves as one batch (engine.qed.move), then update the
+        queue and the ready list."""
+        moves = await self.mover.move_data(plan)
+        self._moved(moves)
+        return moves
+
+    def _moved(self, moves: list[Move]) -> None:
+        for m in moves:
+            if m.dst == self.home(m.guest):
+                self._queue.pop(m.guest, None)
+            elif self.home(m.guest) is not None:
                 self._queue[m.guest] = m.dst
         for m in moves:
             self._freed(m.src)
         self.stats.clusters_moved += len(moves)
         self.stats.bytes_moved += len(moves) << self._bits
-        return moves
 
-    async def move_tables(self) -> int:
-        """Stage 2: move every L2 table inside the home area to the first free slots
-        past it, so that the home area holds data only (and the homes of unallocated
-        clusters stay free for them)."""
+    async def _place_table(self, l1_index: int) -> None:
+        """Move one table to its target: out of the way first if it overlaps its own
+        target, then the target slots are cleared (data evicted, another table moved
+        aside), then the table moves in."""
         img = self.img
-        data_start, home_end = img.data_start, img.home_end
-        moved = 0
-        for l1_index, l2_offset in enumerate(img.l1_table):
-            if l2_offset and data_start <= l2_offset < home_end:
-                await self._move_table(l1_index)
-                moved += 1
-        self.stats.tables_moved += moved
-        return moved
-
-    async def _move_table(self, l1_index: int, target: int | None = None) -> None:
-        await Mover(self.img).move_table(l1_index, target)
-
-    def _table_slot(self, start: int) -> int:
-        """The first ``table_size`` free clusters at or after ``start``."""
-        return self.img.alloc.free_run(start, self.img.geo.table_size)
-
-    async def compact_tables(self) -> int:
-        """Move L2 tables that sit past the allocated home area down to the first free
-        slots after it, so that the free space left behind by moves ends up at the end
-        of the file, where ``truncate`` removes it."""
-        img = self.img
+        cmap = img.cluster_map
+        assert cmap is not None
         bits = self._bits
-        moved = 0
-        start = img.home_end
-        for l1_index, l2_offset in sorted(enumerate(img.l1_table), key=lambda item: item[1]):
-            if not l2_offset or l2_offset < start:
-                continue
-            target = self._table_slot(start)
-            if target < l2_offset:
-                await self._move_table(l1_index, target)
-                moved += 1
-            start = img.l1_table[l1_index] + (img.geo.table_size << bits)
-        self.stats.tables_moved += moved
-        return moved
+        ts = img.geo.table_size
+        dst = self.target.tables[l1_index]
+        first = dst >> bits
+        current = img.l1_table[l1_index] >> bits
+        mover = self.mover
+        if current < first + ts and first < current + ts:
+            await mover.move_table(l1_index)  # past the planned area
+            self.stats.tables_moved += 1
+            return
+        evict: list[Planned] = []
+        for index in range(first, first + ts):
+            owner = cmap.get(index)
+            if owner >= 0:
+                home = self.home(owner)
+                home_ok = home is not None and not first <= home >> bits < first + ts
+                if home_ok and home is not None and self._free(home):
+                    evict.append(Planned(owner, index << bits, home, True))
+                else:
+                    evict.append(Planned(owner, index << bits, None))
+            elif owner == META:
+                other = next(
+                    i
+                    for i, off in enumerate(img.l1_table)
+                    if off and off >> bits <= index < (off >> bits) + ts
+                )
+                await mover.move_table(other)
+                self.stats.tables_moved += 1
+                return
+        if evict:
+            moves = await mover.move_data(evict)
+            self._moved(moves)
+            if len(moves) != len(evict):
+                return  # changed under us: the next round looks again
+        await mover.move_table(l1_index, dst)
+        self.stats.tables_moved += 1
 
     # ---- whole runs -----------------------------------------------------------------
 
@@ -337,7 +399,7 @@ class Defragmenter:
         checkpoint: Checkpoint | None = None,
         until_done: bool = True,
     ) -> DefragStats:
-        """Rounds until no cluster is left to move, then truncate the free tail."""
+        """Rounds until no cluster is left to move, then ``finish``."""
         limit = max(1, self.batch_bytes >> self._bits)
         started = time.monotonic()
         total = max(1, await self.load_queue(cached_only))
@@ -349,23 +411,77 @@ class Defragmenter:
             if result.done or not until_done:
                 break
         self.stats.done = result.done
-        if result.done:
-            await self.compact_tables()
-        await self.truncate()
-        await self.punch_free()
+        await self.finish(complete=result.done)
         self.stats.seconds += time.monotonic() - started
         return self.stats
 
+    async def finish(self, *, complete: bool) -> dict[str, int]:
+        """The last step: with the plan ``complete`` and a packed layout, compact the
+        clusters allocated meanwhile into the free slots past the planned area; then
+        truncate the free tail and punch the free slots left inside (holes of an
+        identity layout, or what an interrupted run leaves). Ends the job's hold on
+        the allocator."""
+        mover = self.mover
+        compacted = 0
+        self.img.alloc.reserved_end = 0
+        if complete and self.target.kind is LayoutKind.PACKED:
+            stats = await mover.compact()
+            compacted = stats.clusters_moved + stats.tables_moved
+            self.stats.truncated_bytes += stats.truncated_bytes
+            self.stats.clusters_moved += stats.clusters_moved
+            self.stats.bytes_moved += stats.clusters_moved << self._bits
+            self.stats.tables_moved += stats.tables_moved
+        truncated = await mover.truncate()
+        self.stats.truncated_bytes += truncated
+        punched = await mover.punch_free()
+        return {"compacted": compacted, "truncated-bytes": truncated, "punched-bytes": punched}
+
     async def punch_free(self) -> int:
-        """Release the disk space of free clusters inside the file (slots left by
-        moves, holes of unallocated homes), one punch per run; returns bytes."""
-        return await Mover(self.img).punch_free()
+        return await self.mover.punch_free()
 
     async def truncate(self) -> int:
-        """Cut free space past the last used cluster; returns the bytes removed."""
-        removed = await Mover(self.img).truncate()
+        removed = await self.mover.truncate()
         self.stats.truncated_bytes += removed
         return removed
+
+
+def parse_layout(value: object, what: str) -> LayoutKind | None:
+    """A layout name (``packed``, ``identity``) or None; InvalidRequestError else."""
+    if value is None or value == "":
+        return None
+    try:
+        return LayoutKind(str(value))
+    except ValueError:
+        raise InvalidRequestError(
+            f"{what}: unknown layout {value!r} (packed or identity)"
+        ) from None
+
+
+async def _plan(img: QedImage, kind: LayoutKind) -> tuple[TargetLayout, int]:
+    """The target layout of ``img``, from one scan of its tables, and how many tables
+    that map nothing (every entry 0) were dropped first. Caller has built the
+    cluster map."""
+    entries = img.geo.l2_entries
+    mover = Mover(img)
+    kept: list[int] = []
+    guests = array("q")
+    dropped = 0
+    for l1_index, l2_offset in enumerate(img.l1_table):
+        if not l2_offset:
+            continue
+        table = await img.get_l2(l1_index)
+        assert table is not None
+        if not any(table):
+            await mover.drop_table(l1_index)
+            dropped += 1
+            continue
+        kept.append(l1_index)
+        base = l1_index * entries
+        guests.extend(base + index for index, entry in enumerate(table) if entry > 1)
+        await asyncio.sleep(0)
+    if kind is LayoutKind.IDENTITY:
+        return TargetLayout.identity(img.geo, img.data_start, img.size, kept), dropped
+    return TargetLayout.packed(img.geo, img.data_start, kept, guests), dropped
 
 
 # ---- the online job ---------------------------------------------------------------
@@ -376,8 +492,10 @@ class DefragJob(Job):
 
     Arguments: ``rate`` (bytes moved per second at most, k/M/G suffixes; 0: no
     limit), ``idle`` (milliseconds without guest requests to wait for before each
-    step; 0: do not wait), ``batch`` (clusters per step, default 256). Each step searches the L2
-    tables in the cache; when they hold no more work, one full pass reads the others.
+    step; 0: do not wait), ``batch`` (clusters per step, default 256), ``layout``
+    (``packed`` or ``identity``; default: the image's policy, see Defragmenter.create).
+    Each step searches the L2 tables in the cache; when they hold no more work, one
+    full pass reads the others.
     """
 
     type = "defrag"
@@ -385,11 +503,14 @@ class DefragJob(Job):
     @classmethod
     def parse_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``rate`` (bytes per second, size suffixes allowed: "50M"), ``idle``
-        (milliseconds) and ``batch`` (clusters) at job-start."""
+        (milliseconds), ``batch`` (clusters) and ``layout`` at job-start."""
         out: dict[str, Any] = {}
         for key in arguments:
-            if key not in ("rate", "idle", "batch"):
-                raise InvalidRequestError(f"defrag: unknown argument {key!r} (rate, idle, batch)")
+            if key not in ("rate", "idle", "batch", "layout"):
+                raise InvalidRequestError(
+                    f"defrag: unknown argument {key!r} (rate, idle, batch, layout)"
+                )
+        out["layout"] = parse_layout(arguments.get("layout"), "defrag")
         try:
             out["rate"] = parse_size(str(arguments.get("rate", 0) or 0))
             out["idle"] = float(arguments.get("idle", 0) or 0)
@@ -409,7 +530,9 @@ class DefragJob(Job):
         if rate:
             # Steps of at most a quarter second's worth keep the rate smooth.
             batch = max(1, min(batch, (rate // 4) >> image.geo.cluster_bits))
-        defrag = await Defragmenter.create(image, batch_bytes=batch << image.geo.cluster_bits)
+        defrag = await Defragmenter.create(
+            image, batch_bytes=batch << image.geo.cluster_bits, layout=options["layout"]
+        )
         total = max(1, await defrag.load_queue(False))
         started = time.monotonic()
         cached_only = True
@@ -436,13 +559,13 @@ class DefragJob(Job):
                     await self.checkpoint(min(defrag.stats.clusters_moved, total), total)
                     started += time.monotonic() - paused_at
             defrag.stats.done = True
-            await defrag.compact_tables()
         finally:
             # Also when cancelled: cut the free tail and punch the slots moves left,
-            # so a partial run costs no disk space (they stay counted as leaks).
+            # so a partial run costs no disk space (they stay counted as leaks until
+            # a later run finishes).
             with contextlib.suppress(QedError):
-                await defrag.truncate()
-                await defrag.punch_free()
+                await defrag.finish(complete=defrag.stats.done)
+            image.alloc.reserved_end = 0
         defrag.stats.seconds = time.monotonic() - started
         await self.checkpoint(total, total)
         return defrag.stats.as_dict()

@@ -9,8 +9,11 @@ Figures
   entry with an invalid offset, or a table on clusters already in use, is left out),
   so the two figures equal qemu-img check's "allocated-clusters" and
   "fragmented-clusters", damaged images included.
-* **away from home**: data clusters not at ``data_start + g * cluster_size``
-  (engine.qed.alloc). 0 means the guest disk is laid out like a raw file.
+* **away from home**: data clusters not where defragmentation would put them
+  (engine.qed.alloc.TargetLayout): in the packed layout the i-th allocated cluster's
+  home is ``data_base + i * cluster_size`` (``data_base``: past the L1 and the L2
+  tables), in the identity layout (images with the home allocation policy) guest
+  cluster g's is ``data_start + g * cluster_size``. 0 means defragmented.
 * **host extents per run**: the guest disk split into *runs* of consecutive data
   clusters (a zero or unallocated cluster ends a run), each run counted in
   *extents*, the host-contiguous pieces it needs (1: the run reads with one host
@@ -60,6 +63,9 @@ class LayoutSample:
     guest_zero: array[int]
     host_meta: bytes
     data_start_cluster: int
+    # The home positions as a polyline of (guest cluster, host cluster) points: a
+    # straight line for the identity layout, a staircase for the packed one.
+    home_line: tuple[tuple[int, int], ...] = ()
 
     def guest_bucket_size(self, bucket: int) -> int:
         """How many guest clusters bucket ``bucket`` holds."""
@@ -89,6 +95,7 @@ class FragReport:
     cluster_size: int
     file_size: int
     data_start: int
+    layout_kind: str  # "packed" or "identity": what "home" means
     total_clusters: int
     allocated_clusters: int
     fragmented_clusters: int
@@ -140,6 +147,7 @@ class _Sampler:
         self.guest_zero = array("q", bytes(8 * self.gn))
         self.host_meta = bytearray(self.hn)
         self.ds = ds
+        self.home_points: list[tuple[int, int]] = []
 
     def _host_bucket(self, h: int) -> int:
         return min(h * self.hn // self.hc, self.hn - 1)
@@ -170,6 +178,15 @@ class _Sampler:
             g += k
             h += k
 
+    def home_run(self, g: int, home: int, count: int) -> None:
+        """Guest clusters ``g`` to ``g + count`` have their homes from host cluster
+        ``home`` (a packed layout's step)."""
+        points = self.home_points
+        if points and points[-1] == (g, home):
+            points[-1] = (g + count, home + count)
+        else:
+            points += [(g, home), (g + count, home + count)]
+
     def zero(self, g: int, count: int) -> None:
         gc, gn = self.gc, self.gn
         end = min(g + count, gc)
@@ -196,6 +213,7 @@ class _Sampler:
             guest_zero=self.guest_zero,
             host_meta=bytes(self.host_meta),
             data_start_cluster=self.ds,
+            home_line=tuple(self.home_points),
         )
 
 
@@ -203,12 +221,20 @@ class _Scan:
     """Counters of one pass over the L2 tables, in guest order."""
 
     def __init__(
-        self, img: QedImage, watch: set[int], sampler: _Sampler | None, marked: set[int]
+        self,
+        img: QedImage,
+        watch: set[int],
+        sampler: _Sampler | None,
+        marked: set[int],
+        packed_base: int | None,
     ) -> None:
         geo = img.geo
         self.cs = geo.cluster_size
         self.bits = geo.cluster_bits
         self.ds = img.data_start
+        # Packed layout: the home of the next allocated cluster (host offset); None:
+        # the identity layout.
+        self.packed_home = packed_base
         self.watch = watch  # offsets of the clusters of valid L2 tables
         self.marked = marked  # host clusters in use, as far as ``watch`` needs to know
         self.sampler = sampler
@@ -263,7 +289,14 @@ class _Scan:
             if last and last + cs != entry:
                 fragmented += 1
             last = expect - cs
-            at_home = entry == ds + (g << bits)
+            packed = self.packed_home
+            if packed is None:
+                at_home = entry == ds + (g << bits)
+            else:
+                at_home = entry == packed
+                if sampler is not None:
+                    sampler.home_run(g, packed >> bits, count)
+                self.packed_home = packed + (count << bits)
             if at_home:
                 home += count
             if g == end_guest:  # the guest run goes on
@@ -313,13 +346,17 @@ async def fragmentation_report(img: QedImage, *, grid: int = 0) -> FragReport:
     ]
     watch = {offset + (k << bits) for _, offset in valid for k in range(ts)}
     sampler = _Sampler(grid, total, host_clusters, ds >> bits) if grid > 0 and total else None
+    identity = img.home_allocation
+    packed_base = None if identity else ds + len(valid) * geo.table_bytes
+    if sampler is not None and identity:
+        sampler.home_points = [(0, ds >> bits), (total, (ds >> bits) + total)]
     if sampler is not None:
         sampler.meta(0, geo.header_size)
         sampler.meta(l1_first, ts)
         for _, offset in valid:
             sampler.meta(offset >> bits, ts)
     marked = set(range(l1_first, l1_first + ts))
-    scan = _Scan(img, watch, sampler, marked)
+    scan = _Scan(img, watch, sampler, marked, packed_base)
     span = geo.l2_entries
     for l1_index, offset in valid:
         first = offset >> bits
@@ -338,6 +375,7 @@ async def fragmentation_report(img: QedImage, *, grid: int = 0) -> FragReport:
         cluster_size=geo.cluster_size,
         file_size=file_size,
         data_start=ds,
+        layout_kind="identity" if identity else "packed",
         total_clusters=total,
         allocated_clusters=scan.allocated,
         fragmented_clusters=scan.fragmented,

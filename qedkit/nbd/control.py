@@ -306,11 +306,7 @@ class ControlServer:
         done = result.done
         finished: dict[str, int] = {}
         if done:
-            finished = {
-                "tables-compacted": await defrag.compact_tables(),
-                "truncated-bytes": await defrag.truncate(),
-                "punched-bytes": await defrag.punch_free(),
-            }
+            finished = await defrag.finish(complete=True)
         bits = image.geo.cluster_bits
         return {
             "moved": [

@@ -19,19 +19,22 @@ build on this package; nothing here imports them.
 
 from __future__ import annotations
 
-from .alloc import FREE, META, Allocator, ClusterMap
+from .alloc import FREE, META, Allocator, ClusterMap, LayoutKind, TargetLayout
 from .image import QedImage
 from .io import fill_zero
-from .move import Move, Mover, Planned
+from .move import CompactStats, Move, Mover, Planned
 
 __all__ = [
     "FREE",
     "META",
     "Allocator",
     "ClusterMap",
+    "CompactStats",
+    "LayoutKind",
     "Move",
     "Mover",
     "Planned",
     "QedImage",
+    "TargetLayout",
     "fill_zero",
 ]

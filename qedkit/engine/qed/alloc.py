@@ -19,9 +19,17 @@ once the table update that freed it is durable.
 Placement policy:
 
 * **end** (QEMU's, the default): new clusters and tables at the end of the file.
-* **home** (the autoclear bit HOME_ALLOCATION): a new data cluster goes to its home
-  slot (``data_start + guest_offset``) when that slot is free, else past the home
-  area; new L2 tables go past the home area, never onto another cluster's home.
+  Defragmentation packs such an image (``TargetLayout.packed``), after which
+  appending keeps every new run of clusters in one host extent.
+* **home** (the autoclear bit HOME_ALLOCATION, the *identity* layout): a new data
+  cluster goes to its home slot (``data_start + guest_offset``) when that slot is
+  free, else past the home area; new L2 tables go past the home area, never onto
+  another cluster's home. The file then spans the whole virtual disk, sparsely, and
+  every QED checker counts the holes as leaked clusters: that is the price of a
+  layout that stays raw-like whatever order the guest writes in.
+
+While a job lays the file out (``reserved_end``), tables placed by the home policy
+go past the area it plans.
 
 Slots inside the file may hold stale bytes: ``place_data`` says when it returned
 such a slot, and the caller flushes the new data before an entry points at it.
@@ -29,9 +37,11 @@ such a slot, and the caller flushes the new data before an entry points at it.
 
 from __future__ import annotations
 
+import bisect
+import enum
 from array import array
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 from ...errors import CorruptImageError
 from ...format.geometry import Geometry
@@ -179,6 +189,85 @@ class ClusterMap:
         del self.owner[clusters:]
 
 
+class LayoutKind(enum.Enum):
+    """Where a defragmented image puts its clusters (see TargetLayout)."""
+
+    PACKED = "packed"
+    IDENTITY = "identity"
+
+
+@dataclass(frozen=True, slots=True)
+class TargetLayout:
+    """Where every table and data cluster of an image belongs once defragmented.
+
+    * **packed** (the default): the L2 tables right after the L1 table, in L1 order,
+      then the allocated data clusters in guest order with nothing between them.
+      Every run of allocated guest clusters is one host extent, runs follow each
+      other in guest order, and the file ends at its last data cluster, so the
+      image is as compact as a ``qed convert`` of it and checks clean. The i-th
+      allocated guest cluster's home is ``data_base + i * cluster_size``.
+    * **identity**: guest cluster ``g`` at ``data_start + g * cluster_size`` (the
+      homes of unallocated clusters stay free, as holes), the tables after the home
+      area. Raw-like for any later write order (the home allocation policy keeps
+      it), but the file spans the virtual disk and checkers call the holes leaks.
+
+    ``end`` is where the planned area ends: moves that have nowhere better to go
+    land at or after it.
+    """
+
+    kind: LayoutKind
+    data_start: int
+    cluster_bits: int
+    tables: dict[int, int]  # l1 index -> target offset of its L2 table
+    end: int
+    data_base: int  # home of the first data cluster (packed) or of guest 0 (identity)
+    data_end: int  # end of the data homes
+    guests: array[int] = field(default_factory=lambda: array("q"))  # packed: sorted
+
+    @classmethod
+    def packed(
+        cls, geo: Geometry, data_start: int, l1_indexes: Iterable[int], guests: array[int]
+    ) -> TargetLayout:
+        """``l1_indexes``: the tables that stay, in L1 order; ``guests``: every
+        allocated guest cluster, ascending."""
+        tables = {i: data_start + k * geo.table_bytes for k, i in enumerate(l1_indexes)}
+        base = data_start + len(tables) * geo.table_bytes
+        end = base + (len(guests) << geo.cluster_bits)
+        bits = geo.cluster_bits
+        return cls(LayoutKind.PACKED, data_start, bits, tables, end, base, end, guests)
+
+    @classmethod
+    def identity(
+        cls, geo: Geometry, data_start: int, image_size: int, l1_indexes: Iterable[int]
+    ) -> TargetLayout:
+        home_end = data_start + geo.round_up(image_size)
+        tables = {i: home_end + k * geo.table_bytes for k, i in enumerate(l1_indexes)}
+        end = home_end + len(tables) * geo.table_bytes
+        bits = geo.cluster_bits
+        return cls(LayoutKind.IDENTITY, data_start, bits, tables, end, data_start, home_end)
+
+    def home(self, guest: int) -> int | None:
+        """Where data of guest cluster ``guest`` belongs (None: not in the plan, a
+        cluster allocated after it was made)."""
+        if self.kind is LayoutKind.IDENTITY:
+            return self.data_base + (guest << self.cluster_bits)
+        i = bisect.bisect_left(self.guests, guest)
+        if i < len(self.guests) and self.guests[i] == guest:
+            return self.data_base + (i << self.cluster_bits)
+        return None
+
+    def guest_at(self, offset: int) -> int | None:
+        """The guest cluster whose home is the slot at ``offset``, if any."""
+        if not self.data_base <= offset < self.data_end:
+            return None
+        i = (offset - self.data_base) >> self.cluster_bits
+        return i if self.kind is LayoutKind.IDENTITY else self.guests[i]
+
+    def packed_home(self, rank: int) -> int:
+        """Home of the ``rank``-th allocated cluster in a packed layout."""
+        return self.data_base + (rank << self.cluster_bits)
+
+
 class Allocator:
     """Where new clusters go; the only writer of ``file_end`` and of the cluster map.
 
@@ -195,6 +284,9 @@ class Allocator:
         self.image_size = image_size
         self.home_allocation = home
         self.cluster_map: ClusterMap | None = None
+        # A job laying the file out plans up to here: policy placements of tables
+        # go past it (0: no job).
+        self.reserved_end = 0
         self._bits = geo.cluster_bits
 
     # ---- the cluster map -------------------------------------------------------
@@ -273,7 +365,8 @@ class Allocator:
         first such run; the file grows as needed). Needs the cluster map."""
         cmap = self.cluster_map
         assert cmap is not None
-        host = cmap.first_free_run(self.home_end >> self._bits, count) << self._bits
+        start = max(self.home_end, self.reserved_end) >> self._bits
+        host = cmap.first_free_run(start, count) << self._bits
         self.file_end = max(self.file_end, host + (count << self._bits))
         return host
 

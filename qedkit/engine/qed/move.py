@@ -32,10 +32,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ...errors import JobError
 from .alloc import FREE, META
 
 if TYPE_CHECKING:
     from .image import QedImage
+
+
+@dataclass
+class CompactStats:
+    clusters_moved: int = 0
+    tables_moved: int = 0
+    truncated_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +77,13 @@ class Mover:
         # Where moves without a destination go: free slots at or after this offset.
         self.spill = img.home_end if spill is None else spill
 
-    async def move_data(self, plan: Sequence[Planned]) -> list[Move]:
+    async def move_data(self, plan: Sequence[Planned], *, spill: int | None = None) -> list[Move]:
         """Move guest clusters as one batch: claim, stall, copy, flush, rewrite the
         entries, flush, release the sources. A planned move whose cluster changed
-        meanwhile, or whose destination was taken, is skipped."""
+        meanwhile, or whose destination was taken, is skipped. Moves without a
+        destination go to the first free slot at or after ``spill`` (default: the
+        mover's)."""
+        spill = self.spill if spill is None else spill
         if not plan:
             return []
         img = self.img
@@ -90,7 +101,7 @@ class Mover:
                     continue  # changed meanwhile
                 dst = p.dst
                 if dst is None:
-                    dst = alloc.free_run(self.spill, 1)
+                    dst = alloc.free_run(spill, 1)
                 elif not cmap.is_free(dst >> bits):
                     continue  # taken meanwhile by the allocation policy
                 alloc.claim(dst, 1, p.guest)
@@ -136,6 +147,97 @@ class Mover:
                 raise
         alloc.release(old, ts)
         return dst
+
+    async def drop_table(self, l1_index: int) -> None:
+        """Unlink an L2 table that maps nothing (every entry 0) and free its clusters."""
+        img = self.img
+        async with img.allocations_paused():
+            table = await img.get_l2(l1_index)
+            assert table is not None and not any(table), "only an empty table is dropped"
+            old = await img.tables.unlink(l1_index)
+        img.alloc.release(old, img.geo.table_size)
+
+    async def compact(self, *, batch: int = 256, max_rounds: int = 1000) -> CompactStats:
+        """Remove every free slot inside the used part of the file: the clusters and
+        tables past the first ``used`` clusters (``used`` = how many are owned) move
+        into the free slots below, lowest first, keeping their host order; then the
+        free tail is truncated. Tables go first (each needs ``table_size`` free slots
+        in a row: when no such run is free, the data clusters of a window of slots
+        move out of the way). Under a guest that keeps allocating, it gives up after
+        ``max_rounds`` rounds and leaves the rest for a later run."""
+        img = self.img
+        alloc = img.alloc
+        cmap = alloc.cluster_map
+        assert cmap is not None
+        bits = img.geo.cluster_bits
+        ts = img.geo.table_size
+        stats = CompactStats()
+        for _ in range(max_rounds):
+            owner = cmap.owner
+            used = len(owner) - owner.count(FREE)
+            above = [i for i in range(used, len(owner)) if owner[i] != FREE]
+            if not above:
+                break
+            tables = sorted(
+                (
+                    l1_index
+                    for l1_index, off in enumerate(img.l1_table)
+                    if off and (off >> bits) + ts > used
+                ),
+                key=lambda l1_index: -img.l1_table[l1_index],
+            )
+            if tables:
+                await self._lower_table(tables[0], used)
+                stats.tables_moved += 1
+                continue
+            if any(owner[i] < 0 for i in above):
+                raise JobError(
+                    "metadata that is not an L2 table lies past the used space",
+                    filename=img.filename,
+                )
+            holes = [i for i in range(img.geo.header_size, used) if owner[i] == FREE]
+            plan = [
+                Planned(owner[src], src << bits, dst << bits)
+                for src, dst in zip(above[:batch], holes, strict=False)
+            ]
+            moves = await self.move_data(plan)
+            stats.clusters_moved += len(moves)
+        stats.truncated_bytes = await self.truncate()
+        return stats
+
+    async def _lower_table(self, l1_index: int, used: int) -> None:
+        """Move the table of ``l1_index`` (some of it at or past cluster ``used``) to
+        ``table_size`` slots below ``used``: a free run if there is one, else a window
+        of data clusters emptied first (they move past ``used``)."""
+        img = self.img
+        cmap = img.alloc.cluster_map
+        assert cmap is not None
+        bits = img.geo.cluster_bits
+        ts = img.geo.table_size
+        owner = cmap.owner
+        current = img.l1_table[l1_index] >> bits
+        start = img.geo.header_size
+        run = cmap.first_free_run(start, ts)
+        if run + ts <= used:
+            await self.move_table(l1_index, run << bits)
+            return
+        # No free run below: the window nearest the top with no metadata in it
+        # (not the table itself) is emptied of data.
+        for window in range(used - ts, start - 1, -1):
+            slots = range(window, window + ts)
+            if all(owner[i] >= 0 or owner[i] == FREE for i in slots) and not (
+                window < current + ts and current < window + ts
+            ):
+                break
+        else:
+            raise JobError(
+                "no room to move an L2 table below the used space", filename=img.filename
+            )
+        evict = [Planned(owner[i], i << bits, None) for i in slots if owner[i] >= 0]
+        moved = await self.move_data(evict, spill=used << bits)
+        if len(moved) != len(evict):
+            return  # something changed under us: the next round looks again
+        await self.move_table(l1_index, window << bits)
 
     def free_run(self, start: int, count: int) -> int:
         """The first ``count`` free clusters at or after ``start`` (not claimed)."""

@@ -169,6 +169,16 @@ class Tables:
         self.cache.store(dst, table)
         return old
 
+    async def unlink(self, l1_index: int) -> int:
+        """Drop the L2 table of ``l1_index`` (it maps nothing): the L1 entry becomes 0,
+        flushed; returns the table's old offset, free once this returns (the caller
+        releases it)."""
+        old = self.l1[l1_index]
+        await self.set_l1_entry(l1_index, 0)
+        await self.store.flush()
+        self.cache.forget(old)
+        return old
+
     async def rewrite_table(self, l2_offset: int, table: array[int]) -> None:
         """Write a whole L2 table in place (repair); the cached copy is dropped."""
         await self.store.write(l2_offset, pack_table(table))

@@ -23,7 +23,7 @@ from e2ekit import (
 from qedtest import Qemu
 
 import qedkit
-from qedkit.cli.serve import ControlClient
+from qedkit.cli.ctl import ControlClient
 
 Disk = Callable[..., tuple[Path, Shadow]]
 

@@ -5,23 +5,49 @@ reply; ``ControlClient`` is the blocking client it uses, for scripts and tests t
 Values of KEY=VALUE are JSON when they parse as JSON, else strings. Options may come
 after the arguments (``qed ctl S defrag clusters=8 --until-done``): the verb's
 arguments are parsed intermixed.
+
+``qed ctl SOCKET help`` lists the server's commands and job types with their
+arguments; ``qed ctl --help`` lists the same from this installation's code (it
+imports nbd.control for that, only when the help is printed). ``defrag`` is
+the one command of the client's own: defrag-step, repeated with --until-done.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import socket
 import sys
 from typing import Any
 
 from ..errors import QedError
+from .common import UsageError
 
 INTERMIXED = True  # main parses KEY=VALUE arguments and options in any order
+CLIENT_DEFRAG = (
+    "client command:\n"
+    "  defrag [export=EXPORT] [clusters=N] [--until-done]\n"
+    "                      defrag-step, printing each move; --until-done: until no\n"
+    "                      candidate is left\n"
+)
+
+
+class ControlCommandError(QedError):
+    """The server refused a command: ``error_class`` is the reply's error class
+    (CommandNotFound, InvalidArgument, GenericError, JSONError)."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"{command}: {desc} ({error_class})")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
 
 
 def add_arguments(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--output", choices=("human", "json"), default="human")
+    c.add_argument(
+        "--output", choices=("human", "json"), default="human", help="output format (default human)"
+    )
     c.add_argument(
         "--wait", action="store_true", help="after job-start: wait for the job, print events"
     )
@@ -30,14 +56,22 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with 'defrag': step until nothing is left to move",
     )
-    c.add_argument("socket", metavar="SOCKET")
-    c.add_argument("command", metavar="COMMAND", help="e.g. query-status, job-start, defrag")
+    c.add_argument("socket", metavar="SOCKET", help="the --control socket of qed serve")
+    c.add_argument("command", metavar="COMMAND", help="e.g. help, query-status, job-start, defrag")
     c.add_argument(
         "arguments",
         nargs="*",
         metavar="KEY=VALUE",
         help="arguments (values are JSON, else strings)",
     )
+
+
+def epilog() -> str:
+    """The commands and job types of this installation (for ``qed ctl --help``)."""
+    from ..nbd.control import describe
+    from .output import control_reference_human
+
+    return control_reference_human(describe()) + CLIENT_DEFRAG
 
 
 def _parse_arguments(items: list[str]) -> dict[str, Any]:
@@ -90,7 +124,7 @@ class ControlClient:
                 continue
             if "error" in message:
                 error = message["error"]
-                raise QedError(f"{command}: {error.get('desc')} ({error.get('class')})")
+                raise ControlCommandError(command, str(error.get("class")), str(error.get("desc")))
             return message.get("return")
 
     def next_event(self) -> dict[str, Any]:
@@ -104,24 +138,6 @@ class ControlClient:
     def close(self) -> None:
         self.file.close()
         self.sock.close()
-
-
-def _human(value: Any, indent: str = "") -> str:
-    if isinstance(value, dict):
-        lines = []
-        for key, item in value.items():
-            if isinstance(item, dict | list) and item:
-                lines.append(f"{indent}{key}:")
-                lines.append(_human(item, indent + "  "))
-            else:
-                text = json.dumps(item) if item is None or isinstance(item, bool) else item
-                lines.append(f"{indent}{key}: {text}")
-        return "\n".join(lines)
-    if isinstance(value, list):
-        if not value:
-            return f"{indent}(none)"
-        return f"\n{indent}--\n".join(_human(item, indent) for item in value)
-    return f"{indent}{value}"
 
 
 def _ctl_defrag(client: ControlClient, args: argparse.Namespace) -> int:
@@ -160,6 +176,20 @@ def _ctl_defrag(client: ControlClient, args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except ControlCommandError as exc:
+        if exc.error_class != "CommandNotFound":
+            raise
+        raise UsageError(
+            f"unknown control command {exc.command!r} "
+            f"(try: qed ctl {shlex.quote(args.socket)} help)"
+        ) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import output
+
     client = ControlClient(args.socket)
     if args.command == "defrag":
         try:
@@ -170,8 +200,10 @@ def run(args: argparse.Namespace) -> int:
         result = client.execute(args.command, _parse_arguments(args.arguments))
         if args.output == "json":
             print(json.dumps(result, indent=4))
+        elif args.command in ("help", "query-commands"):
+            sys.stdout.write(output.control_reference_human(result) + CLIENT_DEFRAG)
         elif result not in ({}, None):
-            print(_human(result))
+            print(output.ctl_human(result))
         if args.wait and args.command == "job-start":
             job_id = result["id"]
             while True:
@@ -192,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
                     "cancelled",
                 ):
                     if args.output == "human" and data.get("result") is not None:
-                        print(_human(data["result"]))
+                        print(output.ctl_human(data["result"]))
                     if data.get("error"):
                         print(
                             f"qed: {args.socket}: job {job_id} failed: {data['error']}",

@@ -54,7 +54,7 @@ from ..engine.layout import FREE, META, ClusterMap
 from ..engine.qed import QedImage
 from ..errors import InvalidRequestError, JobError, QedError
 from ..format.sizes import parse_size
-from .base import Job
+from .base import Argument, Job
 
 # Offline batches: this many bytes are copied between two flush pairs.
 DEFAULT_BATCH_BYTES = 64 * 1024 * 1024
@@ -473,22 +473,31 @@ class Defragmenter:
 class DefragJob(Job):
     """``job-start type=defrag``: defragment a served image while it is in use.
 
-    Arguments: ``rate`` (bytes moved per second at most, k/M/G suffixes; 0: no
-    limit), ``idle`` (milliseconds without guest requests to wait for before each
-    step; 0: do not wait), ``batch`` (clusters per step, default 256). Each step searches the L2
+    Arguments: ``argument_spec`` (rate, idle, batch). Each step searches the L2
     tables in the cache; when they hold no more work, one full pass reads the others.
     """
 
     type = "defrag"
+    summary = "move data clusters home while the image is served"
+    argument_spec = (
+        Argument("rate", "size", "bytes moved per second at most (default 0: no limit)"),
+        Argument(
+            "idle",
+            "number",
+            "ms without guest requests before each step (default 0)",
+        ),
+        Argument("batch", "integer", f"clusters per step (default {DEFAULT_JOB_BATCH})"),
+    )
 
     @classmethod
     def parse_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``rate`` (bytes per second, size suffixes allowed: "50M"), ``idle``
         (milliseconds) and ``batch`` (clusters) at job-start."""
         out: dict[str, Any] = {}
+        names = cls.argument_names()
         for key in arguments:
-            if key not in ("rate", "idle", "batch"):
-                raise InvalidRequestError(f"defrag: unknown argument {key!r} (rate, idle, batch)")
+            if key not in names:
+                raise InvalidRequestError(f"defrag: unknown argument {key!r} ({', '.join(names)})")
         try:
             out["rate"] = parse_size(str(arguments.get("rate", 0) or 0))
             out["idle"] = float(arguments.get("idle", 0) or 0)

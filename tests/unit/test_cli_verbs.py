@@ -56,12 +56,26 @@ def test_top_level_help_lists_every_verb_without_importing_any() -> None:
     assert not any(m.startswith(("qedkit.engine", "qedkit.jobs", "qedkit.nbd")) for m in mods)
 
 
-@pytest.mark.parametrize("name", ["info", "convert", "frag", "serve", "ctl", "io"])
+@pytest.mark.parametrize("name", ["info", "convert", "frag", "serve", "io"])
 def test_a_verb_s_usage_imports_that_verb_alone_and_no_engine(name: str) -> None:
     out, mods = modules_after(name, "--help")
     assert out.startswith(f"usage: qed {name} ")
     cli = {m for m in mods if m.startswith("qedkit.cli.")}
     assert cli == {"qedkit.cli.common", f"qedkit.cli.{name}"}  # main runs as __main__
+    assert not any(m.startswith(("qedkit.engine", "qedkit.jobs", "qedkit.nbd")) for m in mods)
+
+
+def test_ctl_imports_the_control_tables_only_for_its_help() -> None:
+    """``qed ctl --help`` lists the commands and job types from nbd.control and the
+    job classes; parsing a ``qed ctl`` command line imports neither."""
+    out, mods = modules_after("ctl", "--help")
+    assert "job types (qed ctl SOCKET job-start" in out
+    assert "qedkit.nbd.control" in mods
+    _, mods = modules_after("ctl", "--bogus", "s.sock", "query-status")
+    assert {m for m in mods if m.startswith("qedkit.cli.")} == {
+        "qedkit.cli.common",
+        "qedkit.cli.ctl",
+    }
     assert not any(m.startswith(("qedkit.engine", "qedkit.jobs", "qedkit.nbd")) for m in mods)
 
 

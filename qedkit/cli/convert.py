@@ -1,9 +1,15 @@
 """``qed convert [-f FMT] [-O FMT] [-o OPTIONS] [-p] [-q] [-t CACHE] [-U] SRC DST``:
-copy an image, its backing chain flattened, into a new one (jobs.convert)."""
+copy an image, its backing chain flattened, into a new one (jobs.convert).
+
+A target that is the source file itself (the same path, a symbolic or hard link to
+it) is refused before anything is opened: creating the target would truncate the
+source.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .common import (
@@ -57,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     cluster_size, table_size = geometry(opts)
     if args.cache not in CACHE_MODES:
         raise UsageError(f"invalid cache mode {args.cache!r}")
+    if same_file(args.source, args.target):
+        raise UsageError(f"{args.target}: source and target are the same file")
     show = args.progress or (sys.stderr.isatty() and not args.quiet)
     with Progress(show) as progress:
         convert(
@@ -71,3 +79,16 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
         )
     return 0
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: the same real path, or (hard links,
+    bind mounts) the same device and inode. Opens nothing; a path that cannot be
+    looked up is another file."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
             )
         grid = picture.GRID if args.picture is not None else 0
         report = run_sync(fragmentation_report(img.engine, grid=grid))
+        window = picture.zoom_window(report) if grid else None
+        if window is not None:  # the same figures, the picture over the written range
+            report = run_sync(fragmentation_report(img.engine, grid=grid, guest_window=window))
     if args.picture is not None:
         data = picture.render(report, args.picture)
         try:

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks in bench/ (standard library only).
+"""Helpers shared by the benchmarks in bench/ (standard library and qedkit only).
 
 The benchmarks import this module by name: Python puts a script's directory first on
 sys.path, so `python bench/bench_X.py` finds it from any working directory.
@@ -21,19 +21,18 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qedkit.format.sizes import parse_size as parse_bytes
+
 MiB = 1 << 20
 
 
 def parse_size(text: str, multiple: int = MiB) -> int:
-    """'2G', '512M', '1.5GiB' ... -> bytes; must be a positive multiple of `multiple`."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    suffix = t[-1] if t and t[-1] in units else ""
-    number = t[: len(t) - len(suffix)] if suffix else t
+    """'2G', '512M', '1.5G' ... (qedkit's sizes, as qemu-img reads them) -> bytes;
+    must be a positive multiple of `multiple`."""
     try:
-        value = int(float(number) * units[suffix])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+        value = parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if value <= 0 or value % multiple:
         raise argparse.ArgumentTypeError(
             f"size must be a positive multiple of {human(multiple)}: {text!r}"

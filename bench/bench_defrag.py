@@ -69,7 +69,7 @@ from _common import (
 from bench_convert import read_api, read_raw
 from bench_nbd import Server
 
-from qedkit.cli.serve import ControlClient
+from qedkit.cli.ctl import ControlClient
 from qedkit.errors import QedError
 
 CLUSTER = 64 * 1024  # QED cluster size of the fragmented image (qemu-img's default too)

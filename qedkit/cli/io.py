@@ -1,4 +1,5 @@
-"""``qed io``: the subset of qemu-io that scripts and tests need.
+"""``qed io [-f FMT] [-r [-U]] -c CMD [-c CMD ...] FILE``: the subset of qemu-io that
+scripts and tests need.
 
 Commands (numbers take k/M/G/T suffixes, binary)::
 
@@ -17,20 +18,55 @@ if any command failed, as with qemu-io.
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from ..api import Image
 from ..errors import InvalidRequestError, QedError
 from ..format.sizes import parse_size
+from .common import UsageError, add_force_share, add_format
+
+if TYPE_CHECKING:
+    from ..api import Image
 
 DEFAULT_PATTERN = 0xCD  # qemu-io's default write pattern
 
 
 class IoCommandError(Exception):
     """A command line qed io cannot parse."""
+
+
+# ---- the verb -------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_format(p)
+    p.add_argument("-r", dest="readonly", action="store_true", help="open read-only")
+    add_force_share(p, "the image (with -r)")
+    p.add_argument(
+        "-c",
+        dest="commands",
+        action="append",
+        metavar="CMD",
+        help="command to run (repeatable): read, write, write -z, discard, flush",
+    )
+    p.add_argument("filename", metavar="FILE")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import api
+
+    if args.force_share and not args.readonly:
+        raise UsageError("-U (force share) needs -r: an image in use cannot be written")
+    with api.open(
+        args.filename, readonly=args.readonly, format=args.format, force_share=args.force_share
+    ) as img:
+        return run_script(img, args.commands or [], sys.stdout, sys.stderr)
+
+
+# ---- the commands ---------------------------------------------------------------------
 
 
 def _parse(argv: Sequence[str], flags: str) -> tuple[dict[str, str | bool], list[str]]:

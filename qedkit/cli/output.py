@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from ..engine.base import ImageInfo
-from ..engine.check import CheckReport
-from ..engine.mapping import MapEntry
-from ..jobs.frag import FragReport
+if TYPE_CHECKING:  # imported for the types only: ``qed ctl`` prints without the engine
+    from ..engine.base import ImageInfo
+    from ..engine.check import CheckReport
+    from ..engine.mapping import MapEntry
+    from ..jobs.frag import FragReport
 
 # ---- QEMU's JSON key order ---------------------------------------------------
 
@@ -111,6 +113,8 @@ def info_human(chain: Sequence[ImageInfo]) -> str:
 def map_json(entries: Sequence[MapEntry], start: int = 0) -> str:
     """qemu-img map's JSON; an empty map is one empty entry at ``start``, as there."""
     if not entries:
+        from ..engine.mapping import MapEntry
+
         entries = [MapEntry(start, 0, 0, False, False, False, None, "")]
     lines = []
     for e in entries:
@@ -275,4 +279,67 @@ def frag_human(report: FragReport) -> str:
             f"host extents {report.extents} for {runs} "
             f"(max {report.max_extents}, mean {report.mean_extents:.1f}; raw-like is 1 per run)"
         )
+    return "\n".join(lines) + "\n"
+
+
+# ---- qed ctl ----------------------------------------------------------------------
+
+
+def ctl_human(value: Any, indent: str = "") -> str:
+    """A control socket reply for people: ``key: value`` lines, nested objects
+    indented, list items separated by ``--``."""
+    if isinstance(value, dict):
+        lines = []
+        for key, item in value.items():
+            if isinstance(item, dict | list) and item:
+                lines.append(f"{indent}{key}:")
+                lines.append(ctl_human(item, indent + "  "))
+            else:
+                text = json.dumps(item) if item is None or isinstance(item, bool) else item
+                lines.append(f"{indent}{key}: {text}")
+        return "\n".join(lines)
+    if isinstance(value, list):
+        if not value:
+            return f"{indent}(none)"
+        return f"\n{indent}--\n".join(ctl_human(item, indent) for item in value)
+    return f"{indent}{value}"
+
+
+def _metavar(argument: dict[str, Any]) -> str:
+    kind = str(argument["type"])
+    return {"size": "SIZE", "integer": "N", "number": "N"}.get(kind, str(argument["name"]).upper())
+
+
+def _entry(call: str, text: str, arguments: Sequence[dict[str, Any]]) -> list[str]:
+    """One command or job type: its call and what it does (on one line when the call
+    is short), then a line per argument."""
+    width = 20
+    lines = (
+        [f"  {call:<{width}}{text}"]
+        if len(call) < width
+        else [f"  {call}", f"  {'':<{width}}{text}"]
+    )
+    lines += [f"      {a['name']:<10}{a['help']}" for a in arguments]
+    return lines
+
+
+def _call(name: str, arguments: Sequence[dict[str, Any]], more: str = "") -> str:
+    words = [name]
+    for a in arguments:
+        word = f"{a['name']}={_metavar(a)}"
+        words.append(word if a["required"] else f"[{word}]")
+    return " ".join([*words, more] if more else words)
+
+
+def control_reference_human(reference: dict[str, Any]) -> str:
+    """The control commands and job types of a ``help`` reply (nbd.control.describe)
+    with their arguments, for ``qed ctl SOCKET help`` and ``qed ctl --help``."""
+    lines = ["control commands (qed ctl SOCKET COMMAND [KEY=VALUE ...]):"]
+    for c in reference["commands"]:
+        more = "[KEY=VALUE ...]" if c["name"] == "job-start" else ""
+        lines += _entry(_call(c["name"], c["arguments"], more), c["help"], c["arguments"])
+    lines.append("job types (qed ctl SOCKET job-start type=TYPE [KEY=VALUE ...]):")
+    for j in reference["job-types"]:
+        lines += _entry(_call(j["type"], j["arguments"]), j["help"], j["arguments"])
+    lines.append("SIZE: bytes, with an optional k, M, G or T suffix (binary); N: a number")
     return "\n".join(lines) + "\n"

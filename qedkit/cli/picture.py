@@ -12,6 +12,14 @@ One scene, two renderers, standard library only:
   guest clusters are: at home (green), away from home (red), zero clusters (light
   blue), unallocated (light grey).
 * a title with the figures of the report.
+* both axes labelled with ticks at round binary offsets (0, 256M, 512M ...), light
+  grid lines through the plot at each tick.
+
+When only part of the disk is written, the guest axis zooms to it (``zoom_window``:
+the range from the first to the last data or zero cluster, rounded out to ticks,
+when it is less than half of the disk), and the title says so and gives the range:
+a 1 GiB disk with 5 MiB written is a picture of those 5 MiB, not a blank square.
+The host axis always spans the file (its header and tables start at 0).
 
 SVG is written as XML text (runs of equal cells merged into one ``rect``); PNG is
 drawn into an RGB ``bytearray`` and encoded by hand (IHDR, IDAT with zlib, IEND),
@@ -33,6 +41,8 @@ if TYPE_CHECKING:
 
 GRID = 256  # buckets per axis at most (fragmentation_report(grid=GRID))
 FORMATS = (".svg", ".png")
+ZOOM_BELOW = 0.5  # zoom the guest axis when the written range is less than this share
+ZOOM_LEAST = 16  # clusters a zoomed guest axis spans at least (one is 1/16 of the plot)
 
 Colour = tuple[int, int, int]
 
@@ -45,17 +55,18 @@ ZERO: Colour = (158, 202, 225)
 UNALLOCATED: Colour = (224, 224, 224)
 META: Colour = (110, 110, 110)
 HOME_LINE: Colour = (150, 150, 150)
+TICK_LINE: Colour = (232, 232, 232)
 
 # Layout, in pixels.
 WIDTH = 900
 LEFT = 96  # left margin: host axis labels and the metadata ticks
 PLOT = 768  # the scatter is PLOT x PLOT
-TOP = 96  # title lines above the plot
+TOP = 136  # title lines (three, and a fourth when zoomed) and an axis title above the plot
 STRIP = 40  # height of the guest strip
 TEXT = 2  # scale of the bitmap font (5x7 glyphs in 6x8 cells) for titles
 SMALL = 1  # scale of axis labels (PNG); SVG uses font sizes to match
 PLOT_BOTTOM = TOP + PLOT
-STRIP_TOP = PLOT_BOTTOM + 30
+STRIP_TOP = PLOT_BOTTOM + 40  # below the guest axis' tick labels and title
 LEGEND_TOP = STRIP_TOP + STRIP + 14
 HEIGHT = LEGEND_TOP + 30
 
@@ -81,12 +92,12 @@ class Line:
 
 @dataclass(frozen=True, slots=True)
 class Text:
-    x: int  # left edge (anchor "start") or right edge ("end")
+    x: int  # left edge (anchor "start"), right edge ("end") or centre ("middle")
     y: int  # top of the glyph cells
     text: str
     scale: int
     colour: Colour = INK
-    anchor: str = "start"
+    anchor: str = "start"  # or "end", "middle"
 
 
 Item = Rect | Line | Text
@@ -112,6 +123,78 @@ def _size(value: int) -> str:
         if scaled < 1000 or unit == "Pi":
             break
     return f"{scaled:.3g} {unit}B"
+
+
+def tick_label(value: int) -> str:
+    """``value`` bytes, short, for an axis: 0, 512, 64K, 256M, 1.5G, 5.06M."""
+    for shift, suffix in ((50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")):
+        if value >= 1 << shift:
+            q = value / (1 << shift)
+            text = str(int(q)) if q.is_integer() else f"{q:.2f}".rstrip("0").rstrip(".")
+            return text + suffix
+    return str(value)
+
+
+def tick_step(span: int) -> int:
+    """The tick spacing for an axis of ``span`` bytes: the largest power of two that
+    gives at least four intervals (so four to eight of them)."""
+    return 1 << max(0, (span // 4).bit_length() - 1) if span >= 4 else 1
+
+
+def _ticks(lo: int, hi: int) -> list[int]:
+    """The multiples of ``tick_step(hi - lo)`` from ``lo`` to ``hi`` (bytes)."""
+    step = tick_step(hi - lo)
+    return list(range(-(-lo // step) * step, hi + 1, step))
+
+
+def zoom_window(report: FragReport) -> tuple[int, int] | None:
+    """The guest clusters ``(first, end)`` the picture should span, or None for the
+    whole disk: the written range (``allocated_start .. allocated_end``), at least
+    ZOOM_LEAST clusters, rounded out to its ticks, when that is less than
+    ZOOM_BELOW of the disk."""
+    cs, disk = report.cluster_size, report.image_size
+    start, end = report.allocated_start, report.allocated_end
+    if end <= start or disk <= 0:
+        return None
+    span = max(end - start, ZOOM_LEAST * cs)
+    step = tick_step(span)
+    lo = start // step * step
+    hi = min(disk, max(-(-end // step) * step, -(-(lo + span) // step) * step))
+    if hi - lo >= ZOOM_BELOW * disk:
+        return None
+    return lo // cs, -(-hi // cs)
+
+
+@dataclass(frozen=True, slots=True)
+class Axes:
+    """Byte offsets to pixels: the guest axis spans ``guest_lo .. guest_hi``, the host
+    axis ``0 .. host_hi``."""
+
+    guest_lo: int
+    guest_hi: int
+    host_hi: int
+
+    @classmethod
+    def of(cls, report: FragReport) -> Axes:
+        layout, cs = report.layout, report.cluster_size
+        if layout is None:
+            return cls(0, max(1, report.image_size), max(1, report.file_size))
+        start, end = layout.guest_start * cs, (layout.guest_start + layout.guest_clusters) * cs
+        return cls(start, max(start + 1, min(end, report.image_size)), layout.host_clusters * cs)
+
+    def x(self, guest: int) -> float:
+        return LEFT + (guest - self.guest_lo) * PLOT / (self.guest_hi - self.guest_lo)
+
+    def y(self, host: int) -> float:
+        return PLOT_BOTTOM - host * PLOT / self.host_hi
+
+
+def zoomed(report: FragReport) -> bool:
+    """Whether the picture of ``report`` spans only part of the guest disk."""
+    layout = report.layout
+    return layout is not None and (
+        layout.guest_start > 0 or layout.guest_clusters < report.total_clusters
+    )
 
 
 def _edge(index: int, buckets: int) -> int:
@@ -150,6 +233,12 @@ def title_lines(report: FragReport) -> list[str]:
             f"{_plural(report.extents, 'host extent')} for {runs} "
             f"(max {report.max_extents}, mean {report.mean_extents:.1f})"
         )
+    if zoomed(report):
+        axes = Axes.of(report)
+        lines.append(
+            f"zoomed to guest {tick_label(axes.guest_lo)}-{tick_label(axes.guest_hi)} "
+            f"of {tick_label(report.image_size)}: nothing is written outside"
+        )
     return lines
 
 
@@ -159,40 +248,61 @@ def build_scene(report: FragReport) -> Scene:
     for n, line in enumerate(title_lines(report)):
         items.append(Text(16, 12 + n * 26, line, TEXT))
     items.append(Rect(LEFT, TOP, PLOT, PLOT, (250, 250, 250)))
+    axes = Axes.of(report)
+    items += _grid(axes)
     layout = report.layout
     if layout is not None:
         items += _home_line(layout)
         items += _cells(layout)
         items += _meta_ticks(layout)
         items += _strip(layout)
-    items += _frame_and_labels(report)
+    items += _frame_and_labels(report, axes)
     items += _legend()
     return Scene(WIDTH, HEIGHT, items)
 
 
 def _home_line(layout: LayoutSample) -> list[Item]:
     """Where the clusters belong (the target layout's homes), as a dashed polyline
-    clipped to the file: a diagonal for the identity layout, a staircase for the
-    packed one."""
-    gc, hc = layout.guest_clusters, layout.host_clusters
-    points = layout.home_line
+    clipped to the plot (the guest window, the file): a diagonal for the identity
+    layout, a staircase for the packed one."""
+    gs, gc, hc = layout.guest_start, layout.guest_clusters, layout.host_clusters
     out: list[Item] = []
-    for (g0, h0), (g1, h1) in itertools.pairwise(points):
-        if h0 >= hc:
-            break
-        if h1 > hc:  # the line leaves the plot at the top of the file
-            g1 = g0 + (hc - h0) * (g1 - g0) // max(1, h1 - h0)
-            h1 = hc
+    for (g0, h0), (g1, h1) in itertools.pairwise(layout.home_line):
+        if g1 <= g0:
+            continue
+        # Clip the segment to guest [gs, gs + gc] and host [0, hc] (it rises).
+        lo, hi = float(max(g0, gs)), float(min(g1, gs + gc))
+        slope = (h1 - h0) / (g1 - g0)
+        if slope > 0:
+            hi = min(hi, g0 + (hc - h0) / slope)
+        if hi <= lo or h0 + (lo - g0) * slope >= hc:
+            continue
+        y_lo, y_hi = h0 + (lo - g0) * slope, h0 + (hi - g0) * slope
         out.append(
             Line(
-                LEFT + g0 * PLOT / gc,
-                PLOT_BOTTOM - h0 * PLOT / hc,
-                LEFT + g1 * PLOT / gc,
-                PLOT_BOTTOM - h1 * PLOT / hc,
+                LEFT + (lo - gs) * PLOT / gc,
+                PLOT_BOTTOM - y_lo * PLOT / hc,
+                LEFT + (hi - gs) * PLOT / gc,
+                PLOT_BOTTOM - y_hi * PLOT / hc,
                 HOME_LINE,
                 dashed=True,
             )
         )
+    return out
+
+
+def _grid(axes: Axes) -> list[Item]:
+    """Light lines through the plot at the ticks of both axes."""
+    right = LEFT + PLOT
+    out: list[Item] = []
+    for v in _ticks(axes.guest_lo, axes.guest_hi):
+        x = axes.x(v)
+        if LEFT < x < right:
+            out.append(Line(x, TOP, x, PLOT_BOTTOM, TICK_LINE))
+    for v in _ticks(0, axes.host_hi):
+        y = axes.y(v)
+        if TOP < y < PLOT_BOTTOM:
+            out.append(Line(LEFT, y, right, y, TICK_LINE))
     return out
 
 
@@ -263,7 +373,7 @@ def _strip(layout: LayoutSample) -> list[Item]:
     return out
 
 
-def _frame_and_labels(report: FragReport) -> list[Item]:
+def _frame_and_labels(report: FragReport, axes: Axes) -> list[Item]:
     right, bottom = LEFT + PLOT, PLOT_BOTTOM
     frame: list[Item] = [
         Line(LEFT, TOP, right, TOP, GRID_INK),
@@ -275,16 +385,29 @@ def _frame_and_labels(report: FragReport) -> list[Item]:
     ]
     small = 8 * SMALL
     labels: list[Item] = [
-        Text(LEFT - 14, TOP, _size(report.file_size), SMALL, anchor="end"),
+        Text(LEFT - 14, TOP - small - 6, "host offset", SMALL, anchor="end"),
+        Text(LEFT - 14, TOP, tick_label(report.file_size), SMALL, anchor="end"),
         Text(LEFT - 14, TOP + small + 2, "end of file", SMALL, anchor="end"),
-        Text(LEFT - 14, bottom - small, "0", SMALL, anchor="end"),
-        Text(LEFT - 14, TOP + PLOT // 2 - small, "host", SMALL, anchor="end"),
-        Text(LEFT - 14, TOP + PLOT // 2 + 2, "offset", SMALL, anchor="end"),
-        Text(LEFT, bottom + 4, "0", SMALL),
-        Text(right, bottom + 4, _size(report.image_size), SMALL, anchor="end"),
-        Text(LEFT + PLOT // 2, bottom + 4, "guest offset ->", SMALL),
+        Text(LEFT + PLOT // 2, bottom + 6 + small + 4, "guest offset", SMALL, anchor="middle"),
         Text(LEFT - 14, STRIP_TOP + STRIP // 2 - small // 2, "guest", SMALL, anchor="end"),
     ]
+    # Host ticks: a mark left of the axis (right of the metadata marks) and a label,
+    # except where the end-of-file label is.
+    for v in _ticks(0, axes.host_hi):
+        y = round(axes.y(v))
+        if y < TOP + 2 * small + 10:
+            continue
+        labels.append(Line(LEFT - 3, y, LEFT, y, INK))
+        labels.append(Text(LEFT - 14, y - small // 2, tick_label(v), SMALL, anchor="end"))
+    # Guest ticks: a mark under the axis and a centred label; the end of the axis is
+    # labelled too when it is not a tick.
+    guest = _ticks(axes.guest_lo, axes.guest_hi)
+    if not guest or axes.x(axes.guest_hi) - axes.x(guest[-1]) > 40:
+        guest.append(axes.guest_hi)
+    for v in guest:
+        x = round(axes.x(v))
+        labels.append(Line(x, bottom, x, bottom + 4, INK))
+        labels.append(Text(x, bottom + 6, tick_label(v), SMALL, anchor="middle"))
     return frame + labels
 
 
@@ -358,7 +481,7 @@ def render_svg(scene: Scene) -> str:
             )
         else:
             size = 10 * item.scale  # DejaVu Sans Mono: 6 px advance per 10 px
-            anchor = ' text-anchor="end"' if item.anchor == "end" else ""
+            anchor = f' text-anchor="{item.anchor}"' if item.anchor != "start" else ""
             parts.append(
                 f'<text x="{item.x}" y="{item.y + 7 * item.scale}" font-size="{size}" '
                 f'fill="{_hex(item.colour)}"{anchor}>{escape(item.text)}</text>\n'
@@ -514,7 +637,8 @@ class Canvas:
 
     def text(self, item: Text) -> None:
         s = item.scale
-        x = item.x - (len(item.text) * _CELL * s if item.anchor == "end" else 0)
+        width = len(item.text) * _CELL * s
+        x = item.x - {"end": width, "middle": width // 2}.get(item.anchor, 0)
         for ch in item.text:
             for col, row in _FONT.get(ch, _FONT["?"]):
                 self.fill(x + col * s, item.y + row * s, s, s, item.colour)

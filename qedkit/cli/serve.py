@@ -1,4 +1,5 @@
-"""``qed serve``: serve images over NBD (and ``qed ctl``: talk to its control socket).
+"""``qed serve [options] IMAGE...``: serve images over NBD (``qed ctl`` talks to its
+control socket).
 
 ``qed serve`` opens every IMAGE (locking it as QEMU would), listens on a unix socket
 or on TCP (loopback unless --bind says otherwise), and serves until SIGTERM or SIGINT,
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -26,8 +26,7 @@ from ..errors import QedError
 DEFAULT_PORT = 10809  # IANA's NBD port
 
 
-def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("serve", help="serve images over NBD")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", dest="format", metavar="FMT", choices=("qed", "raw"), help="image format")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", "-k", metavar="PATH", help="listen on a unix socket")
@@ -77,37 +76,6 @@ def add_parsers(sub: Any) -> None:
         "-v", "--verbose", action="count", default=0, help="log connections (-vv: debug)"
     )
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.set_defaults(func=cmd_serve)
-
-    _ctl_arguments(sub.add_parser("ctl", help="send a command to a qed serve control socket"))
-
-
-def ctl_parser() -> argparse.ArgumentParser:
-    """A stand-alone parser for ``qed ctl`` (main parses it intermixed)."""
-    parser = argparse.ArgumentParser(prog="qed ctl", description="send a command to qed serve")
-    _ctl_arguments(parser)
-    return parser
-
-
-def _ctl_arguments(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--output", choices=("human", "json"), default="human")
-    c.add_argument(
-        "--wait", action="store_true", help="after job-start: wait for the job, print events"
-    )
-    c.add_argument(
-        "--until-done",
-        action="store_true",
-        help="with 'defrag': step until nothing is left to move",
-    )
-    c.add_argument("socket", metavar="SOCKET")
-    c.add_argument("command", metavar="COMMAND", help="e.g. query-status, job-start, defrag")
-    c.add_argument(
-        "arguments",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="arguments (values are JSON, else strings)",
-    )
-    c.set_defaults(func=cmd_ctl)
 
 
 # ---- serve ----------------------------------------------------------------------------
@@ -233,7 +201,7 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(main)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
         format="qed serve: %(message)s",
@@ -282,170 +250,3 @@ def _fork(args: argparse.Namespace) -> int:
             os.write(write_end, f"qed: serve: {exc}\n".encode())
     finally:
         os._exit(code)
-
-
-# ---- ctl ------------------------------------------------------------------------------
-
-
-def _parse_arguments(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise QedError(f"argument {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-class ControlClient:
-    """A blocking client of the control socket (for ``qed ctl`` and scripts)."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.connect(path)
-        except OSError as exc:
-            self.sock.close()
-            raise QedError(f"cannot connect: {exc.strerror or exc}", filename=path) from exc
-        self.file = self.sock.makefile("rwb")
-        self.greeting = self.read()
-        self.events: list[dict[str, Any]] = []
-        self._next_id = 1
-
-    def read(self) -> dict[str, Any]:
-        line = self.file.readline()
-        if not line:
-            raise QedError("the server closed the control connection")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        ident = self._next_id
-        self._next_id += 1
-        request = {"execute": command, "arguments": arguments or {}, "id": ident}
-        self.file.write(json.dumps(request).encode() + b"\n")
-        self.file.flush()
-        while True:
-            message = self.read()
-            if "event" in message:
-                self.events.append(message)
-                continue
-            if message.get("id") != ident:
-                continue
-            if "error" in message:
-                error = message["error"]
-                raise QedError(f"{command}: {error.get('desc')} ({error.get('class')})")
-            return message.get("return")
-
-    def next_event(self) -> dict[str, Any]:
-        if self.events:
-            return self.events.pop(0)
-        while True:
-            message = self.read()
-            if "event" in message:
-                return message
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
-def _human(value: Any, indent: str = "") -> str:
-    if isinstance(value, dict):
-        lines = []
-        for key, item in value.items():
-            if isinstance(item, dict | list) and item:
-                lines.append(f"{indent}{key}:")
-                lines.append(_human(item, indent + "  "))
-            else:
-                text = json.dumps(item) if item is None or isinstance(item, bool) else item
-                lines.append(f"{indent}{key}: {text}")
-        return "\n".join(lines)
-    if isinstance(value, list):
-        if not value:
-            return f"{indent}(none)"
-        return f"\n{indent}--\n".join(_human(item, indent) for item in value)
-    return f"{indent}{value}"
-
-
-def _ctl_defrag(client: ControlClient, args: argparse.Namespace) -> int:
-    """``qed ctl SOCKET defrag [--until-done] [export=NAME] [clusters=N]``: one
-    defrag-step, or steps until no candidate is left."""
-    arguments = _parse_arguments(args.arguments)
-    moved = steps = 0
-    while True:
-        result = client.execute("defrag-step", arguments)
-        steps += 1
-        moved += len(result["moved"])
-        if args.output == "json" and not args.until_done:
-            print(json.dumps(result, indent=4))
-        elif args.output == "human":
-            for m in result["moved"]:
-                where = "home" if m["home"] else "end of file"
-                print(
-                    f"moved guest offset {m['guest-offset']:#x}: "
-                    f"{m['from']:#x} -> {m['to']:#x} ({where})"
-                )
-            if result["tables-moved"]:
-                print(f"moved {result['tables-moved']} L2 tables")
-        if result["done"] or not args.until_done:
-            break
-    if args.output == "json" and args.until_done:
-        print(
-            json.dumps({"steps": steps, "clusters-moved": moved, "done": result["done"]}, indent=4)
-        )
-    elif args.output == "human":
-        print(
-            "no candidate left: the image is defragmented"
-            if result["done"]
-            else f"{moved} clusters moved"
-        )
-    return 0
-
-
-def cmd_ctl(args: argparse.Namespace) -> int:
-    client = ControlClient(args.socket)
-    if args.command == "defrag":
-        try:
-            return _ctl_defrag(client, args)
-        finally:
-            client.close()
-    try:
-        result = client.execute(args.command, _parse_arguments(args.arguments))
-        if args.output == "json":
-            print(json.dumps(result, indent=4))
-        elif result not in ({}, None):
-            print(_human(result))
-        if args.wait and args.command == "job-start":
-            job_id = result["id"]
-            while True:
-                event = client.next_event()
-                data = event.get("data", {})
-                if data.get("id") != job_id:
-                    continue
-                if args.output == "json":
-                    print(json.dumps(event))
-                elif event["event"] == "JOB_PROGRESS":
-                    print(f"progress: {data['current']}/{data['total']}")
-                else:
-                    print(f"status: {data['status']}")
-                sys.stdout.flush()
-                if event["event"] == "JOB_STATUS_CHANGE" and data["status"] in (
-                    "concluded",
-                    "failed",
-                    "cancelled",
-                ):
-                    if args.output == "human" and data.get("result") is not None:
-                        print(_human(data["result"]))
-                    if data.get("error"):
-                        print(
-                            f"qed: {args.socket}: job {job_id} failed: {data['error']}",
-                            file=sys.stderr,
-                        )
-                    return 0 if data["status"] == "concluded" else 1
-    finally:
-        client.close()
-    return 0

@@ -76,10 +76,27 @@ class JobInfo:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Argument:
+    """One argument of a job type (or of a control command), as ``help`` lists it."""
+
+    name: str
+    kind: str  # what the value is: "size" (bytes, k/M/G suffixes), "integer", "number", "string"
+    help: str
+    required: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.kind, "required": self.required, "help": self.help}
+
+
 class Job:
-    """Base class: subclasses set ``type`` and implement ``work``."""
+    """Base class: subclasses set ``type``, ``summary`` and ``argument_spec`` (what
+    ``parse_arguments`` accepts, which the control socket's ``help`` lists) and
+    implement ``work``."""
 
     type: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    argument_spec: ClassVar[tuple[Argument, ...]] = ()
 
     def __init__(
         self,
@@ -117,6 +134,19 @@ class Job:
         """Check a job's arguments at job-start (InvalidRequestError if wrong) and
         return them as ``work`` uses them (``self.options``)."""
         return dict(arguments)
+
+    @classmethod
+    def argument_names(cls) -> tuple[str, ...]:
+        return tuple(a.name for a in cls.argument_spec)
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """The job type as the control socket's ``help`` lists it."""
+        return {
+            "type": cls.type,
+            "help": cls.summary,
+            "arguments": [a.as_dict() for a in cls.argument_spec],
+        }
 
     async def work(self) -> dict[str, Any]:
         raise NotImplementedError

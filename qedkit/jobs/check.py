@@ -21,13 +21,14 @@ from ..engine.check import check_image
 from ..engine.qed import QedImage
 from ..errors import InvalidRequestError, JobError, QedError
 from ..format.sizes import parse_size
-from .base import Job
+from .base import Argument, Job
 
 SCRUB_CHUNK = 1 << 20
 
 
 class CheckJob(Job):
     type = "check"
+    summary = "consistency check of the served image (no repair)"
 
     async def work(self) -> dict[str, Any]:
         image = self.image
@@ -50,12 +51,18 @@ class CheckJob(Job):
 
 class ScrubJob(Job):
     type = "scrub"
+    summary = "read every data cluster, report what cannot be read"
+    argument_spec = (
+        Argument("rate", "size", "bytes read per second at most (default 0: no limit)"),
+    )
 
     @classmethod
     def parse_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
         for key in arguments:
-            if key != "rate":
-                raise InvalidRequestError(f"scrub: unknown argument {key!r} (rate)")
+            if key not in cls.argument_names():
+                raise InvalidRequestError(
+                    f"scrub: unknown argument {key!r} ({', '.join(cls.argument_names())})"
+                )
         try:
             return {"rate": parse_size(str(arguments.get("rate", 0) or 0))}
         except ValueError as exc:

@@ -60,7 +60,7 @@ from ..engine.qed import (
 )
 from ..errors import InvalidRequestError, JobError, QedError
 from ..format.sizes import parse_size
-from .base import Job
+from .base import Argument, Job
 
 # Offline batches: this many bytes are copied between two flush pairs.
 DEFAULT_BATCH_BYTES = 64 * 1024 * 1024
@@ -490,26 +490,39 @@ async def _plan(img: QedImage, kind: LayoutKind) -> tuple[TargetLayout, int]:
 class DefragJob(Job):
     """``job-start type=defrag``: defragment a served image while it is in use.
 
-    Arguments: ``rate`` (bytes moved per second at most, k/M/G suffixes; 0: no
-    limit), ``idle`` (milliseconds without guest requests to wait for before each
-    step; 0: do not wait), ``batch`` (clusters per step, default 256), ``layout``
-    (``packed`` or ``identity``; default: the image's policy, see Defragmenter.create).
-    Each step searches the L2 tables in the cache; when they hold no more work, one
-    full pass reads the others.
+    Arguments: ``argument_spec`` (rate, idle, batch, layout). Each step searches the
+    L2 tables in the cache; when they hold no more work, one full pass reads the
+    others.
     """
 
     type = "defrag"
+    summary = "move data clusters home while the image is served"
+    argument_spec = (
+        Argument("rate", "size", "bytes moved per second at most (default 0: no limit)"),
+        Argument(
+            "idle",
+            "number",
+            "ms without guest requests before each step (default 0)",
+        ),
+        Argument("batch", "integer", f"clusters per step (default {DEFAULT_JOB_BATCH})"),
+        Argument(
+            "layout",
+            "string",
+            "packed (tables first, then the clusters in guest order, no holes) or identity "
+            "(each cluster at data start + guest offset; the file spans the disk and "
+            "checkers count its holes as leaks); default: the image's allocation policy",
+        ),
+    )
 
     @classmethod
     def parse_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``rate`` (bytes per second, size suffixes allowed: "50M"), ``idle``
         (milliseconds), ``batch`` (clusters) and ``layout`` at job-start."""
         out: dict[str, Any] = {}
+        names = cls.argument_names()
         for key in arguments:
-            if key not in ("rate", "idle", "batch", "layout"):
-                raise InvalidRequestError(
-                    f"defrag: unknown argument {key!r} (rate, idle, batch, layout)"
-                )
+            if key not in names:
+                raise InvalidRequestError(f"defrag: unknown argument {key!r} ({', '.join(names)})")
         out["layout"] = parse_layout(arguments.get("layout"), "defrag")
         try:
             out["rate"] = parse_size(str(arguments.get("rate", 0) or 0))

@@ -25,7 +25,9 @@ Figures
 The scan streams one L2 table at a time and keeps counters, never per-cluster lists,
 so a 1 TiB image costs its tables' reads and a few integers. With ``grid`` it also
 fills a down-sampled picture of the layout (``LayoutSample``: at most ``grid``
-buckets per axis) for cli.picture to draw.
+buckets per axis) for cli.picture to draw; ``guest_window`` limits the picture's
+guest axis to a range of clusters (the figures always cover the whole disk), so
+that a picture can zoom to ``allocated_start .. allocated_end`` of an earlier scan.
 
 It only reads. On an image that is being written (served), hold
 ``img.allocations_paused()`` around it for a stable view.
@@ -43,7 +45,9 @@ from ..engine.qed import QedImage
 class LayoutSample:
     """The guest-to-host layout, down-sampled to buckets of clusters.
 
-    Guest cluster ``g`` falls in guest bucket ``g * guest_buckets // guest_clusters``,
+    Guest cluster ``guest_start + g`` falls in guest bucket
+    ``g * guest_buckets // guest_clusters`` (the guest axis spans ``guest_clusters``
+    from ``guest_start``: the whole disk unless the scan had a ``guest_window``),
     host cluster ``h`` in host bucket ``h * host_buckets // host_clusters`` (the host
     axis spans the file). ``home``/``away`` count data clusters per cell
     (``guest_bucket * host_buckets + host_bucket``), split by whether they sit at
@@ -63,8 +67,10 @@ class LayoutSample:
     guest_zero: array[int]
     host_meta: bytes
     data_start_cluster: int
-    # The home positions as a polyline of (guest cluster, host cluster) points: a
-    # straight line for the identity layout, a staircase for the packed one.
+    guest_start: int = 0
+    # The home positions as a polyline of (guest cluster, host cluster) points (guest
+    # clusters counted from 0, not from guest_start): a straight line for the
+    # identity layout, a staircase for the packed one.
     home_line: tuple[tuple[int, int], ...] = ()
 
     def guest_bucket_size(self, bucket: int) -> int:
@@ -88,7 +94,9 @@ def _bucket_start(bucket: int, clusters: int, buckets: int) -> int:
 class FragReport:
     """What ``fragmentation_report`` found. Sizes and offsets in bytes, the rest in
     clusters; percentages are of the allocated clusters (as qemu-img check prints
-    its fragmented figure), except ``allocated_percent`` (of ``total_clusters``)."""
+    its fragmented figure), except ``allocated_percent`` (of ``total_clusters``).
+    ``allocated_start .. allocated_end`` is the guest range from the first to the end
+    of the last data or zero cluster (0 .. 0 when there is none)."""
 
     filename: str
     image_size: int
@@ -105,6 +113,8 @@ class FragReport:
     extents: int
     max_extents: int
     layout: LayoutSample | None = None
+    allocated_start: int = 0
+    allocated_end: int = 0
 
     @property
     def allocated_percent(self) -> float:
@@ -134,7 +144,10 @@ class FragReport:
 class _Sampler:
     """Fills a LayoutSample's counters, a contiguous piece at a time."""
 
-    def __init__(self, grid: int, guest_clusters: int, host_clusters: int, ds: int) -> None:
+    def __init__(
+        self, grid: int, guest_clusters: int, host_clusters: int, ds: int, guest_start: int = 0
+    ) -> None:
+        self.gs = guest_start  # the guest axis: clusters guest_start .. + guest_clusters
         self.gc = guest_clusters
         self.hc = host_clusters
         self.gn = min(grid, guest_clusters)
@@ -154,6 +167,11 @@ class _Sampler:
 
     def data(self, g: int, h: int, count: int, at_home: bool) -> None:
         """``count`` guest clusters from ``g`` at host clusters from ``h``."""
+        g -= self.gs
+        if g < 0:  # starts left of the window
+            if g + count <= 0:
+                return
+            h, count, g = h - g, count + g, 0
         gc, gn, hn = self.gc, self.gn, self.hn
         if count == 1:  # the common case of a fragmented image, made short
             if g < gc:
@@ -188,6 +206,11 @@ class _Sampler:
             points += [(g, home), (g + count, home + count)]
 
     def zero(self, g: int, count: int) -> None:
+        g -= self.gs
+        if g < 0:
+            if g + count <= 0:
+                return
+            count, g = count + g, 0
         gc, gn = self.gc, self.gn
         end = min(g + count, gc)
         while g < end:
@@ -213,6 +236,7 @@ class _Sampler:
             guest_zero=self.guest_zero,
             host_meta=bytes(self.host_meta),
             data_start_cluster=self.ds,
+            guest_start=self.gs,
             home_line=tuple(self.home_points),
         )
 
@@ -248,6 +272,8 @@ class _Scan:
         self.run_extents = 0
         self.run_end_guest = -1  # guest cluster after the last data cluster seen
         self.run_end_host = -1  # host offset after it
+        self.alloc_first = -1  # the first guest cluster with a data or zero entry
+        self.alloc_end = 0  # the guest cluster after the last one
 
     def table(self, table: array[int], base: int) -> None:
         """Scan the L2 table of the guest clusters from ``base``: split it into pieces
@@ -267,6 +293,8 @@ class _Scan:
         run_extents, end_guest, end_host = self.run_extents, self.run_end_guest, self.run_end_host
         last = 0  # the previous allocated entry of this table (qemu-img check's rule)
         i = 0
+        first = -1  # this table's first and (after) last data or zero entry
+        after = 0
         while i < n:
             entry = table[i]
             j = i + 1
@@ -275,6 +303,9 @@ class _Scan:
                     j += 1
                 if entry == 1:
                     zero += j - i
+                    if first < 0:
+                        first = i
+                    after = j
                     if sampler is not None:
                         sampler.zero(base + i, j - i)
                 i = j
@@ -285,6 +316,9 @@ class _Scan:
                 expect += cs
             count = j - i
             g = base + i
+            if first < 0:
+                first = i
+            after = j
             allocated += count
             if last and last + cs != entry:
                 fragmented += 1
@@ -314,6 +348,10 @@ class _Scan:
             if sampler is not None:
                 sampler.data(g, entry >> bits, count, at_home)
             i = j
+        if first >= 0:
+            if self.alloc_first < 0:
+                self.alloc_first = base + first
+            self.alloc_end = base + after
         self.allocated += allocated
         self.fragmented += fragmented
         self.zero += zero
@@ -325,10 +363,13 @@ class _Scan:
         self.max_extents = max(self.max_extents, self.run_extents)
 
 
-async def fragmentation_report(img: QedImage, *, grid: int = 0) -> FragReport:
+async def fragmentation_report(
+    img: QedImage, *, grid: int = 0, guest_window: tuple[int, int] | None = None
+) -> FragReport:
     """Scan ``img``'s tables (reading only) and report its fragmentation; see the
     module docstring. ``grid > 0`` also records a LayoutSample of at most ``grid``
-    buckets per axis (``report.layout``)."""
+    buckets per axis (``report.layout``), over the guest clusters
+    ``guest_window = (first, end)`` when given (clipped to the disk), else all."""
     geo = img.geo
     bits = geo.cluster_bits
     ts = geo.table_size
@@ -345,7 +386,15 @@ async def fragmentation_report(img: QedImage, *, grid: int = 0) -> FragReport:
         if offset and geo.is_valid_table_offset(offset, file_end)
     ]
     watch = {offset + (k << bits) for _, offset in valid for k in range(ts)}
-    sampler = _Sampler(grid, total, host_clusters, ds >> bits) if grid > 0 and total else None
+    first, end = (0, total) if guest_window is None else guest_window
+    first, end = max(0, min(first, total)), max(0, min(end, total))
+    if end <= first:
+        first, end = 0, total
+    sampler = (
+        _Sampler(grid, end - first, host_clusters, ds >> bits, first)
+        if grid > 0 and total
+        else None
+    )
     identity = img.home_allocation
     packed_base = None if identity else ds + len(valid) * geo.table_bytes
     if sampler is not None and identity:
@@ -385,4 +434,6 @@ async def fragmentation_report(img: QedImage, *, grid: int = 0) -> FragReport:
         extents=scan.extents,
         max_extents=scan.max_extents,
         layout=sampler.sample() if sampler is not None else None,
+        allocated_start=max(0, scan.alloc_first) << bits,
+        allocated_end=min(scan.alloc_end << bits, img.header.image_size),
     )

@@ -9,10 +9,10 @@ Protocol (one JSON object per line, UTF-8)::
     server -> {"event": "JOB_STATUS_CHANGE", "data": {...},
                "timestamp": {"seconds": S, "microseconds": U}}       (at any time)
 
-Commands: query-status, query-exports, query-image (export), query-jobs,
-job-start (type: check, scrub or defrag; export, id?, more arguments per type),
-job-pause (id), job-resume (id), job-cancel (id), defrag-step (export, clusters?),
-quit. Every client receives every event.
+The commands and their arguments are the table ``COMMANDS``; the job types are the
+Job classes registered with the server's JobManager (``JOB_TYPES`` by default), each
+with its ``argument_spec``. ``help`` (or ``query-commands``, as in QMP) returns both,
+so the list a client sees is the code's. Every client receives every event.
 Error classes: GenericError (the command failed), CommandNotFound, InvalidArgument
 (bad or missing arguments), JSONError (the line was not a JSON object).
 """
@@ -25,13 +25,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from ..engine.check import check_image
 from ..engine.qed import QedImage
 from ..errors import InvalidRequestError, QedError
-from ..jobs.base import JobManager
+from ..jobs.base import Argument, Job, JobManager
 from ..jobs.check import CheckJob, ScrubJob
 from ..jobs.defrag import DefragJob, Defragmenter
 from ..version import __version__
@@ -42,6 +43,72 @@ log = logging.getLogger("qedkit.control")
 MAX_LINE = 1 << 20  # bytes per command line
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A control command: its name, the ControlServer method that runs it, what it
+    does and its arguments (as ``help`` lists them)."""
+
+    name: str
+    method: str
+    help: str
+    arguments: tuple[Argument, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "help": self.help,
+            "arguments": [a.as_dict() for a in self.arguments],
+        }
+
+
+_EXPORT = Argument("export", "string", "the export's name (not needed if there is only one)")
+_JOB_ID = Argument("id", "string", "the job's id (job-start returns it)", required=True)
+
+COMMANDS: tuple[Command, ...] = (
+    Command("help", "_help", "this list: commands, job types, their arguments"),
+    Command("query-commands", "_help", "the same as help (QMP's name)"),
+    Command("query-status", "_query_status", "the server: status, pid, uptime, connections"),
+    Command("query-exports", "_query_exports", "every export: file, format, size, I/O counts"),
+    Command(
+        "query-image",
+        "_query_image",
+        "an export's image: sizes, clusters, fragmentation, leaks",
+        (_EXPORT,),
+    ),
+    Command("query-jobs", "_query_jobs", "every job: type, export, status, progress, result"),
+    Command(
+        "job-start",
+        "_job_start",
+        "start a job on an export; its type's arguments are below",
+        (
+            Argument("type", "string", "the job type", required=True),
+            _EXPORT,
+            Argument("id", "string", "the job's id (default TYPE-N)"),
+        ),
+    ),
+    Command("job-pause", "_job_pause", "pause a running job at its next checkpoint", (_JOB_ID,)),
+    Command("job-resume", "_job_resume", "resume a paused job", (_JOB_ID,)),
+    Command("job-cancel", "_job_cancel", "cancel a job at its next safe checkpoint", (_JOB_ID,)),
+    Command(
+        "defrag-step",
+        "_defrag_step",
+        "one defrag step, not a job (done: nothing left to move)",
+        (_EXPORT, Argument("clusters", "integer", "clusters that may move (default 1)")),
+    ),
+    Command("quit", "_quit", "stop the server: finish requests in flight, flush, exit"),
+)
+
+JOB_TYPES: tuple[type[Job], ...] = (CheckJob, ScrubJob, DefragJob)
+
+
+def describe(job_types: Iterable[type[Job]] = JOB_TYPES) -> dict[str, Any]:
+    """What ``help`` returns: every command and every job type, with their arguments."""
+    return {
+        "commands": [c.as_dict() for c in COMMANDS],
+        "job-types": [j.describe() for j in job_types],
+    }
 
 
 class CommandError(Exception):
@@ -59,25 +126,14 @@ class ControlServer:
         self.path = path
         self.jobs = jobs or JobManager(self.broadcast)
         self.jobs.emit = self.broadcast
-        for job_type in (CheckJob, ScrubJob, DefragJob):
+        for job_type in JOB_TYPES:
             self.jobs.types.setdefault(job_type.type, job_type)
         for served in server.images:
             self.jobs.activity[served.name] = _counter(served)
         self._defrag: dict[str, Defragmenter] = {}
         self._clients: set[asyncio.StreamWriter] = set()
         self._listener: asyncio.Server | None = None
-        self.commands: dict[str, Handler] = {
-            "query-status": self._query_status,
-            "query-exports": self._query_exports,
-            "query-image": self._query_image,
-            "query-jobs": self._query_jobs,
-            "job-start": self._job_start,
-            "job-pause": self._job_pause,
-            "job-resume": self._job_resume,
-            "job-cancel": self._job_cancel,
-            "defrag-step": self._defrag_step,
-            "quit": self._quit,
-        }
+        self.commands: dict[str, Handler] = {c.name: getattr(self, c.method) for c in COMMANDS}
         server.on_stopping.append(self.jobs.cancel_all)
         server.on_stop.append(self.close)
 
@@ -134,7 +190,9 @@ class ControlServer:
                 raise CommandError("InvalidArgument", 'missing "execute"')
             handler = self.commands.get(name)
             if handler is None:
-                raise CommandError("CommandNotFound", f"unknown command {name!r}")
+                raise CommandError(
+                    "CommandNotFound", f"unknown command {name!r} (help lists the commands)"
+                )
             arguments = request.get("arguments", {})
             if not isinstance(arguments, dict):
                 raise CommandError("InvalidArgument", '"arguments" must be an object')
@@ -175,6 +233,9 @@ class ControlServer:
         if served is None:
             raise CommandError("InvalidArgument", f"no export named {name!r}")
         return served
+
+    async def _help(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        return describe(self.jobs.types.values())
 
     async def _query_status(self, arguments: dict[str, Any]) -> dict[str, Any]:
         return {

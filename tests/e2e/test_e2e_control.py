@@ -23,7 +23,7 @@ from e2ekit import (
 from qedtest import Qemu
 
 import qedkit
-from qedkit.cli.serve import ControlClient
+from qedkit.cli.ctl import ControlClient
 
 Disk = Callable[..., tuple[Path, Shadow]]
 
@@ -262,7 +262,7 @@ def test_qed_ctl_prints_human_and_json_output(serve: ServerFactory, disk: Disk, 
 
     unknown = run(qed_argv("ctl", sock, "no-such-command"), 30)
     assert unknown.returncode != 0
-    assert "CommandNotFound" in unknown.stderr
+    assert unknown.stderr.startswith("qed: unknown control command 'no-such-command' (try: ")
     bad_argument = run(qed_argv("ctl", sock, "job-pause", "id"), 30)
     assert bad_argument.returncode != 0 and "KEY=VALUE" in bad_argument.stderr
     nobody = run(qed_argv("ctl", str(Path(sock).with_name("nobody.sock")), "query-status"), 30)

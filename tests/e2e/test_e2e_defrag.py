@@ -47,7 +47,7 @@ from e2ekit import (
 )
 from qedtest import Qemu
 
-from qedkit.cli.serve import ControlClient
+from qedkit.cli.ctl import ControlClient
 
 CS = 4 * KiB
 SIZE = 16 * MiB  # four L2 tables of 4 MiB

@@ -45,7 +45,7 @@ from e2ekit import (
 from qedtest import Qemu, require_tool
 
 import qedkit
-from qedkit.cli.serve import ControlClient
+from qedkit.cli.ctl import ControlClient
 
 Disk = Callable[..., tuple[Path, Shadow]]
 SIGNALS = [signal.SIGTERM, signal.SIGINT]

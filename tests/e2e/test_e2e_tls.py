@@ -33,7 +33,7 @@ from e2ekit import (
 )
 from qedtest import Qemu, require_tool
 
-from qedkit.cli.serve import ControlClient
+from qedkit.cli.ctl import ControlClient
 
 Disk = Callable[..., tuple[Path, Shadow]]
 

@@ -40,7 +40,7 @@ VERBS: dict[str, str] = {
     "check": "check (and repair) the metadata of a QED image",
     "convert": "copy an image (flattening its chain) into a new one",
     "io": "run qemu-io style commands on an image",
-    "defrag": "lay an image out for sequential reads and a compact file (offline)",
+    "defrag": "pack the clusters in guest order: fast, compact (offline)",
     "frag": "report how fragmented a QED image is (read-only)",
     "serve": "serve images over NBD",
     "ctl": "send a command to a qed serve control socket",

@@ -307,6 +307,8 @@ def ctl_human(value: Any, indent: str = "") -> str:
 
 def _metavar(argument: dict[str, Any]) -> str:
     kind = str(argument["type"])
+    if "|" in kind:  # a choice: its values
+        return kind
     return {"size": "SIZE", "integer": "N", "number": "N"}.get(kind, str(argument["name"]).upper())
 
 
@@ -319,7 +321,8 @@ def _entry(call: str, text: str, arguments: Sequence[dict[str, Any]]) -> list[st
         if len(call) < width
         else [f"  {call}", f"  {'':<{width}}{text}"]
     )
-    lines += [f"      {a['name']:<10}{a['help']}" for a in arguments]
+    column = max([10, *(len(a["name"]) + 2 for a in arguments)])
+    lines += [f"      {a['name']:<{column}}{a['help']}" for a in arguments]
     return lines
 
 

@@ -71,6 +71,11 @@ EVICT_SHARE = 8
 # Online job: clusters per step. Big enough that a step's fixed cost (two flushes) is
 # spread over 16 MiB, small enough that guest writes to moving clusters stall briefly.
 DEFAULT_JOB_BATCH = 256
+# A packed plan is made again when it is carried out and the guest allocated clusters
+# meanwhile, at most this many times per run (a guest that keeps allocating would
+# otherwise hold the job forever: what it allocates after the last plan is compacted
+# past the planned area instead).
+MAX_REPLANS = 3
 
 Checkpoint = Callable[[int, int], Awaitable[None]]
 
@@ -92,6 +97,7 @@ class DefragStats:
     bytes_moved: int = 0
     tables_moved: int = 0
     tables_dropped: int = 0
+    zero_clusters_made: int = 0
     rounds: int = 0
     seconds: float = 0.0
     truncated_bytes: int = 0
@@ -106,6 +112,7 @@ class DefragStats:
             "bytes-moved": self.bytes_moved,
             "tables-moved": self.tables_moved,
             "tables-dropped": self.tables_dropped,
+            "zero-clusters-made": self.zero_clusters_made,
             "rounds": self.rounds,
             "seconds": round(self.seconds, 3),
             "mb-per-second": round(mbps, 1),
@@ -140,6 +147,8 @@ class Defragmenter:
     # Guests of the queue whose home slot was free when last seen: the homecomings
     # of the next rounds, found without walking the queue.
     _ready: list[int] = field(default_factory=list)
+    replans: int = 0
+    _evict_share: int = 0  # evictions per round while homecomings stay few
 
     @classmethod
     async def create(
@@ -147,10 +156,14 @@ class Defragmenter:
         img: QedImage,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         layout: LayoutKind | None = None,
+        *,
+        zero_detect: bool = True,
     ) -> Defragmenter:
         """Plan the defragmentation of ``img``. ``layout`` None keeps the image's
         policy (identity with the home allocation bit, else packed); choosing one
-        sets the policy to match, so that later allocations keep the layout."""
+        sets the policy to match, so that later allocations keep the layout.
+        ``zero_detect`` reads every data cluster once and turns the ones that hold
+        only zeros into zero clusters (as ``qemu-img convert`` drops them)."""
         if img.readonly:
             raise JobError("defragmentation needs the image open read-write", filename=img.filename)
         if img.header.needs_check:
@@ -162,11 +175,12 @@ class Defragmenter:
             await img.set_home_allocation(layout is LayoutKind.IDENTITY)
         async with img.allocations_paused():
             cmap = await img.ensure_cluster_map()
-        target, dropped = await _plan(img, layout)
+        planned = await _plan(img, layout, zero_detect)
+        target = planned.target
         defrag = cls(img, target, cmap, batch_bytes)
         defrag.stats.layout = layout.value
-        defrag.stats.tables_dropped = dropped
-        img.alloc.reserved_end = target.end
+        defrag.stats.tables_dropped = planned.tables_dropped
+        defrag.stats.zero_clusters_made = planned.zeroed
         return defrag
 
     # ---- geometry ----------------------------------------------------------------
@@ -231,6 +245,29 @@ class Defragmenter:
         l1 = self.img.l1_table
         return [i for i, dst in self.target.tables.items() if l1[i] and l1[i] != dst]
 
+    # ---- late clusters ---------------------------------------------------------
+
+    def _late(self) -> int:
+        """How many data clusters are not in the plan (allocated after it was made)."""
+        if self.target.kind is LayoutKind.IDENTITY:
+            return 0  # every guest cluster has its home in an identity layout
+        owner = self.cmap.owner
+        data = len(owner) - owner.count(FREE) - owner.count(META)
+        return data - len(self.target.guests)
+
+    async def _replan(self) -> bool:
+        """Once the plan is carried out, clusters allocated meanwhile sit past it:
+        plan again (at most MAX_REPLANS times, so that a guest that keeps allocating
+        cannot hold the job forever; the rest is compacted by ``finish``). Each new
+        plan moves the clusters after the first late one in guest order."""
+        if self.replans >= MAX_REPLANS or self._late() <= 0:
+            return False
+        self.replans += 1
+        self.target = (await _plan(self.img, self.target.kind, zero_detect=False)).target
+        self._queue = {}
+        self._ready = []
+        return True
+
     # ---- one round -----------------------------------------------------------------
 
     async def round(self, *, cached_only: bool, limit: int) -> StepResult:
@@ -254,18 +291,27 @@ class Defragmenter:
             if self._queue:  # stale entries only (changed since the scan): look again
                 self._queue = {}
                 return StepResult((), 0, done=False)
+            if await self._replan():
+                return StepResult((), 0, done=False)
             return StepResult((), 0, done=True)
         moves: list[Move] = []
         if len(homecomings) < few and blocked:
             # Evict only a slice: each eviction starts a chain of homecomings (a slot
             # freed by one cluster is the home of another), so a few evictions per
-            # round keep the data copied close to once per cluster.
-            room = max(1, min(limit - len(homecomings), limit // EVICT_SHARE))
+            # round keep the data copied close to once per cluster. When the chains
+            # stay short round after round (a packed plan shifted by clusters that
+            # were inserted: every home holds its neighbour), the slice doubles, up
+            # to a whole batch: two copies per cluster, but a flush pair per batch
+            # instead of per cluster.
+            self._evict_share = min(limit, max(limit // EVICT_SHARE, 2 * self._evict_share))
+            room = max(1, min(limit - len(homecomings), self._evict_share))
             moves += await self._move(self._evictions(blocked[:room], chosen))
             for b in blocked[:room]:
                 home = self.home(b.guest)
                 assert home is not None
                 homecomings.append(Planned(b.guest, b.src, home, True))
+        else:
+            self._evict_share = 0
         moves += await self._move(homecomings[:limit])
         if not moves:
             # Every candidate changed under us: start again from a fresh scan; if that
@@ -457,31 +503,87 @@ def parse_layout(value: object, what: str) -> LayoutKind | None:
         ) from None
 
 
-async def _plan(img: QedImage, kind: LayoutKind) -> tuple[TargetLayout, int]:
-    """The target layout of ``img``, from one scan of its tables, and how many tables
-    that map nothing (every entry 0) were dropped first. Caller has built the
-    cluster map."""
-    entries = img.geo.l2_entries
+@dataclass
+class _Planned:
+    target: TargetLayout
+    tables_dropped: int
+    zeroed: int
+
+
+async def _plan(img: QedImage, kind: LayoutKind, zero_detect: bool) -> _Planned:
+    """The target layout of ``img``. First, with allocations going on, tables that
+    map nothing (every entry 0) are dropped and, with ``zero_detect``, data clusters
+    that hold only zeros become zero clusters (engine.qed.move.zero_data), so that
+    the result is as compact as a converted copy. Then one scan of the tables with
+    allocations paused makes the plan and reserves its area (``reserved_end``): a
+    cluster allocated after that lands past it, never inside the planned area.
+    Caller has built the cluster map."""
     mover = Mover(img)
-    kept: list[int] = []
-    guests = array("q")
-    dropped = 0
+    dropped = zeroed = 0
     for l1_index, l2_offset in enumerate(img.l1_table):
         if not l2_offset:
             continue
         table = await img.get_l2(l1_index)
         assert table is not None
+        if zero_detect:
+            zeroed += await mover.zero_data(await _zero_clusters(img, l1_index, table))
+            table = await img.get_l2(l1_index)
+            assert table is not None
         if not any(table):
             await mover.drop_table(l1_index)
             dropped += 1
+    entries = img.geo.l2_entries
+    kept: list[int] = []
+    guests = array("q")
+    async with img.allocations_paused():
+        for l1_index, l2_offset in enumerate(img.l1_table):
+            if not l2_offset:
+                continue
+            table = await img.get_l2(l1_index)
+            assert table is not None
+            kept.append(l1_index)
+            base = l1_index * entries
+            guests.extend(base + index for index, entry in enumerate(table) if entry > 1)
+        if kind is LayoutKind.IDENTITY:
+            target = TargetLayout.identity(img.geo, img.data_start, img.size, kept)
+        else:
+            target = TargetLayout.packed(img.geo, img.data_start, kept, guests)
+        img.alloc.reserved_end = target.end
+    return _Planned(target, dropped, zeroed)
+
+
+# Zero detection reads host-contiguous data in pieces of at most this many bytes.
+ZERO_SCAN_BYTES = 4 * 1024 * 1024
+
+
+async def _zero_clusters(img: QedImage, l1_index: int, table: array[int]) -> list[tuple[int, int]]:
+    """(guest cluster, host offset) of the data clusters of one L2 table that read
+    as zeros, found by reading them (host-contiguous runs at once)."""
+    cs = img.geo.cluster_size
+    per_read = max(1, ZERO_SCAN_BYTES // cs)
+    zero = bytes(ZERO_SCAN_BYTES if per_read > 1 else cs)
+    base = l1_index * img.geo.l2_entries
+    out: list[tuple[int, int]] = []
+    n, i = len(table), 0
+    while i < n:
+        entry = table[i]
+        if entry <= 1:
+            i += 1
             continue
-        kept.append(l1_index)
-        base = l1_index * entries
-        guests.extend(base + index for index, entry in enumerate(table) if entry > 1)
+        j = i + 1
+        while j < n and j - i < per_read and table[j] == entry + (j - i) * cs:
+            j += 1
+        data = await img.store.read(entry, (j - i) * cs)
+        if data == zero[: len(data)] and len(data) == (j - i) * cs:
+            out += [(base + k, entry + (k - i) * cs) for k in range(i, j)]
+        elif j - i > 1:
+            for k in range(i, j):
+                piece = data[(k - i) * cs : (k - i + 1) * cs]
+                if len(piece) == cs and piece == zero[:cs]:
+                    out.append((base + k, entry + (k - i) * cs))
+        i = j
         await asyncio.sleep(0)
-    if kind is LayoutKind.IDENTITY:
-        return TargetLayout.identity(img.geo, img.data_start, img.size, kept), dropped
-    return TargetLayout.packed(img.geo, img.data_start, kept, guests), dropped
+    return out
 
 
 # ---- the online job ---------------------------------------------------------------
@@ -496,7 +598,9 @@ class DefragJob(Job):
     """
 
     type = "defrag"
-    summary = "move data clusters home while the image is served"
+    _seen_activity = -1
+    _quiet_since = 0.0
+    summary = "lay the image out for sequential reads while it is served"
     argument_spec = (
         Argument("rate", "size", "bytes moved per second at most (default 0: no limit)"),
         Argument(
@@ -507,10 +611,15 @@ class DefragJob(Job):
         Argument("batch", "integer", f"clusters per step (default {DEFAULT_JOB_BATCH})"),
         Argument(
             "layout",
-            "string",
-            "packed (tables first, then the clusters in guest order, no holes) or identity "
-            "(each cluster at data start + guest offset; the file spans the disk and "
-            "checkers count its holes as leaks); default: the image's allocation policy",
+            "packed|identity",
+            "packed: tables, then the clusters in guest order, no holes; identity: each "
+            "cluster at data start + guest offset (the file spans the disk, checkers call "
+            "its holes leaks); default: the image's allocation policy",
+        ),
+        Argument(
+            "zero-detect",
+            "on|off",
+            "clusters holding only zeros become zero clusters (default on)",
         ),
     )
 
@@ -524,6 +633,10 @@ class DefragJob(Job):
             if key not in names:
                 raise InvalidRequestError(f"defrag: unknown argument {key!r} ({', '.join(names)})")
         out["layout"] = parse_layout(arguments.get("layout"), "defrag")
+        detect = str(arguments.get("zero-detect", "on")).lower()
+        if detect not in ("on", "off", "true", "false", "1", "0"):
+            raise InvalidRequestError(f"defrag: zero-detect must be on or off, not {detect!r}")
+        out["zero-detect"] = detect in ("on", "true", "1")
         try:
             out["rate"] = parse_size(str(arguments.get("rate", 0) or 0))
             out["idle"] = float(arguments.get("idle", 0) or 0)
@@ -544,7 +657,10 @@ class DefragJob(Job):
             # Steps of at most a quarter second's worth keep the rate smooth.
             batch = max(1, min(batch, (rate // 4) >> image.geo.cluster_bits))
         defrag = await Defragmenter.create(
-            image, batch_bytes=batch << image.geo.cluster_bits, layout=options["layout"]
+            image,
+            batch_bytes=batch << image.geo.cluster_bits,
+            layout=options["layout"],
+            zero_detect=options["zero-detect"],
         )
         total = max(1, await defrag.load_queue(False))
         started = time.monotonic()
@@ -586,16 +702,19 @@ class DefragJob(Job):
     async def _wait_idle(self, idle: float) -> None:
         """Wait until the guest made no request for ``idle`` seconds (the job yields
         to busy guests), checking at most every 10 ms; pausing and cancelling work
-        while waiting."""
+        while waiting. The quiet time counts from the guest's last request, also
+        across steps: a guest that stays quiet is not waited for again."""
         activity = self.activity
         if activity is None:
             return
-        seen = activity()
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < idle:
+        now = activity()
+        if now != self._seen_activity:
+            self._seen_activity = now
+            self._quiet_since = time.monotonic()
+        while time.monotonic() - self._quiet_since < idle:
             await asyncio.sleep(min(idle, 0.01))
             now = activity()
-            if now != seen:
-                seen = now
-                quiet_since = time.monotonic()
+            if now != self._seen_activity:
+                self._seen_activity = now
+                self._quiet_since = time.monotonic()
             await self.checkpoint(self.current, self.total)

@@ -368,6 +368,7 @@ class ControlServer:
         finished: dict[str, int] = {}
         if done:
             finished = await defrag.finish(complete=True)
+            del self._defrag[served.name]  # the next step plans afresh
         bits = image.geo.cluster_bits
         return {
             "moved": [

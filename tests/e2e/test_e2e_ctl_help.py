@@ -34,7 +34,13 @@ def test_help_and_query_commands_return_the_code_s_tables(
     assert [c["name"] for c in reference["commands"]] == [c.name for c in COMMANDS]
     assert [j["type"] for j in reference["job-types"]] == ["check", "scrub", "defrag"]
     defrag = reference["job-types"][2]
-    assert [a["name"] for a in defrag["arguments"]] == ["rate", "idle", "batch"]
+    assert [a["name"] for a in defrag["arguments"]] == [
+        "rate",
+        "idle",
+        "batch",
+        "layout",
+        "zero-detect",
+    ]
     server.finish(qemu, shadow)
 
 
@@ -69,7 +75,7 @@ def test_qed_ctl_help_prints_commands_and_job_types(
     assert human.startswith(control_reference_human(describe()))
     for line in (
         "  job-start type=TYPE [export=EXPORT] [id=ID] [KEY=VALUE ...]",
-        "  defrag [rate=SIZE] [idle=N] [batch=N]",
+        "  defrag [rate=SIZE] [idle=N] [batch=N] [layout=packed|identity] [zero-detect=on|off]",
         "  scrub [rate=SIZE]   read every data cluster, report what cannot be read",
         "  defrag [export=EXPORT] [clusters=N] [--until-done]",
     ):

@@ -75,8 +75,20 @@ class Layout:
         end = max(self.header_size * cs, self.l1_offset + self.table_size * cs)
         return -(-end // cs) * cs
 
+    @property
+    def identity(self) -> bool:
+        """The home allocation policy's bit: the identity layout."""
+        return bool(self.autoclear & HOME)
+
     def home(self, guest: int) -> int:
-        return self.data_start + guest * self.cluster_size
+        """Where defragmentation puts a data cluster: data start + guest offset in the
+        identity layout; in the packed one, past every L2 table, the allocated
+        clusters one after the other in guest order."""
+        if self.identity:
+            return self.data_start + guest * self.cluster_size
+        ranks = {g: i for i, g in enumerate(sorted(self.data()))}
+        tables = sum(1 for off in self.l1 if off) * self.table_size * self.cluster_size
+        return self.data_start + tables + ranks[guest] * self.cluster_size
 
     def entries(self) -> dict[int, int]:
         """Guest cluster -> L2 entry, for entries that are not 0."""
@@ -89,7 +101,17 @@ class Layout:
         return {g: e for g, e in self.entries().items() if e > 1}
 
     def away(self) -> dict[int, int]:
-        return {g: e for g, e in self.data().items() if e != self.home(g)}
+        data = self.data()
+        if self.identity:
+            return {g: e for g, e in data.items() if e != self.home(g)}
+        base = (
+            self.data_start + sum(1 for off in self.l1 if off) * self.table_size * self.cluster_size
+        )
+        return {
+            g: data[g]
+            for i, g in enumerate(sorted(data))
+            if data[g] != base + i * self.cluster_size
+        }
 
     def under_tables(self) -> set[int]:
         """Guest clusters whose home slot holds (part of) an L2 table."""
@@ -334,12 +356,14 @@ def judge(qemu: Qemu, image: Path, shadow: bytearray, *, raw_like: bool = True) 
     assert result.returncode == 0, f"qemu-img compare: {result.stdout}{result.stderr}"
     assert "Images are identical." in result.stdout
     result = qemu.img("check", "-f", "qed", "--output=json", image, check=False)
-    assert result.returncode in (0, 3), f"qemu-img check: {result.stdout}{result.stderr}"
+    lay = read_layout(image)
+    # A finished packed defragmentation leaves no hole: no leak either.
+    allowed = (0,) if raw_like and not lay.identity else (0, 3)
+    assert result.returncode in allowed, f"qemu-img check: {result.stdout}{result.stderr}"
     report = json.loads(result.stdout)
     assert "corruptions" not in report and report.get("check-errors", 0) == 0, report
     if not raw_like:
         return
-    lay = read_layout(image)
     away = lay.away()
     assert not away, f"{len(away)} data clusters away from home: " + ", ".join(
         f"guest {g * CS:#x} at {e:#x}" for g, e in list(away.items())[:5]
@@ -408,15 +432,13 @@ def test_defrag_until_done_while_a_client_reads_and_writes(
     assert churn.reads + churn.writes > requests + 100, "the client was not served meanwhile"
     churn.wait_requests(churn.reads + churn.writes + 100)  # and after it finished
     churn.stop()
-    # Every cluster allocated before the defragmentation is home now; clusters the
-    # client allocated meanwhile may not be (they went to the end of the file).
-    lay = read_layout(image)
-    stray = set(lay.away())
-    assert not stray & set(before.data()), sorted(stray & set(before.data()))[:10]
-    assert stray <= churn.written
-    # Without load, a last run brings the rest home.
+    # Clusters the client allocated after the last plan went past the planned area
+    # (the job plans again at most MAX_REPLANS times): a last run without load puts
+    # them in order too.
+    stray = set(read_layout(image).away())
     result = defrag_until_done(server)
-    assert result["clusters-moved"] >= len(stray), result
+    if stray:
+        assert result["clusters-moved"] > 0, result
     stop(server)
     judge(qemu, image, shadow)
 
@@ -461,8 +483,8 @@ def test_defrag_job_paused_resumed_cancelled_then_run_to_completion(
     # Cancelled midway: consistent, partly defragmented.
     judge(qemu, image, shadow, raw_like=False)
     lay = read_layout(image)
-    home = len(lay.data()) - len(lay.away())
-    assert home > 20 and lay.away(), "the cancelled job did not stop midway"
+    moved = sum(1 for g, e in lay.data().items() if before.data().get(g) != e)
+    assert moved > 20 and lay.away(), "the cancelled job did not stop midway"
 
     # Serve again: a job run to completion under load, then one without load.
     server = serve(image, control=True)

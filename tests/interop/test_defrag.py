@@ -1,21 +1,24 @@
-"""Offline defragmentation (``qed defrag``) judged by QEMU, and the home allocation
-policy's header bit.
+"""Offline defragmentation (``qed defrag``) judged by QEMU, in both target layouts,
+and the home allocation policy's header bit.
 
 Images are fragmented by QEMU itself (qemu-io writing clusters in a shuffled order from
 a fixed seed: whole clusters, partial clusters, ``write -z`` zero clusters, over no
-backing file, a raw one or a QED one) and by qedkit (the Python API, with discards and
-write-zeroes too). A raw shadow is taken with ``qemu-img convert`` before ``qed
-defrag`` runs (as a subprocess); afterwards:
+backing file, a raw one or a QED one; sparse disks: 5 MiB scattered over 1 GiB, a
+shuffled first quarter, the metadata mkfs.ext4 writes on a 4 GiB disk) and by qedkit
+(the Python API, with discards and write-zeroes too). A raw shadow is taken with
+``qemu-img convert`` before ``qed defrag`` runs (as a subprocess); afterwards:
 
 * ``qemu-img compare`` with the shadow: identical;
-* ``qemu-img check``: no corruption. Home slots of unallocated guest clusters stay
-  free, which every QED checker counts as leaks (exit 3, by design: see
-  qedkit/jobs/defrag.py); a fully allocated image checks clean (exit 0) and
-  ``0.00% fragmented``;
-* one host read per run: every data cluster sits at its home (``data_start + guest
-  offset``, computed here from the header without qedkit), and ``qemu-img map`` shows
-  exactly one host extent per run of allocated guest clusters (``qed frag`` must
-  agree);
+* ``qemu-img check``: no corruption. In the **packed** layout (the default) no leak
+  either (exit 0): the L2 tables sit right after the L1 table in L1 order, then the
+  allocated clusters in guest order with nothing between them, so the file is no
+  larger than ``qed convert`` makes it (plus one L2 table and one cluster). In the
+  **identity** layout (``--layout identity``) home slots of unallocated guest clusters
+  stay free, which every QED checker counts as leaks (exit 3, by design);
+* one host read per run: every data cluster sits at its home (computed here from the
+  header and the tables without qedkit), and ``qemu-img map`` shows exactly one host
+  extent per run of allocated guest clusters, in ascending guest order (``qed frag``
+  must agree);
 * the file ends at its last used cluster (truncated), every free cluster inside it is
   a hole, and it takes no more disk space than before (st_blocks).
 
@@ -32,6 +35,7 @@ import json
 import os
 import random
 import struct
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,9 @@ pytestmark = pytest.mark.qemu
 
 SLACK = 64 * KiB  # file system metadata (extent tree blocks of a sparse file)
 STATS_KEYS = {
+    "layout",
+    "tables-dropped",
+    "zero-clusters-made",
     "clusters-moved",
     "bytes-moved",
     "tables-moved",
@@ -69,6 +76,37 @@ def data_start(lay: Layout) -> int:
     cs = lay.cluster_size
     end = max(lay.header_size * cs, lay.l1_table_offset + lay.table_bytes)
     return -(-end // cs) * cs
+
+
+HOME = 0x1  # the home allocation policy's autoclear bit: the identity layout
+
+
+def identity(lay: Layout) -> bool:
+    return bool(lay.autoclear_features & HOME)
+
+
+def homes(lay: Layout) -> dict[int, int]:
+    """Guest cluster -> where defragmentation puts its data. Identity: data start +
+    guest offset. Packed: past the L2 tables (all of them, right after the L1 table),
+    the allocated clusters one after the other in guest order."""
+    cs = lay.cluster_size
+    start = data_start(lay)
+    data = sorted(g for g, e in l2_entries(lay).items() if e > 1)
+    if identity(lay):
+        return {g: start + g * cs for g in data}
+    base = start + sum(1 for l2 in lay.l1() if l2) * lay.table_bytes
+    return {g: base + i * cs for i, g in enumerate(data)}
+
+
+def table_homes(lay: Layout) -> dict[int, int]:
+    """L1 index -> where defragmentation puts its L2 table: in L1 order, right after
+    the L1 table (packed) or after the home area (identity)."""
+    start = data_start(lay)
+    if identity(lay):
+        cs = lay.cluster_size
+        start += -(-lay.image_size // cs) * cs
+    used = [i for i, l2 in enumerate(lay.l1()) if l2]
+    return {i: start + k * lay.table_bytes for k, i in enumerate(used)}
 
 
 def l2_entries(lay: Layout) -> dict[int, int]:
@@ -251,6 +289,7 @@ class Before:
     usage: int
     size: int
     backing_sha: str | None
+    converted: int  # size of a ``qed convert -O qed`` of the image (the same chain)
 
 
 def prepare(qemu: Qemu, path: Path) -> Before:
@@ -265,7 +304,13 @@ def prepare(qemu: Qemu, path: Path) -> Before:
         with open(path, "rb") as f:
             name = os.pread(f.fileno(), lay.backing_filename_size, lay.backing_filename_offset)
         backing = sha(path.parent / name.decode())
-    return Before(shadow, disk_usage(path), path.stat().st_size, backing)
+    converted = path.with_suffix(".converted.qed")
+    lay_opts = f"cluster_size={lay.cluster_size},table_size={lay.table_size}"
+    result = qed("convert", "-O", "qed", "-o", lay_opts, path, converted)
+    assert result.returncode == 0, result.stderr
+    size = converted.stat().st_size
+    converted.unlink()
+    return Before(shadow, disk_usage(path), path.stat().st_size, backing, size)
 
 
 def defrag(path: Path, *options: str) -> dict[str, Any]:
@@ -280,9 +325,14 @@ def defrag(path: Path, *options: str) -> dict[str, Any]:
     return stats
 
 
-def assert_no_corruption(qemu: Qemu, path: Path) -> dict[str, Any]:
+def assert_no_corruption(qemu: Qemu, path: Path, leaks_ok: bool | None = None) -> dict[str, Any]:
+    """No corruption for qemu-img check; no leak either unless ``leaks_ok`` (by
+    default: when the image has the identity layout, whose holes are leaks)."""
     result = qemu.img("check", "-f", "qed", "--output=json", path, check=False)
-    assert result.returncode in (0, 3), f"qemu-img check exited {result.returncode}: {result}"
+    if leaks_ok is None:
+        leaks_ok = identity(Layout.read(path))
+    allowed = (0, 3) if leaks_ok else (0,)
+    assert result.returncode in allowed, f"qemu-img check exited {result.returncode}: {result}"
     report = json.loads(result.stdout)
     assert "corruptions" not in report, report
     assert report.get("check-errors", 0) == 0, report
@@ -308,15 +358,19 @@ def allocated_runs(entries: dict[int, int]) -> list[tuple[int, int]]:
 
 
 def assert_raw_like(qemu: Qemu, path: Path) -> list[dict[str, Any]]:
-    """Every data cluster at home; one host extent per run of allocated clusters."""
+    """Every data cluster and table at home; one host extent per run of allocated
+    clusters, the runs in ascending guest and host order."""
     lay = Layout.read(path)
     cs = lay.cluster_size
-    start = data_start(lay)
     entries = l2_entries(lay)
-    away = {g: e for g, e in entries.items() if e > 1 and e != start + g * cs}
+    home = homes(lay)
+    away = {g: e for g, e in entries.items() if e > 1 and e != home[g]}
     assert not away, f"{len(away)} data clusters not at home, e.g. " + ", ".join(
-        f"guest {g * cs:#x} at {e:#x}" for g, e in list(away.items())[:5]
+        f"guest {g * cs:#x} at {e:#x} (home {home[g]:#x})" for g, e in list(away.items())[:5]
     )
+    l1 = lay.l1()
+    tables = {i: l1[i] for i in table_homes(lay)}
+    assert tables == table_homes(lay), f"L2 tables at {tables}, not {table_homes(lay)}"
     extents = [e for e in qemu_map(qemu, path) if e["depth"] == 0 and e["data"]]
     for a, b in itertools.pairwise(extents):
         if a["start"] + a["length"] == b["start"]:
@@ -324,8 +378,9 @@ def assert_raw_like(qemu: Qemu, path: Path) -> list[dict[str, Any]]:
                 f"guest {a['start']:#x}+{a['length']:#x} and the next run are adjacent "
                 f"but sit at {a['offset']:#x} and {b['offset']:#x}: two host reads"
             )
+        assert b["offset"] > a["offset"], "runs out of guest order in the file"
     for e in extents:
-        assert e["offset"] == start + e["start"], e
+        assert e["offset"] == home[e["start"] // cs], e
     runs = allocated_runs(entries)
     assert len(extents) == len(runs), (
         f"{len(runs)} runs of allocated guest clusters but {len(extents)} host extents"
@@ -354,6 +409,11 @@ def assert_compact(path: Path, before: Before) -> None:
     usage = disk_usage(path)
     assert usage <= len(used) * cs + SLACK, f"{usage} bytes on disk for {len(used)} clusters"
     assert usage <= before.usage + SLACK, f"disk usage grew from {before.usage} to {usage}"
+    if not identity(lay):
+        free = sorted(set(range(size // cs)) - used)
+        assert not free, f"{len(free)} free clusters inside the file, from {free[0] * cs:#x}"
+        bound = before.converted + lay.table_bytes + cs
+        assert size <= bound, f"file of {size} bytes; qed convert makes {before.converted}"
 
 
 def assert_frag_agrees(path: Path, report: dict[str, Any]) -> None:
@@ -400,8 +460,11 @@ QEMU_CASES = {
 }
 
 
+@pytest.mark.parametrize("layout", ["packed", "identity"])
 @pytest.mark.parametrize("case", list(QEMU_CASES))
-def test_defrag_of_a_qemu_fragmented_image(case: str, qemu: Qemu, tmp_path: Path) -> None:
+def test_defrag_of_a_qemu_fragmented_image(
+    case: str, layout: str, qemu: Qemu, tmp_path: Path
+) -> None:
     spec, backing = QEMU_CASES[case]
     path = qemu_fragmented(qemu, tmp_path, spec, backing)
     before = prepare(qemu, path)
@@ -419,10 +482,88 @@ def test_defrag_of_a_qemu_fragmented_image(case: str, qemu: Qemu, tmp_path: Path
     if case == "4k-tables":
         assert sum(1 for l2 in lay.l1() if l2) == 4
         assert blocking, "no L2 table in the way: stage 2 would not be tested"
-    stats = defrag(path)
+    stats = defrag(path, "--layout", layout)
+    assert stats["layout"] == layout
     assert stats["clusters-moved"] >= misplaced
     assert stats["tables-moved"] >= len(blocking), stats
+    assert identity(Layout.read(path)) == (layout == "identity")
     judge(qemu, path, before)
+
+
+def _write_clusters(qemu: Qemu, path: Path, clusters: dict[int, bytes], seed: int) -> None:
+    """qemu-io writes each cluster's bytes (a pattern file per cluster), in a shuffled
+    order."""
+    cs = Layout.read(path).cluster_size
+    order = list(clusters)
+    random.Random(seed).shuffle(order)
+    commands = []
+    for c in order:
+        source = path.parent / f"cluster-{c}.bin"
+        source.write_bytes(clusters[c])
+        commands.append(f"write -s {source} {c * cs} {cs}")
+    qemu_io_script(qemu, path, commands)
+    for c in order:
+        (path.parent / f"cluster-{c}.bin").unlink()
+
+
+def _ext4_clusters(directory: Path, size: int, cs: int) -> dict[int, bytes]:
+    """The clusters mkfs.ext4 puts data in on a sparse raw disk of ``size``."""
+    raw = directory / "ext4.raw"
+    with open(raw, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(raw)], check=True)
+    out: dict[int, bytes] = {}
+    with open(raw, "rb") as f:
+        fd = f.fileno()
+        for start, end in data_regions(raw):
+            for c in range(start // cs, -(-end // cs)):
+                data = os.pread(fd, cs, c * cs)
+                if data.strip(b"\0"):
+                    out[c] = data
+    raw.unlink()
+    return out
+
+
+SPARSE_CASES = ["5M-in-1G", "first-quarter", "ext4-4G", "overlay", "zero-clusters"]
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES)
+def test_defrag_of_a_sparse_image_is_clean_compact_and_raw_like(
+    case: str, qemu: Qemu, tmp_path: Path
+) -> None:
+    """Real disks are sparse: after the default (packed) defragmentation the image
+    checks clean (no leaks), is no larger than a converted copy plus one L2 table and
+    one cluster, takes no more space than before, and reads each run with one host
+    read, the runs in guest order."""
+    cs = 64 * KiB
+    path = tmp_path / "sparse.qed"
+    rng = random.Random(SPARSE_CASES.index(case))
+    size = {"ext4-4G": 4 << 30, "5M-in-1G": 1 << 30}.get(case, 16 * MiB)
+    extra: list[str] = []
+    if case == "overlay":
+        (tmp_path / "base.raw").write_bytes(rng.randbytes(size))
+        extra = ["-b", "base.raw", "-F", "raw"]
+    qemu.img("create", "-f", "qed", *extra, path, str(size), cwd=tmp_path)
+    clusters: dict[int, bytes]
+    if case == "5M-in-1G":
+        scattered = rng.sample(range(512 * MiB // cs), 64)
+        clusters = {c: rng.randbytes(cs) for c in scattered}
+        clusters.update({512 * MiB // cs + k: rng.randbytes(cs) for k in range(16)})
+    elif case == "ext4-4G":
+        clusters = _ext4_clusters(tmp_path, size, cs)
+        assert len(clusters) > 20
+    else:  # the first quarter, with gaps
+        clusters = {c: rng.randbytes(cs) for c in range(size // cs // 4) if rng.random() < 0.7}
+    _write_clusters(qemu, path, clusters, seed=len(clusters))
+    if case == "zero-clusters":
+        zeros = [f"write -z {c * cs} {cs}" for c in range(size // cs // 4, size // cs // 2, 3)]
+        qemu_io_script(qemu, path, zeros + [f"write -z {c * cs} {cs}" for c in list(clusters)[::5]])
+    before = prepare(qemu, path)
+    stats = defrag(path)
+    assert stats["layout"] == "packed"
+    report = judge(qemu, path, before)
+    assert "leaks" not in report, report
+    assert path.stat().st_size <= before.converted + Layout.read(path).table_bytes + cs
 
 
 def test_defrag_of_a_fully_allocated_image_checks_clean_and_unfragmented(
@@ -511,7 +652,7 @@ def test_defrag_moves_l2_tables_off_the_homes_of_unallocated_clusters(
     qemu.img("create", "-f", "qed", "-o", f"cluster_size={cs},table_size=2", path, "8M")
     qemu_io_script(qemu, path, ["write -P 1 0 4k", "write -P 2 4M 4k"])
     before = prepare(qemu, path)
-    defrag(path)
+    defrag(path, "--layout", "identity")
     judge(qemu, path, before)
     lay = Layout.read(path)
     start = data_start(lay)
@@ -524,7 +665,7 @@ def test_defrag_moves_l2_tables_off_the_homes_of_unallocated_clusters(
     )
     with qedkit.open(str(path)) as img:
         assert isinstance(img.engine, QedImage)
-        run_sync(img.engine.set_home_allocation(True))
+        assert img.engine.home_allocation  # the identity layout set the policy
         img.write(1 * cs, b"\x11" * cs)
     assert _first_entry(path, 1) == start + cs, "guest cluster 1 did not land at home"
 
@@ -597,8 +738,6 @@ def test_defrag_refuses_a_raw_image(tmp_path: Path) -> None:
 # The home allocation policy's header bit (autoclear bit 0x1)
 # =====================================================================================
 
-HOME = 0x1
-
 
 def _first_entry(path: Path, guest_cluster: int) -> int:
     return l2_entries(Layout.read(path))[guest_cluster]
@@ -644,7 +783,7 @@ def test_home_allocation_bit_persists_is_honoured_and_qemu_writes_clear_it(
         img.write(30 * cs, b"\x30" * cs)
     assert _first_entry(home, 30) != start + 30 * cs
     assert Layout.read(home).autoclear_features == 0
-    assert_no_corruption(qemu, home)
+    assert_no_corruption(qemu, home, leaks_ok=True)
 
 
 def test_home_allocation_can_be_turned_on_and_off(qemu: Qemu, tmp_path: Path) -> None:
@@ -665,7 +804,7 @@ def test_home_allocation_can_be_turned_on_and_off(qemu: Qemu, tmp_path: Path) ->
     with qedkit.open(str(path)) as img:
         assert isinstance(img.engine, QedImage)
         assert not img.engine.home_allocation
-    assert_no_corruption(qemu, path)
+    assert_no_corruption(qemu, path, leaks_ok=True)
 
 
 def test_home_allocation_lays_a_sequentially_written_image_out_like_a_raw_file(
@@ -682,5 +821,5 @@ def test_home_allocation_lays_a_sequentially_written_image_out_like_a_raw_file(
             img.write(c * cs, bytes([c + 1]) * cs)
         for c in range(1024, 1040):  # the second L2 table's span
             img.write(c * cs, bytes([c % 250 + 1]) * cs)
-    assert_no_corruption(qemu, path)
+    assert_no_corruption(qemu, path, leaks_ok=True)
     assert_raw_like(qemu, path)

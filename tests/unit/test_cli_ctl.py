@@ -53,8 +53,8 @@ def test_ctl_help_follows_the_job_classes(
     extra = Argument("window", "size", "a new argument, for this test")
     monkeypatch.setattr(DefragJob, "argument_spec", (*DefragJob.argument_spec, extra))
     out = ctl_help(capsys)
-    assert "  defrag [rate=SIZE] [idle=N] [batch=N] [window=SIZE]" in out
-    assert "      window    a new argument, for this test" in out
+    assert " [zero-detect=on|off] [window=SIZE]" in out
+    assert f"      {'window':<13}a new argument, for this test" in out  # zero-detect's width
 
 
 def test_describe_is_the_command_table_and_the_job_specs() -> None:
@@ -93,7 +93,9 @@ def test_job_argument_checks_use_the_spec() -> None:
 
     with pytest.raises(InvalidRequestError) as info:
         DefragJob.parse_arguments({"bogus": 1})
-    assert str(info.value) == "defrag: unknown argument 'bogus' (rate, idle, batch)"
+    assert str(info.value) == (
+        "defrag: unknown argument 'bogus' (rate, idle, batch, layout, zero-detect)"
+    )
     with pytest.raises(InvalidRequestError) as info:
         ScrubJob.parse_arguments({"bogus": 1})
     assert str(info.value) == "scrub: unknown argument 'bogus' (rate)"

@@ -148,6 +148,50 @@ class Mover:
         alloc.release(old, ts)
         return dst
 
+    async def zero_data(self, candidates: Sequence[tuple[int, int]]) -> int:
+        """Turn data clusters that hold only zeros into zero clusters (entry 1, as
+        ``qemu-img convert`` and copy-on-read make them), freeing their slots.
+        ``candidates``: (guest cluster, host offset) pairs a reader found zero; each
+        is read again under a write stall before its entry changes, so a guest write
+        that landed meanwhile keeps its cluster. Both entries read zeros, so every
+        crash state reads the same. Returns how many were turned."""
+        if not candidates:
+            return 0
+        img = self.img
+        geo = img.geo
+        size = geo.cluster_size
+        async with img.allocations_paused():
+            still: list[tuple[int, int]] = []
+            for guest, host in candidates:
+                table = await img.get_l2(guest // geo.l2_entries)
+                if table is not None and table[guest % geo.l2_entries] == host:
+                    still.append((guest, host))
+            release = await img.stall_writes([g for g, _ in still])
+        zero = bytes(size)
+        turned: list[tuple[int, int]] = []
+        try:
+            for guest, host in still:
+                if await img.store.read(host, size) == zero:
+                    turned.append((guest, host))
+            by_table: dict[int, dict[int, int]] = {}
+            for guest, _ in turned:
+                l1_index, index = divmod(guest, geo.l2_entries)
+                by_table.setdefault(l1_index, {})[index] = 1
+            async with img.allocations_paused():
+                for l1_index, updates in by_table.items():
+                    table = await img.get_l2(l1_index)
+                    assert table is not None
+                    await img.tables.write_entries(l1_index, table, updates)
+            await img.store.flush()
+        except BaseException:
+            img.alloc.forget_map()
+            raise
+        finally:
+            release()
+        for _, host in turned:
+            img.alloc.release(host)
+        return len(turned)
+
     async def drop_table(self, l1_index: int) -> None:
         """Unlink an L2 table that maps nothing (every entry 0) and free its clusters."""
         img = self.img

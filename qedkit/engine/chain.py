@@ -48,8 +48,10 @@ def _check_format_name(fmt: str) -> None:
 
 
 def _open_store(path: str, *, readonly: bool, unsafe: bool = False) -> ByteStore:
-    if "://" in path:
-        raise UnsupportedFeatureError(f"protocol of {path!r} is not supported yet")
+    if "://" in path:  # a remote image (store.url): read-only, connected on first read
+        from ..store.url import open_url
+
+        return open_url(path, readonly=readonly)
     return FileStore.open(path, readonly=readonly, unsafe=unsafe)
 
 
@@ -84,7 +86,7 @@ async def open_image(
     """
     if fmt is not None:
         _check_format_name(fmt)
-    real = os.path.realpath(path)
+    real = path if "://" in path else os.path.realpath(path)
     if real in _seen:
         raise BackingFileError(f"backing chain loop: {path} is its own backing file")
     if _depth > MAX_CHAIN_DEPTH:
@@ -105,7 +107,12 @@ async def open_image(
         backing: BlockImage | None = None
         name = header.backing_filename(area)
         if name and backing_chain:
-            full = full_backing_filename(path, name)
+            if "://" in path:  # relative to a URL (store.url says how)
+                from ..store.url import resolve_backing_url
+
+                full = resolve_backing_url(path, name)
+            else:
+                full = full_backing_filename(path, name)
             backing_fmt = "raw" if header.has(Feature.BACKING_FORMAT_NO_PROBE) else None
             try:
                 backing = await open_image(

@@ -99,7 +99,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             status = faults.statuses.pop(0) if faults.statuses else faults.always_status
         data = owner.data
         size = len(data)
-        etag = f'"{owner.version}-{size}"'
+        etag = f'"v{owner.version}"'
         if faults.weak_etag:
             etag = "W/" + etag
         if status is not None:

@@ -259,9 +259,9 @@ http {{
     default_type application/octet-stream;
     sendfile on;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{ssl};
         root {root};
-    }}
+{tls}    }}
 }}
 """
 
@@ -269,7 +269,7 @@ http {{
 class Nginx:
     """Debian's nginx serving ``root`` on 127.0.0.1; ``url(name)`` of a file in it."""
 
-    def __init__(self, workdir: Path, root: Path) -> None:
+    def __init__(self, workdir: Path, root: Path, tls: tuple[Path, Path] | None = None) -> None:
         # Debian installs it in /usr/sbin, which a non-root PATH may lack.
         sbin = Path("/usr/sbin/nginx")
         self.binary = str(sbin) if sbin.exists() else require_tool("nginx")
@@ -279,15 +279,27 @@ class Nginx:
         self.conf = workdir / "nginx.conf"
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls = tls  # (certificate, key): serve https
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/{name}"
 
     def start(self) -> Nginx:
         for _ in range(5):  # a free port can be taken by someone else before nginx binds
             self.port = free_port()
+            tls = ""
+            if self.tls is not None:
+                tls = f"        ssl_certificate {self.tls[0]};\n"
+                tls += f"        ssl_certificate_key {self.tls[1]};\n"
             self.conf.write_text(
-                _NGINX_CONF.format(prefix=self.prefix, port=self.port, root=self.root)
+                _NGINX_CONF.format(
+                    prefix=self.prefix,
+                    port=self.port,
+                    root=self.root,
+                    ssl=" ssl" if self.tls else "",
+                    tls=tls,
+                )
             )
             # -e: the error log of start-up, before the file's error_log applies
             argv = [
@@ -345,8 +357,8 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def nginx(workdir: Path, root: Path) -> Iterator[Nginx]:
-    server = Nginx(workdir, root).start()
+def nginx(workdir: Path, root: Path, tls: tuple[Path, Path] | None = None) -> Iterator[Nginx]:
+    server = Nginx(workdir, root, tls).start()
     try:
         yield server
     finally:

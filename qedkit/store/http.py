@@ -202,6 +202,11 @@ class HttpSource(RemoteSource):
             )
         except ux.NameResolutionError as exc:
             raise StoreError(f"cannot resolve the host name: {exc}", filename=self.name) from exc
+        except ux.SSLError as exc:  # a certificate that does not verify will not start to
+            cause = exc.__cause__ or exc.__context__ or exc
+            verify = getattr(cause, "verify_message", None)
+            detail = f"the server's certificate does not verify ({verify})" if verify else cause
+            raise StoreError(f"TLS failed: {detail}", filename=self.name) from exc
         except (ux.HTTPError, OSError) as exc:
             raise TransientError(_describe(exc, self.timeout)) from exc
 

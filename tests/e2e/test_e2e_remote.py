@@ -9,6 +9,7 @@ under CI=true (qedtest.require_tool).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import subprocess
@@ -23,6 +24,7 @@ from qedtest import Qemu, qed
 from remotekit import KiB, MiB, Nginx, nginx, pattern, qemu_nbd
 
 import qedkit
+from qedkit.errors import StoreError
 from qedkit.store.remote import RemoteOptions, RemoteStore
 from qedkit.store.url import open_url
 
@@ -169,6 +171,18 @@ def test_qed_convert_of_a_url_copies_the_remote_image(
     qemu.img("check", out)
 
 
+def test_a_qed_image_exported_by_qemu_nbd_backs_an_overlay(
+    site: Site, tmp_path: Path, qemu: Qemu
+) -> None:
+    local = tmp_path / "base.qed"
+    qemu.img("convert", "-f", "raw", "-O", "qed", site.root / "base.raw", local)
+    with qemu_nbd(local, "qed", tmp_path) as server:  # exports the guest view, as raw
+        overlay = make_overlay(tmp_path, server.url)
+        expected = bytearray(site.base)
+        write_some(overlay, expected)
+        assert_reads_equal(overlay, bytes(expected))
+
+
 # ---- qed serve of a remote-backed overlay ---------------------------------------------
 
 
@@ -217,6 +231,24 @@ def test_a_remote_image_cannot_be_opened_for_writing(site: Site) -> None:
     assert "remote images are read-only" in result.stderr
 
 
+def test_an_https_base_reads_with_the_servers_certificate_trusted(
+    site: Site, tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls = (pki / "server-cert.pem", pki / "server-key.pem")
+    work = tmp_path / "tls"
+    work.mkdir()
+    with nginx(work, site.root, tls) as server:
+        url = server.url("base.raw")
+        assert url.startswith("https://")
+        untrusted = open_url(url)
+        with pytest.raises(StoreError, match=r"TLS failed: .* does not verify \(self-signed"):
+            asyncio.run(untrusted.size())
+        asyncio.run(untrusted.close())
+        monkeypatch.setenv("SSL_CERT_FILE", str(pki / "ca-cert.pem"))  # OpenSSL's own
+        overlay = make_overlay(tmp_path, url)
+        assert_reads_equal(overlay, site.base)
+
+
 # ---- a remote QED backing image -------------------------------------------------------
 
 
@@ -263,8 +295,6 @@ def test_a_sequential_read_from_nginx_needs_far_fewer_requests_than_blocks(site:
             assert store.statistics().cached_bytes <= options.cache_bytes
         await store.close()
         return bytes(out)
-
-    import asyncio
 
     assert asyncio.run(read_all()) == big.read_bytes()
     requests = site.nginx.requests() - before

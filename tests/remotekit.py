@@ -458,10 +458,11 @@ class MemorySource:
         self.peak_in_flight = 0
         self.closed = False
 
-    async def open(self) -> int:
+    async def open(self, head: int) -> tuple[int, list[bytes]]:
         if self.open_failures:
             raise self.open_failures.pop(0)
-        return len(self.data)
+        first = self.data[:head]
+        return len(self.data), [first[i : i + self.piece] for i in range(0, len(first), self.piece)]
 
     def fetch(self, offset: int, length: int) -> Any:
         import asyncio

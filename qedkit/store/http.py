@@ -13,7 +13,8 @@ from nginx, urllib3 on two threads reads as fast as ``curl -o /dev/null`` while
 httpx's AsyncClient reached 0.4x of it; urllib3 is one package without
 dependencies. It is imported only when an http(s) URL is opened.
 
-What is checked, on every answer (the size first learnt from ``bytes=0-0``):
+What is checked, on every answer (the size first learnt from the Content-Range total of
+the open's request for the first block):
 
 * 206 with ``Content-Range: bytes A-B/TOTAL`` exactly the range asked for, and TOTAL
   the size seen at open (else "the remote size changed"); Content-Length, when sent,
@@ -21,8 +22,8 @@ What is checked, on every answer (the size first learnt from ``bytes=0-0``):
   reported as truncated). No Content-Length (a chunked body) is fine: the length comes
   from Content-Range.
 * 200 to a range request means the server ignores Range: refused with a clear error
-  (reading the whole image for each block would be useless), except for a request of
-  the whole image.
+  (reading the whole image for each block would be useless), except when the whole
+  image fits in the first block (then no other request is ever made).
 * A strong ETag seen at open is sent as ``If-Match``: an image replaced by another of
   the same size answers 412, reported as changed, instead of mixing two images.
 * 408, 425, 429 and 5xx, a refused, reset or timed out connection are transient
@@ -158,15 +159,15 @@ class HttpSource(RemoteSource):
 
     # ---- the source -------------------------------------------------------------------
 
-    async def open(self) -> int:
+    async def open(self, head: int) -> tuple[int, Sequence[bytes]]:
         self._check_open()
-        size, etag = await asyncio.wrap_future(self._threads.submit(self._probe))
+        size, etag, pieces = await asyncio.wrap_future(self._threads.submit(self._probe, head))
         if self._size is not None and size != self._size:
             raise StoreError(
                 f"the remote size changed from {self._size} to {size} bytes", filename=self.name
             )
         self._size, self._etag = size, etag
-        return size
+        return size, pieces
 
     def fetch(self, offset: int, length: int) -> asyncio.Future[Sequence[bytes]]:
         self._check_open()
@@ -210,14 +211,22 @@ class HttpSource(RemoteSource):
         except (ux.HTTPError, OSError) as exc:
             raise TransientError(_describe(exc, self.timeout)) from exc
 
-    def _probe(self) -> tuple[int, str | None]:
-        """``GET bytes=0-0``: the size (Content-Range total) and a strong ETag."""
-        resp = self._request({"Range": "bytes=0-0"})
+    def _probe(self, head: int) -> tuple[int, str | None, list[bytes]]:
+        """``GET bytes=0-(head-1)``: the size (Content-Range total), a strong ETag and
+        the first bytes."""
+        resp = self._request({"Range": f"bytes=0-{head - 1}"})
         try:
+            etag = resp.headers.get("ETag")
+            strong = etag if etag and not etag.startswith("W/") else None
             if resp.status == 416:  # an empty image has no byte 0
                 match = _UNSATISFIED_RANGE.match(resp.headers.get("Content-Range", ""))
                 if match and int(match.group(1)) == 0:
-                    return 0, None
+                    return 0, None, []
+            declared = resp.headers.get("Content-Length", "").strip()
+            if resp.status == 200 and declared.isdigit() and int(declared) <= head:
+                # the whole (small) image: no range was needed, and none ever will be
+                size = int(declared)
+                return size, strong, self._read_body(resp, 0, size)
             if resp.status == 200:
                 raise StoreError(
                     "the server ignores Range requests (it answered 200 with the whole "
@@ -225,21 +234,19 @@ class HttpSource(RemoteSource):
                     filename=self.name,
                 )
             if resp.status != 206:
-                self._status_error(resp, "the first byte")
+                self._status_error(resp, "the first block")
             start, end, total = self._content_range(resp)
             if total is None:
                 raise StoreError(
                     "the server does not tell the image's size (Content-Range total '*')",
                     filename=self.name,
                 )
-            if (start, end) != (0, 0):
+            if (start, end) != (0, min(head, total) - 1):
                 raise StoreError(
-                    f"asked for bytes 0-0, the server answered bytes {start}-{end}",
+                    f"asked for bytes 0-{head - 1}, the server answered bytes {start}-{end}",
                     filename=self.name,
                 )
-            self._read_body(resp, 0, 1)
-            etag = resp.headers.get("ETag")
-            return total, etag if etag and not etag.startswith("W/") else None
+            return total, strong, self._read_body(resp, 0, end + 1)
         finally:
             _finish(resp)
 

@@ -45,6 +45,7 @@ import errno as _errno
 import os
 import struct
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import StoreError, UnsupportedFeatureError
@@ -246,9 +247,10 @@ class NbdSource(RemoteSource):
 
     # ---- the source -------------------------------------------------------------------
 
-    async def open(self) -> int:
+    async def open(self, head: int) -> tuple[int, Sequence[bytes]]:
         conn = await self._connection()
-        return conn.size
+        length = min(head, conn.size)
+        return conn.size, (await conn.read(0, length)) if length else []
 
     def fetch(self, offset: int, length: int) -> asyncio.Future[list[bytes]]:
         if self._closed:

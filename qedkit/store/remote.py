@@ -154,9 +154,10 @@ class RemoteSource(ABC):
     max_request: int = 1 << 62
 
     @abstractmethod
-    async def open(self) -> int:
-        """Connect and return the image's size in bytes (called again after a
-        failure; a size that differs from the first one is a StoreError)."""
+    async def open(self, head: int) -> tuple[int, Sequence[bytes]]:
+        """Connect; return the image's size in bytes and its first ``min(head, size)``
+        bytes (as pieces, like :meth:`fetch`): every open probes the format in the
+        first block, so asking for it with the size saves a round trip."""
 
     @abstractmethod
     def fetch(self, offset: int, length: int) -> Awaitable[Sequence[bytes]]:
@@ -254,7 +255,7 @@ class RemoteStore(ByteStore):
         if self._opening is None:
             attempts = self.options.retry.first_open_attempts
             self._opening = loop.create_task(
-                self._retrying("opening", self.source.open, attempts=attempts)
+                self._retrying("opening", self._open_source, attempts=attempts)
             )
         task = self._opening
         try:
@@ -271,6 +272,15 @@ class RemoteStore(ByteStore):
         window_cap = min(self.options.readahead_max, self.options.cache_bytes // 4)
         self._max_window = max(1, window_cap // self._bs)
         self._min_window = max(1, min(self.options.readahead_min // self._bs, self._max_window))
+
+    async def _open_source(self) -> int:
+        size, head = await self.source.open(self._bs)
+        length = min(self._bs, size)
+        if length:
+            self._fetched += length
+            for idx, data in self._split(0, length, head).items():
+                self._insert(idx, data)
+        return size
 
     async def _retrying(self, what: str, attempt: Any, *, attempts: int | None = None) -> Any:
         """``await attempt()``, again after each TransientError, per the policy."""

@@ -20,6 +20,7 @@ from qedkit.store.url import open_url, resolve_backing_url
 T = TypeVar("T")
 
 RETRY = RetryPolicy(attempts=4, first_delay=0.01, max_delay=0.05, timeout=5)
+AT = 128 * KiB  # an offset in block 2 (block 0 comes with the open)
 OPTIONS = RemoteOptions(block_size=64 * KiB, cache_bytes=4 * MiB, retry=RETRY)
 DATA = pattern(4 * MiB)
 
@@ -62,7 +63,7 @@ def test_the_whole_image_reads_back_over_keep_alive_connections(
 
     assert run(go()) == DATA
     ranges = [h["Range"] for _, h in server.requests]
-    assert ranges[0] == "bytes=0-0"  # the size, from Content-Range
+    assert ranges[0] == "bytes=0-65535"  # the size (Content-Range) and the first block
     assert all(h.get("Accept-Encoding") == "identity" for _, h in server.requests)
     assert store.statistics().requests <= len(DATA) // (64 * KiB) // 4
 
@@ -120,11 +121,11 @@ def test_a_5xx_burst_shorter_than_the_retry_budget_is_invisible(
         await store.size()
         server.faults.statuses = [503, 500, 429]  # attempts - 1 failures
         try:
-            return await store.read(0, 1000)
+            return await store.read(AT, 1000)
         finally:
             await store.close()
 
-    assert run(go()) == DATA[:1000]
+    assert run(go()) == DATA[AT : AT + 1000]
     assert store.statistics().retries == 3
 
 
@@ -137,11 +138,11 @@ def test_a_5xx_burst_longer_than_the_retry_budget_fails_naming_the_url(
         await store.size()
         server.faults.statuses = [503] * RETRY.attempts
         with pytest.raises(StoreError) as info:
-            await store.read(0, 1000)
+            await store.read(AT, 1000)
         message = str(info.value)
-        assert message.startswith(server.url + ": read of 65536 bytes at offset 0 failed")
+        assert message.startswith(server.url + ": read of 65536 bytes at offset 131072 failed")
         assert "after 4 attempts" in message and "HTTP 503" in message
-        assert await store.read(0, 1000) == DATA[:1000]  # the burst is over: reads work
+        assert await store.read(AT, 1000) == DATA[AT : AT + 1000]  # the burst is over: reads work
         await store.close()
 
     run(go())
@@ -154,9 +155,9 @@ def test_a_truncated_response_is_retried_then_reported(server: FaultyHttpServer)
         await store.size()
         server.faults.truncate_at = 1000
         with pytest.raises(StoreError, match=r"truncated response: 1000 of 65536 bytes"):
-            await store.read(0, 10)
+            await store.read(AT, 10)
         server.faults.truncate_at = None
-        assert await store.read(0, 10) == DATA[:10]
+        assert await store.read(AT, 10) == DATA[AT : AT + 10]
         await store.close()
 
     run(go())
@@ -213,7 +214,7 @@ def test_a_server_that_says_nothing_times_out(server: FaultyHttpServer) -> None:
         server.faults.stall_after = 0
         server.stalled.clear()
         with pytest.raises(StoreError, match=r"no answer within 0.3 s"):
-            await store.read(0, 10)
+            await store.read(AT, 10)
         server.release.set()
         await store.close()
 
@@ -243,7 +244,7 @@ def test_a_permanent_http_error_is_reported_at_once(
         await store.size()
         server.faults.always_status = status
         with pytest.raises(StoreError, match=message) as info:
-            await store.read(0, 10)
+            await store.read(AT, 10)
         assert str(info.value).startswith(server.url + ": ")
         await store.close()
 
@@ -266,7 +267,7 @@ def test_a_changed_remote_size_is_reported(server: FaultyHttpServer) -> None:
         await store.size()
         server.faults.size_claim = len(DATA) + 4096  # Content-Range says so
         with pytest.raises(StoreError, match=r"remote size changed from 4194304 to 4198400"):
-            await store.read(0, 10)
+            await store.read(AT, 10)
         await store.close()
 
     run(go())
@@ -327,8 +328,8 @@ def test_a_server_that_starts_ignoring_range_is_refused_clearly(
     async def go() -> None:
         await store.size()
         server.faults.ignore_range = True
-        with pytest.raises(StoreError, match="ignored the Range of a request for bytes 0-65535"):
-            await store.read(0, 10)
+        with pytest.raises(StoreError, match="ignored the Range of a request for bytes 131072-"):
+            await store.read(AT, 10)
         await store.close()
 
     run(go())
@@ -347,6 +348,15 @@ def test_an_image_smaller_than_a_block_reads_back() -> None:
         store = store_for(srv)
         assert run(store.read(0, 100)) == b"tiny image"
         run(store.close())
+
+
+def test_an_image_within_one_block_from_a_server_that_ignores_range_reads_back() -> None:
+    with FaultyHttpServer(b"tiny image") as srv:
+        srv.faults.ignore_range = True  # 200 and the whole image: all there is
+        store = store_for(srv)
+        assert run(store.read(2, 100)) == b"ny image"
+        run(store.close())
+        assert len(srv.requests) == 1
 
 
 # ---- URLs ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from qedkit.store.remote import RemoteOptions, RemoteStore, RetryPolicy, Transie
 
 T = TypeVar("T")
 
+AT = 256 * KiB  # an offset in block 1 (block 0 comes with the open)
 FAST_RETRY = RetryPolicy(attempts=4, first_delay=0.001, max_delay=0.004, timeout=5)
 
 
@@ -82,7 +83,7 @@ def test_random_reads_fetch_only_the_blocks_they_touch() -> None:
         await store.close()
 
     run(go())
-    touched = {off // (64 * KiB) for off in offsets}
+    touched = {off // (64 * KiB) for off in offsets} - {0}  # block 0 came with the open
     assert all(length == 64 * KiB for _, length in source.fetches)
     assert len(source.fetches) == len(touched)
 
@@ -167,7 +168,7 @@ def test_concurrent_reads_of_one_block_share_one_request() -> None:
     source.delay = 0.02
 
     async def go() -> None:
-        offsets = [5000 - i * 100 for i in range(10)]  # backwards: no stream to follow
+        offsets = [300 * KiB - i * 100 for i in range(10)]  # backwards: no stream to follow
         results = await asyncio.gather(*(store.read(off, 50) for off in offsets))
         for off, got in zip(offsets, results, strict=True):
             assert got == data[off : off + 50]
@@ -177,17 +178,31 @@ def test_concurrent_reads_of_one_block_share_one_request() -> None:
     assert len(source.fetches) == 1
 
 
+def test_the_first_block_comes_with_the_open() -> None:
+    data = data_of(2 * MiB)
+    store, source = store_over(data)
+
+    async def go() -> None:
+        assert await store.read(0, 100) == data[:100]  # a format probe
+        await store.close()
+
+    run(go())
+    assert source.fetches == []
+    assert store.statistics().block_hits == 1
+
+
 def test_a_cancelled_reader_does_not_cancel_the_fetch_others_wait_for() -> None:
     data = data_of(2 * MiB)
     store, source = store_over(data)
     source.delay = 0.05
 
     async def go() -> None:
-        first = asyncio.ensure_future(store.read(0, 100))
-        second = asyncio.ensure_future(store.read(50, 100))
+        await store.size()  # block 0 comes with the open: use block 1
+        first = asyncio.ensure_future(store.read(AT, 100))
+        second = asyncio.ensure_future(store.read(AT + 50, 100))
         await asyncio.sleep(0.01)
         first.cancel()
-        assert await second == data[50:150]
+        assert await second == data[AT + 50 : AT + 150]
         with pytest.raises(asyncio.CancelledError):
             await first
         await store.close()
@@ -214,7 +229,7 @@ def test_transient_failures_within_the_retry_budget_are_invisible() -> None:
     async def go() -> None:
         await store.size()
         source.failures = [TransientError("HTTP 503")] * (FAST_RETRY.attempts - 1)
-        assert await store.read(0, 4096) == data[:4096]
+        assert await store.read(AT, 4096) == data[AT : AT + 4096]
         await store.close()
 
     run(go())
@@ -229,13 +244,13 @@ def test_transient_failures_beyond_the_budget_name_the_source_and_pass() -> None
         await store.size()
         source.failures = [TransientError("HTTP 503 Service Unavailable")] * FAST_RETRY.attempts
         with pytest.raises(StoreError) as info:
-            await store.read(0, 4096)
+            await store.read(AT, 4096)
         message = str(info.value)
-        assert message.startswith("mem://disk: read of 262144 bytes at offset 0 failed")
+        assert message.startswith("mem://disk: read of 262144 bytes at offset 262144 failed")
         assert f"after {FAST_RETRY.attempts} attempts" in message
         assert "HTTP 503" in message
         assert isinstance(info.value.__cause__, TransientError)
-        assert await store.read(0, 4096) == data[:4096]  # nothing is remembered of it
+        assert await store.read(AT, 4096) == data[AT : AT + 4096]  # nothing is remembered
         await store.close()
 
     run(go())
@@ -249,7 +264,7 @@ def test_a_permanent_failure_is_not_retried() -> None:
         await store.size()
         source.failures = [StoreError("not found (HTTP 404)", filename="mem://disk")]
         with pytest.raises(StoreError, match="HTTP 404"):
-            await store.read(0, 10)
+            await store.read(AT, 10)
         await store.close()
 
     run(go())

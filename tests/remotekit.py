@@ -29,6 +29,8 @@ from typing import Any
 
 from qedtest import require_tool
 
+from qedkit.store.remote import RemoteSource
+
 MiB = 1 << 20
 KiB = 1 << 10
 
@@ -437,15 +439,12 @@ def _answers(url: str) -> bool:
 # ---- a source in memory, and qedkit's own NBD server in a thread ------------------------
 
 
-class MemorySource:
+class MemorySource(RemoteSource):
     """A RemoteSource over bytes, for the cache's own tests: counts fetches, can fail
     (``failures``: exceptions raised by the next fetches, in order) and be slow
     (``delay`` seconds per fetch)."""
 
     def __init__(self, data: bytes, *, piece: int = 256 * KiB, delay: float = 0.0) -> None:
-        from qedkit.store.remote import RemoteSource
-
-        RemoteSource.register(MemorySource)
         self.data = data
         self.name = "mem://disk"
         self.max_request = 1 << 62

@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidRequestError, StoreError
-from .base import Buffer, ByteStore, StoreCapabilities
+from .base import Buffer, ByteStore, StoreCapabilities, StoreExtent
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -170,6 +170,11 @@ class RemoteSource(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release connections and threads; idempotent."""
+
+    async def extents(self, offset: int, length: int) -> list[StoreExtent] | None:
+        """The data and holes of ``[offset, offset + length)`` (inside the image), or
+        None when the protocol cannot tell (the default)."""
+        return None
 
 
 class _Stream:
@@ -483,6 +488,19 @@ class RemoteStore(ByteStore):
         return end - offset
 
     # ---- everything else ----------------------------------------------------------------
+
+    async def extents(self, offset: int, length: int) -> list[StoreExtent]:
+        """The source's map when it has one (NBD base:allocation), else all data."""
+        size = await self.size()
+        end = min(offset + length, size)
+        if end <= offset:
+            return []
+
+        async def ask() -> list[StoreExtent] | None:
+            return await self.source.extents(offset, end - offset)
+
+        found = await self._retrying(f"block status at offset {offset}", ask)
+        return found if found else [StoreExtent(offset, end - offset, True)]
 
     async def writev(self, offset: int, buffers: Sequence[Buffer]) -> None:
         self._check_writable()

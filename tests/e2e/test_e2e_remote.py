@@ -10,6 +10,7 @@ under CI=true (qedtest.require_tool).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import subprocess
@@ -86,9 +87,26 @@ def assert_reads_equal(overlay: Path, expected: bytes) -> None:
             assert img.read(offset, length) == expected[offset : offset + length]
 
 
-@pytest.fixture
-def base_file(site: Site) -> Path:
-    return site.root / "base.raw"
+@contextlib.contextmanager
+def nbdkit(image: Path, workdir: Path) -> Iterator[str]:
+    """nbdkit's file plugin exporting ``image`` read-only on a unix socket."""
+    binary = require_tool("nbdkit")
+    sock = workdir / f"nbdkit-{image.name}.sock"
+    proc = subprocess.Popen(
+        [binary, "-f", "-r", "-U", str(sock), "file", str(image)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
+            time.sleep(0.02)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 # ---- every kind of remote backing ---------------------------------------------------
@@ -112,23 +130,8 @@ def backing_url(
         with qemu_nbd(base, "raw", tmp_path, tcp=kind == "nbd-tcp") as server:
             yield server.url
     elif kind == "nbdkit":
-        binary = require_tool("nbdkit")
-        sock = tmp_path / "nbdkit.sock"
-        proc = subprocess.Popen(
-            [binary, "-f", "-r", "-U", str(sock), "file", str(base)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while not sock.exists():
-                assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-                time.sleep(0.02)
-            yield f"nbd+unix:///?socket={sock}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        with nbdkit(base, tmp_path) as url:
+            yield url
     else:
         served = serve(base, "-r", "-f", "raw", "--shared", "4")
         yield served.uri()
@@ -301,3 +304,53 @@ def test_a_sequential_read_from_nginx_needs_far_fewer_requests_than_blocks(site:
     assert requests == store.statistics().requests + 1  # and the size probe
     assert requests <= 256 // 8, requests  # readahead: 4 MiB requests once it has grown
     big.unlink()
+
+
+# ---- NBD block status: holes of a sparse base ----------------------------------------
+
+
+@pytest.fixture
+def sparse_base(tmp_path: Path) -> tuple[Path, bytes]:
+    """8 MiB with data in three places and holes elsewhere."""
+    path = tmp_path / "sparse.raw"
+    data = bytearray(BASE_SIZE)
+    with open(path, "wb") as f:
+        f.truncate(BASE_SIZE)
+        for offset, length in ((0, 64 * KiB), (3 * MiB, 300 * KiB), (7 * MiB, MiB)):
+            chunk = pattern(length, seed=offset + 1)
+            f.seek(offset)
+            f.write(chunk)
+            data[offset : offset + length] = chunk
+    return path, bytes(data)
+
+
+@pytest.mark.parametrize("server_kind", ["qemu-nbd", "qed-serve", "nbdkit"])
+def test_the_map_of_a_sparse_nbd_export_matches_qemu_img_and_convert_keeps_its_holes(
+    server_kind: str,
+    sparse_base: tuple[Path, bytes],
+    tmp_path: Path,
+    qemu: Qemu,
+    serve: ServerFactory,
+) -> None:
+    path, data = sparse_base
+    with contextlib.ExitStack() as stack:
+        if server_kind == "qemu-nbd":
+            url = stack.enter_context(qemu_nbd(path, "raw", tmp_path)).url
+        elif server_kind == "nbdkit":
+            url = stack.enter_context(nbdkit(path, tmp_path))
+        else:
+            url = serve(path, "-r", "-f", "raw").uri()
+        ours = json.loads(qed("map", "--output=json", url, check=True).stdout)
+        theirs = json.loads(qemu.img("map", "--output=json", "-f", "raw", url).stdout)
+        assert [(e["start"], e["length"], e["data"], e["zero"]) for e in ours] == [
+            (e["start"], e["length"], e["data"], e["zero"]) for e in theirs
+        ]
+        assert any(e["zero"] and not e["data"] for e in ours)  # holes seen as holes
+        out = tmp_path / "copy.raw"
+        result = qed("convert", "-O", "raw", url, out)
+        assert result.returncode == 0, result.stderr
+        assert out.read_bytes() == data
+        assert out.stat().st_blocks * 512 < 3 * MiB  # the holes stayed holes
+        # reads that cross data and holes (qemu-nbd answers them in several chunks)
+        overlay = make_overlay(tmp_path, url)
+        assert_reads_equal(overlay, data)

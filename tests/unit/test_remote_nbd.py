@@ -32,7 +32,7 @@ IHAVEOPT = 0x49484156454F5054
 OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
-OPT_EXPORT_NAME, OPT_GO = 1, 7
+OPT_EXPORT_NAME, OPT_GO, OPT_STRUCTURED_REPLY = 1, 7, 8
 REP_ERR_UNSUP = 2**31 + 1
 CMD_READ, CMD_DISC = 0, 2
 
@@ -161,8 +161,8 @@ def test_an_export_whose_size_changed_across_a_reconnect_is_refused(tmp_path: Pa
 async def _old_server(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, log: list[str]
 ) -> None:
-    """A server that knows only NBD_OPT_EXPORT_NAME (answers GO with ERR_UNSUP) and
-    simple replies; it logs what it sees."""
+    """A server that knows only NBD_OPT_EXPORT_NAME (answers every other option with
+    ERR_UNSUP) and simple replies; it logs what it sees."""
     writer.write(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 1))  # FIXED_NEWSTYLE only
     (flags,) = struct.unpack(">I", await reader.readexactly(4))
     log.append(f"flags {flags}")
@@ -170,8 +170,8 @@ async def _old_server(
         magic, opt, length = struct.unpack(">QII", await reader.readexactly(16))
         assert magic == IHAVEOPT
         data = await reader.readexactly(length)
-        if opt == OPT_GO:
-            log.append("GO")
+        if opt != OPT_EXPORT_NAME:
+            log.append({OPT_GO: "GO", OPT_STRUCTURED_REPLY: "STRUCTURED_REPLY"}.get(opt, "?"))
             writer.write(struct.pack(">QIII", OPTION_REPLY_MAGIC, opt, REP_ERR_UNSUP, 0))
             continue
         assert opt == OPT_EXPORT_NAME
@@ -207,7 +207,8 @@ def test_a_server_without_opt_go_is_asked_with_export_name(tmp_path: Path) -> No
             await server.wait_closed()
 
     assert run(go()) == DATA[MiB:]
-    assert log[:3] == ["flags 1", "GO", "EXPORT_NAME legacy"]  # no NO_ZEROES: not offered
+    # no NO_ZEROES (not offered); structured replies refused: simple ones, and no map
+    assert log[:4] == ["flags 1", "STRUCTURED_REPLY", "GO", "EXPORT_NAME legacy"]
     assert log[-1] == "DISC"
 
 
@@ -240,6 +241,120 @@ def test_something_that_is_not_an_nbd_server_is_refused(tmp_path: Path) -> None:
         try:
             with pytest.raises(StoreError, match="handshake failed: not an NBD server"):
                 await store.size()
+        finally:
+            await store.close()
+            server.close()
+            await server.wait_closed()
+
+    run(go())
+
+
+# ---- structured replies, by hand ------------------------------------------------------
+
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+OPT_SET_META_CONTEXT = 10
+REP_ACK, REP_INFO, REP_META_CONTEXT = 1, 3, 4
+INFO_EXPORT = 0
+CMD_BLOCK_STATUS = 7
+FLAG_DONE = 1
+TYPE_NONE, TYPE_OFFSET_DATA, TYPE_OFFSET_HOLE, TYPE_BLOCK_STATUS = 0, 1, 2, 5
+TYPE_ERROR = 2**15 + 1
+STATE_HOLE, STATE_ZERO = 1, 2
+SPARSE = bytes(64 * KiB) + pattern(64 * KiB, seed=9) + bytes(128 * KiB)  # 256 KiB
+CONTEXT_ID = 77
+
+
+def _chunk(flags: int, kind: int, cookie: int, payload: bytes) -> bytes:
+    return struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, flags, kind, cookie, len(payload)) + (
+        payload
+    )
+
+
+async def _structured_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Structured replies and base:allocation. A READ is answered in pieces, out of
+    order: the holes first, then the data from the end backwards; a READ at offset
+    4096 gets an error chunk, one at 8192 a reply that covers only half of it."""
+    writer.write(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
+    await reader.readexactly(4)
+
+    def reply(opt: int, kind: int, data: bytes = b"") -> None:
+        writer.write(struct.pack(">QIII", OPTION_REPLY_MAGIC, opt, kind, len(data)) + data)
+
+    while True:
+        _, opt, length = struct.unpack(">QII", await reader.readexactly(16))
+        await reader.readexactly(length)
+        if opt == OPT_GO:
+            reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, len(SPARSE), 1))
+            reply(opt, REP_ACK)
+            break
+        if opt == OPT_SET_META_CONTEXT:
+            reply(opt, REP_META_CONTEXT, struct.pack(">I", CONTEXT_ID) + b"base:allocation")
+        reply(opt, REP_ACK)
+    while True:
+        _, _, cmd, cookie, offset, length = struct.unpack(">IHHQQI", await reader.readexactly(28))
+        if cmd == CMD_DISC:
+            writer.close()
+            return
+        if cmd == CMD_BLOCK_STATUS:
+            descriptors = [(64 * KiB, STATE_HOLE | STATE_ZERO), (64 * KiB, 0), (1 << 30, 3)]
+            payload = struct.pack(">I", CONTEXT_ID) + b"".join(
+                struct.pack(">II", n, f) for n, f in descriptors
+            )
+            writer.write(_chunk(FLAG_DONE, TYPE_BLOCK_STATUS, cookie, payload))
+            continue
+        if offset == 4096:
+            message = b"disk on fire"
+            payload = struct.pack(">IH", 5, len(message)) + message
+            writer.write(_chunk(FLAG_DONE, TYPE_ERROR, cookie, payload))
+            continue
+        if offset == 8192:
+            half = length // 2
+            payload = struct.pack(">Q", offset) + SPARSE[offset : offset + half]
+            writer.write(_chunk(FLAG_DONE, TYPE_OFFSET_DATA, cookie, payload))
+            continue
+        end = offset + length
+        pieces = [(o, min(o + 16 * KiB, end)) for o in range(offset, end, 16 * KiB)]
+        holes = [p for p in pieces if not any(SPARSE[p[0] : p[1]])]
+        datas = [p for p in pieces if p not in holes]
+        for start, stop in holes:
+            writer.write(
+                _chunk(0, TYPE_OFFSET_HOLE, cookie, struct.pack(">QI", start, stop - start))
+            )
+        for start, stop in reversed(datas):
+            payload = struct.pack(">Q", start) + SPARSE[start:stop]
+            writer.write(_chunk(0, TYPE_OFFSET_DATA, cookie, payload))
+        writer.write(_chunk(FLAG_DONE, TYPE_NONE, cookie, b""))
+
+
+def test_structured_replies_in_pieces_and_block_status_are_understood(tmp_path: Path) -> None:
+    from qedkit.store.base import StoreExtent
+
+    path = str(tmp_path / "structured.sock")
+
+    async def go() -> None:
+        server = await asyncio.start_unix_server(_structured_server, path)
+        store = open_url(f"nbd+unix:///?socket={path}", options=RemoteOptions(block_size=64 * KiB))
+        try:
+            assert await store.read(0, len(SPARSE)) == SPARSE  # holes, then data reversed
+            assert await store.extents(0, len(SPARSE)) == [
+                StoreExtent(0, 64 * KiB, False),
+                StoreExtent(64 * KiB, 64 * KiB, True),
+                StoreExtent(128 * KiB, 128 * KiB, False),  # clipped to the export
+            ]
+        finally:
+            await store.close()
+        # error chunks and short answers (small blocks: those offsets start a request)
+        store = open_url(f"nbd+unix:///?socket={path}", options=RemoteOptions(block_size=4096))
+        try:
+            await store.size()
+            with pytest.raises(
+                StoreError, match=r"answered EIO \(Input/output error\): disk on fire"
+            ):
+                await store.read(4096, 10)
+            with pytest.raises(
+                StoreError, match="answered 2048 of 4096 bytes of a READ at offset 8192"
+            ):
+                await store.read(8192, 10)
         finally:
             await store.close()
             server.close()

@@ -50,8 +50,10 @@ def _check_format_name(fmt: str) -> None:
 
 
 def _open_store(path: str, *, readonly: bool, unsafe: bool = False) -> ByteStore:
-    if "://" in path:
-        raise UnsupportedFeatureError(f"protocol of {path!r} is not supported yet")
+    if "://" in path:  # a remote image (store.url): read-only, connected on first read
+        from ..store.url import open_url
+
+        return open_url(path, readonly=readonly)
     return FileStore.open(path, readonly=readonly, unsafe=unsafe)
 
 
@@ -116,7 +118,7 @@ async def open_image(
     """
     if fmt is not None:
         _check_format_name(fmt)
-    real = os.path.realpath(path)
+    real = path if "://" in path else os.path.realpath(path)
     if real in _seen:
         raise BackingFileError(f"backing chain loop: {path} is its own backing file")
     if _depth > MAX_CHAIN_DEPTH:

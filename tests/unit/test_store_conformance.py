@@ -1,20 +1,26 @@
 """Every byte store keeps the contract in qedkit/store/base.py.
 
-``StoreContract`` holds the tests; each store implementation subclasses it with a
-``make`` factory, so a new store gets the whole suite by adding four lines.
+``ReadStoreContract`` holds the tests of the read side, which every store passes,
+read-only remote stores included; ``StoreContract`` adds those of writable stores.
+Each store implementation subclasses one with a factory (``make_readonly`` or
+``make``), so a new store gets the whole suite by adding four lines.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import random
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from remotekit import FaultyHttpServer, MemorySource, NbdThreadServer
 
 from qedkit.errors import ReadOnlyError, StoreError
 from qedkit.store import ByteStore, FileStore, MemoryStore
+from qedkit.store.remote import RemoteOptions, RemoteStore
+from qedkit.store.url import open_url
 
 T = TypeVar("T")
 
@@ -23,9 +29,112 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-class StoreContract:
+class ReadStoreContract:
+    """The read side of the contract, for every store."""
+
+    def make_readonly(self, tmp_path: Path, data: bytes) -> ByteStore:
+        raise NotImplementedError
+
+    @pytest.fixture(autouse=True)
+    def _teardown(self) -> Iterator[None]:
+        """``self.later(fn)``: run ``fn`` after the test (servers a factory started)."""
+        self._finalizers: list[Callable[[], None]] = []
+        yield
+        for fn in reversed(self._finalizers):
+            fn()
+
+    def later(self, fn: Callable[[], None]) -> None:
+        self._finalizers.append(fn)
+
+    def test_reads_return_the_data_and_are_short_only_at_the_end(self, tmp_path: Path) -> None:
+        data = bytes(random.Random(3).randbytes(3 * 65536 + 123))
+        store = self.make_readonly(tmp_path, data)
+
+        async def go() -> None:
+            assert await store.size() == len(data)
+            assert await store.read(0, len(data)) == data
+            assert await store.read(65530, 20) == data[65530:65550]
+            assert await store.read(len(data) - 10, 100) == data[-10:]
+            assert await store.read(len(data), 10) == b""
+            assert await store.read(len(data) + 5000, 10) == b""
+            buf = bytearray(7)
+            assert await store.readinto(1000, buf) == 7
+            assert bytes(buf) == data[1000:1007]
+            view = memoryview(bytearray(10))
+            assert await store.readinto(len(data) - 4, view) == 4
+            assert bytes(view[:4]) == data[-4:]
+            await store.close()
+
+        run(go())
+
+    def test_concurrent_reads_each_get_their_own_bytes(self, tmp_path: Path) -> None:
+        data = bytes(random.Random(4).randbytes(1 << 20))
+        store = self.make_readonly(tmp_path, data)
+        rng = random.Random(5)
+        ranges = [(rng.randrange(len(data)), rng.randrange(1, 200000)) for _ in range(40)]
+
+        async def go() -> None:
+            results = await asyncio.gather(*(store.read(o, n) for o, n in ranges))
+            for (o, n), got in zip(ranges, results, strict=True):
+                assert got == data[o : o + n], (o, n)
+            await store.close()
+
+        run(go())
+
+    def test_read_exact_names_the_store_on_a_short_read(self, tmp_path: Path) -> None:
+        store = self.make_readonly(tmp_path, b"abcdef")
+
+        async def go() -> None:
+            assert await store.read_exact(1, 3, "header") == b"bcd"
+            with pytest.raises(StoreError, match="short read of header at offset 4") as info:
+                await store.read_exact(4, 8, "header")
+            assert info.value.filename == store.name
+            await store.close()
+
+        run(go())
+
+    def test_extents_cover_the_store(self, tmp_path: Path) -> None:
+        store = self.make_readonly(tmp_path, b"x" * 10000)
+
+        async def go() -> None:
+            extents = await store.extents(0, 1 << 20)
+            assert extents[0].offset == 0
+            assert sum(e.length for e in extents) == 10000
+            assert await store.extents(20000, 10) == []
+            await store.close()
+
+        run(go())
+
+    def test_read_only_store_refuses_writes(self, tmp_path: Path) -> None:
+        store = self.make_readonly(tmp_path, b"abc")
+
+        async def go() -> None:
+            assert store.readonly
+            with pytest.raises(ReadOnlyError):
+                await store.write(0, b"x")
+            with pytest.raises(ReadOnlyError):
+                await store.writev(0, [b"x", b"y"])
+            with pytest.raises(ReadOnlyError):
+                await store.write_zeroes(0, 1)
+            with pytest.raises(ReadOnlyError):
+                await store.truncate(1)
+            with pytest.raises(ReadOnlyError):
+                await store.copy_range(0, 1, 1)
+            await store.flush()  # nothing to flush is not an error
+            assert await store.read(0, 3) == b"abc"
+            await store.close()
+
+        run(go())
+
+
+class StoreContract(ReadStoreContract):
+    """Writable stores: the read side, and writes."""
+
     def make(self, tmp_path: Path, data: bytes = b"", *, writable: bool = True) -> ByteStore:
         raise NotImplementedError
+
+    def make_readonly(self, tmp_path: Path, data: bytes) -> ByteStore:
+        return self.make(tmp_path, data, writable=False)
 
     def test_read_returns_what_was_written_and_short_reads_only_at_the_end(
         self, tmp_path: Path
@@ -90,19 +199,6 @@ class StoreContract:
 
         run(go())
 
-    def test_read_only_store_refuses_writes(self, tmp_path: Path) -> None:
-        store = self.make(tmp_path, b"abc", writable=False)
-
-        async def go() -> None:
-            with pytest.raises(ReadOnlyError):
-                await store.write(0, b"x")
-            with pytest.raises(ReadOnlyError):
-                await store.write_zeroes(0, 1)
-            assert await store.read(0, 3) == b"abc"
-            await store.close()
-
-        run(go())
-
 
 class TestMemoryStore(StoreContract):
     def make(self, tmp_path: Path, data: bytes = b"", *, writable: bool = True) -> ByteStore:
@@ -133,3 +229,29 @@ class TestFileStore(StoreContract):
         with pytest.raises(StoreError, match="No such file") as info:
             FileStore.open(missing)
         assert str(info.value).startswith(missing + ": ")
+
+
+# ---- read-only remote stores ------------------------------------------------------------
+
+# Small blocks and a small cache, so that the contract's reads cross blocks, the
+# cache evicts and readahead starts.
+SMALL = RemoteOptions(block_size=4096, cache_bytes=64 * 1024, readahead_min=8192)
+
+
+class TestRemoteStoreOverAFetchFunction(ReadStoreContract):
+    def make_readonly(self, tmp_path: Path, data: bytes) -> ByteStore:
+        return RemoteStore(MemorySource(data, piece=4096), SMALL)
+
+
+class TestHttpStore(ReadStoreContract):
+    def make_readonly(self, tmp_path: Path, data: bytes) -> ByteStore:
+        server = FaultyHttpServer(data).start()
+        self.later(server.stop)
+        return open_url(server.url, options=SMALL)
+
+
+class TestNbdStore(ReadStoreContract):
+    def make_readonly(self, tmp_path: Path, data: bytes) -> ByteStore:
+        server = NbdThreadServer(data, tmp_path / "nbd.sock").start()
+        self.later(server.stop)
+        return open_url(server.url, options=SMALL)

@@ -3,7 +3,9 @@
 ``open_image`` probes the format (unless told), opens the backing chain read-only,
 and hands back the top image. Backing names are resolved against the directory of
 the image that names them (not the working directory), as QEMU does; a raw backing
-file recorded with BACKING_FORMAT_NO_PROBE is opened as raw without probing. Loops
+file recorded with BACKING_FORMAT_NO_PROBE is opened as raw without probing, and a
+qcow2 image's backing file with the format its backing-format extension names. qcow2
+images open read-only only (engine.qcow2). Loops
 (an image that is, through any number of links, its own backing file) and chains
 deeper than MAX_CHAIN_DEPTH are refused.
 
@@ -28,6 +30,7 @@ from ..store.base import ByteStore
 from ..store.file import FileStore
 from .base import BlockImage
 from .l2cache import DEFAULT_BUDGET
+from .qcow2 import Qcow2Image
 from .qed import QedImage, full_backing_filename
 from .raw import RawImage
 
@@ -35,12 +38,11 @@ from .raw import RawImage
 # chain and small enough to fail fast on a generated loop of distinct names.
 MAX_CHAIN_DEPTH = 64
 
-SUPPORTED_FORMATS = ("qed", "raw")
+SUPPORTED_FORMATS = ("qed", "raw", "qcow2")
+CREATABLE_FORMATS = ("qed", "raw")  # qcow2 is read-only
 
 
 def _check_format_name(fmt: str) -> None:
-    if fmt == "qcow2":
-        raise UnsupportedFeatureError("qcow2 images are not supported yet")
     if fmt not in SUPPORTED_FORMATS:
         raise UnsupportedFeatureError(
             f"unknown image format {fmt!r} (supported: {', '.join(SUPPORTED_FORMATS)})"
@@ -101,6 +103,9 @@ async def open_image(
             _check_format_name(fmt)
         if fmt == "raw":
             return await RawImage.open(store, filename=path)
+        if fmt == "qcow2":
+            return await _open_qcow2(store, path, readonly, backing_chain, cache_budget,
+                                     _depth, _seen | {real})  # fmt: skip
         header, area = await QedImage.read_header(store)
         backing: BlockImage | None = None
         name = header.backing_filename(area)
@@ -144,6 +149,44 @@ async def open_image(
         raise
 
 
+async def _open_qcow2(
+    store: ByteStore,
+    path: str,
+    readonly: bool,
+    backing_chain: bool,
+    cache_budget: int,
+    depth: int,
+    seen: frozenset[str],
+) -> BlockImage:
+    """A qcow2 image (read-only: a read-write open is refused) on its backing chain.
+    The backing format is the image's backing-format extension, else probed."""
+    meta = await Qcow2Image.read_metadata(store, readonly=readonly)
+    backing: BlockImage | None = None
+    if meta.backing_filename and backing_chain:
+        full = full_backing_filename(path, meta.backing_filename)
+        try:
+            backing = await open_image(
+                full,
+                fmt=meta.backing_format,
+                readonly=True,
+                cache_budget=cache_budget,
+                _depth=depth + 1,
+                _seen=seen,
+            )
+        except BackingFileError:
+            raise
+        except QedError as exc:
+            raise BackingFileError(f"cannot open backing file: {exc}") from exc
+    try:
+        return await Qcow2Image.open(
+            store, meta, backing=backing, filename=path, cache_budget=cache_budget
+        )
+    except BaseException:
+        if backing is not None:
+            await backing.close()
+        raise
+
+
 async def create_image(
     path: str,
     size: int | None = None,
@@ -165,6 +208,8 @@ async def create_image(
     is created when a check fails.
     """
     _check_format_name(fmt)
+    if fmt not in CREATABLE_FORMATS:
+        raise UnsupportedFeatureError(f"qedkit cannot create {fmt} images", filename=path)
     if allocation not in ("end", "home"):
         raise InvalidRequestError(f"unknown allocation policy {allocation!r} (end or home)")
     if backing_file is not None and fmt != "qed":

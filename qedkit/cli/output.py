@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable, Sequence
 
-from ..engine.base import ImageInfo
+from ..engine.base import ImageInfo, SnapshotInfo
 from ..engine.check import CheckReport
 from ..engine.mapping import MapEntry
 from ..jobs.frag import FragReport
@@ -72,7 +73,51 @@ def info_dict(info: ImageInfo) -> dict[str, object]:
         pairs.append(("full-backing-filename", info.full_backing_filename))
         if info.backing_format is not None:
             pairs.append(("backing-filename-format", info.backing_format))
+    if info.snapshots:
+        pairs.append(("snapshots", [_snapshot_dict(s) for s in info.snapshots]))
+    if info.format_specific:
+        data = qdict_order(info.format_specific)
+        pairs.append(("format-specific", qdict_order([("type", info.format), ("data", data)])))
     return qdict_order(pairs)
+
+
+def _snapshot_dict(snap: SnapshotInfo) -> dict[str, object]:
+    pairs: list[tuple[str, object]] = [
+        ("id", snap.id),
+        ("name", snap.name),
+        ("vm-state-size", snap.vm_state_size),
+        ("date-sec", snap.date_sec),
+        ("date-nsec", snap.date_nsec),
+        ("vm-clock-sec", snap.vm_clock_nsec // 1_000_000_000),
+        ("vm-clock-nsec", snap.vm_clock_nsec % 1_000_000_000),
+    ]
+    if snap.icount is not None:
+        pairs.append(("icount", snap.icount))
+    return qdict_order(pairs)
+
+
+def snapshot_line(snap: SnapshotInfo | None) -> str:
+    """One line of qemu-img's snapshot table (the heading for None); dates in local
+    time, as there."""
+    if snap is None:
+        return f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.date_sec))
+    secs = snap.vm_clock_nsec // 1_000_000_000
+    millis = snap.vm_clock_nsec // 1_000_000 % 1000
+    clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{millis:03d}"
+    icount = "" if snap.icount is None else str(snap.icount)
+    return (
+        f"{snap.id:<9} {snap.name:<16} {size_to_str(snap.vm_state_size):>8}{date:>20}"
+        f"{clock:>13}{icount:>11}"
+    )
+
+
+def _specific_human(data: dict[str, object]) -> list[str]:
+    lines = []
+    for key, value in data.items():
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        lines.append(f"    {key.replace('-', ' ')}: {text}")
+    return lines
 
 
 def info_json(chain: Sequence[ImageInfo], backing_chain: bool) -> str:
@@ -101,6 +146,13 @@ def info_human(chain: Sequence[ImageInfo]) -> str:
             lines.append(line)
             if info.backing_format is not None:
                 lines.append(f"backing file format: {info.backing_format}")
+        if info.snapshots:
+            lines.append("Snapshot list:")
+            lines.append(snapshot_line(None))
+            lines.extend(snapshot_line(s) for s in info.snapshots)
+        if info.format_specific:
+            lines.append("Format specific information:")
+            lines.extend(_specific_human(qdict_order(info.format_specific)))
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
 

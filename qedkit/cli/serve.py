@@ -28,7 +28,9 @@ DEFAULT_PORT = 10809  # IANA's NBD port
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve images over NBD")
-    p.add_argument("-f", dest="format", metavar="FMT", choices=("qed", "raw"), help="image format")
+    p.add_argument(
+        "-f", dest="format", metavar="FMT", choices=("qed", "raw", "qcow2"), help="image format"
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", "-k", metavar="PATH", help="listen on a unix socket")
     p.add_argument(

@@ -650,3 +650,46 @@ def test_encrypted_and_data_file_images_are_refused_naming_the_feature(
         assert err.startswith(f"qed: {path}: ") and message in err, err
     assert path.read_bytes() == before
     assert not (tmp_path / "out.raw").exists()
+
+
+# ==========================================================================================
+# Mixed chains
+# ==========================================================================================
+
+
+def test_a_qed_overlay_on_a_qcow2_backing_file_reads_as_qemu_reads_it(
+    images: dict[str, Made], qemu: Qemu, tmp_path: Path
+) -> None:
+    """``qed create -b BASE.qcow2 -F qcow2`` (QED records no format: probed on open),
+    written by qed io; QEMU and qedkit read the chain alike."""
+    base = images["zlib-64k"].path
+    top = tmp_path / "top.qed"
+    code, _, err = _run_qed("create", "-q", "-b", base, "-F", "qcow2", top)
+    assert code == 0, err
+    code, _, err = _run_qed("io", "-c", "write -P 0x77 100k 8k", "-c", "write -z 1m 64k", top)
+    assert code == 0, err
+    expected = tmp_path / "expected.raw"
+    qemu.img("convert", "-U", "-O", "raw", top, expected)
+    with qedkit.open(str(top), readonly=True) as img:
+        assert [i.format for i in img.chain_info()] == ["qed", "qcow2"]
+        assert img.read(0, img.size) == expected.read_bytes()
+    ours = _run_qed("map", "--output=json", top)[1]
+    assert ours == qemu.img("map", "-U", "--output=json", top).stdout
+
+
+def test_a_qcow2_overlay_on_a_qed_backing_file_reads_as_qemu_reads_it(
+    qemu: Qemu, tmp_path: Path
+) -> None:
+    base = tmp_path / "base.qed"
+    qemu.img("create", "-q", "-f", "qed", "-o", "cluster_size=4096", base, "2M")
+    _io(qemu, base, "write -P 0x31 0 300k", fmt="qed")
+    top = tmp_path / "top.qcow2"
+    _create(qemu, top, "3M", "extended_l2=on", "-b", "base.qed", "-F", "qed")
+    _io(qemu, top, "write -P 0x32 8k 4k", "write -z 128k 64k")
+    expected = tmp_path / "expected.raw"
+    qemu.img("convert", "-O", "raw", top, expected)
+    with qedkit.open(str(top), readonly=True) as img:
+        assert img.read(0, img.size) == expected.read_bytes()
+    assert _run_qed("map", "--output=json", top)[1] == qemu.img("map", "--output=json", top).stdout
+    chain = ("info", "--output=json", "--backing-chain")
+    assert _run_qed(*chain, top)[1] == qemu.img(*chain, top).stdout

@@ -38,8 +38,27 @@ def qdict_order(pairs: Sequence[tuple[str, object]]) -> dict[str, object]:
     return {key: value for _, (key, value) in indexed}
 
 
-def dumps_qemu(obj: object) -> str:
-    return json.dumps(obj, indent=4)
+def dumps_qemu(obj: object, level: int = 0) -> str:
+    """JSON as QEMU's pretty printer writes it: ``json.dumps(indent=4)`` except that
+    an empty list or object still gets its line break (``[`` newline ``]``)."""
+    pad = "    " * level
+    if isinstance(obj, dict):
+        items = [f"{pad}    {json.dumps(k)}: {dumps_qemu(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + ("\n" if items else "") + pad + "}"
+    if isinstance(obj, list):
+        items = [f"{pad}    {dumps_qemu(v, level + 1)}" for v in obj]
+        return "[\n" + ",\n".join(items) + ("\n" if items else "") + pad + "]"
+    return json.dumps(obj)
+
+
+def qobject(value: object) -> object:
+    """A nested value with objects given as tuples of (key, value) pairs in QAPI
+    order, turned into dicts in QDict order (lists stay lists)."""
+    if isinstance(value, tuple):
+        return qdict_order([(k, qobject(v)) for k, v in value])
+    if isinstance(value, list):
+        return [qobject(v) for v in value]
+    return value
 
 
 # ---- sizes ----------------------------------------------------------------------
@@ -76,7 +95,7 @@ def info_dict(info: ImageInfo) -> dict[str, object]:
     if info.snapshots:
         pairs.append(("snapshots", [_snapshot_dict(s) for s in info.snapshots]))
     if info.format_specific:
-        data = qdict_order(info.format_specific)
+        data = qobject(info.format_specific)
         pairs.append(("format-specific", qdict_order([("type", info.format), ("data", data)])))
     return qdict_order(pairs)
 
@@ -112,11 +131,25 @@ def snapshot_line(snap: SnapshotInfo | None) -> str:
     )
 
 
-def _specific_human(data: dict[str, object]) -> list[str]:
+def _dump_human(value: object, level: int) -> list[str]:
+    """QEMU's dump_qdict/dump_qlist: four spaces a level, dashes in keys as spaces,
+    a composite value on the lines below its key."""
+    pad = "    " * level
+    items = (
+        [(k.replace("-", " "), v) for k, v in value.items()]
+        if isinstance(value, dict)
+        else [(f"[{i}]", v) for i, v in enumerate(value)]
+        if isinstance(value, list)
+        else []
+    )
     lines = []
-    for key, value in data.items():
-        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-        lines.append(f"    {key.replace('-', ' ')}: {text}")
+    for key, item in items:
+        if isinstance(item, dict | list):
+            lines.append(f"{pad}{key}:")
+            lines.extend(_dump_human(item, level + 1))
+        else:
+            text = ("true" if item else "false") if isinstance(item, bool) else str(item)
+            lines.append(f"{pad}{key}: {text}")
     return lines
 
 
@@ -152,7 +185,7 @@ def info_human(chain: Sequence[ImageInfo]) -> str:
             lines.extend(snapshot_line(s) for s in info.snapshots)
         if info.format_specific:
             lines.append("Format specific information:")
-            lines.extend(_specific_human(qdict_order(info.format_specific)))
+            lines.extend(_dump_human(qobject(info.format_specific), 1))
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
 

@@ -79,8 +79,11 @@ def _fill_zero(view: memoryview) -> None:
 
 @dataclass(frozen=True, slots=True)
 class MetadataClusters:
-    """Host clusters (byte offsets) holding qcow2 metadata of the active state: what
-    an in-place converter must not reuse as data and may reclaim afterwards."""
+    """Host clusters (byte offsets) holding qcow2 metadata: what an in-place
+    converter must not reuse as data and may reclaim afterwards. The active state's
+    tables, the refcount structures, the snapshot table and the snapshots' L1 tables
+    (their L2 tables and data are shared or the snapshots' own: a converter that
+    drops snapshots finds them through ``refcount``), the bitmap directory."""
 
     header: tuple[int, ...]
     l1_table: tuple[int, ...]
@@ -88,6 +91,8 @@ class MetadataClusters:
     refcount_table: tuple[int, ...]
     refcount_blocks: tuple[int, ...]
     snapshot_table: tuple[int, ...]
+    snapshot_l1_tables: tuple[int, ...] = ()
+    bitmap_directory: tuple[int, ...] = ()
 
     def all(self) -> frozenset[int]:
         return frozenset(
@@ -97,6 +102,8 @@ class MetadataClusters:
             + self.refcount_table
             + self.refcount_blocks
             + self.snapshot_table
+            + self.snapshot_l1_tables
+            + self.bitmap_directory
         )
 
 
@@ -488,8 +495,9 @@ class Qcow2Image(BlockImage):
         return fmt.refcount_entry(data, b_index, self.header.refcount_order)
 
     async def metadata_clusters(self) -> MetadataClusters:
-        """Every host cluster the active state's metadata occupies (one pass over
-        the L1 table; L2 tables are not read)."""
+        """Every host cluster the metadata occupies (see MetadataClusters; one pass
+        over the L1 table, the refcount table and the snapshot table; no L2 table is
+        read)."""
         h = self.header
         fixed = fmt.metadata_clusters(h)
         bits = h.cluster_bits
@@ -497,15 +505,22 @@ class Qcow2Image(BlockImage):
         def offsets(r: range) -> tuple[int, ...]:
             return tuple(i << bits for i in r)
 
+        def span(offset: int, nbytes: int) -> tuple[int, ...]:
+            return offsets(range(offset >> bits, (offset + nbytes + (1 << bits) - 1) >> bits))
+
         l2s = tuple(sorted({fmt.l2_table_offset(e) for e in self._l1} - {0}))
         blocks = tuple(
             sorted({fmt.refcount_block_offset(e) for e in await self.refcount_table()} - {0})
         )
         snaps: tuple[int, ...] = ()
+        snap_l1s: set[int] = set()
         if h.nb_snapshots:
             table = await self.snapshots()
-            nbytes = sum(s.entry_size for s in table)
-            snaps = tuple(range(h.snapshots_offset, h.snapshots_offset + nbytes, h.cluster_size))
+            snaps = span(h.snapshots_offset, sum(s.entry_size for s in table))
+            for snap in table:
+                snap_l1s.update(span(snap.l1_table_offset, 8 * snap.l1_size))
+        bitmaps = self.meta.extensions.bitmaps
+        directory = span(bitmaps.directory_offset, bitmaps.directory_size) if bitmaps else ()
         return MetadataClusters(
             offsets(fixed["header"]),
             offsets(fixed["l1_table"]),
@@ -513,9 +528,32 @@ class Qcow2Image(BlockImage):
             offsets(fixed["refcount_table"]),
             blocks,
             snaps,
+            tuple(sorted(snap_l1s)),
+            directory,
         )
 
-    def format_specific(self) -> tuple[tuple[str, object], ...]:
+    async def bitmaps(self) -> tuple[fmt.Bitmap, ...]:
+        """The persistent bitmaps, as QEMU lists them: none unless the bitmaps
+        extension is there and its autoclear bit says it is consistent."""
+        ext = self.meta.extensions.bitmaps
+        h = self.header
+        if ext is None or not h.autoclear_features & fmt.AutoclearFeature.BITMAPS:
+            return ()
+        if (
+            ext.directory_size > fmt.MAX_BITMAP_DIRECTORY
+            or ext.directory_offset % self.geo.cluster_size
+            or ext.directory_offset + ext.directory_size > self._file_size
+        ):
+            raise self._corrupt(
+                f"the bitmap directory ({ext.directory_size} bytes at "
+                f"{ext.directory_offset:#x}) is not a valid range of the file",
+                ext.directory_offset,
+                "bitmap_directory",
+            )
+        data = await self.store.read(ext.directory_offset, ext.directory_size)
+        return fmt.parse_bitmap_directory(data, ext.nb_bitmaps, ext.directory_offset)
+
+    async def format_specific(self) -> tuple[tuple[str, object], ...]:
         """``qemu-img info``'s format-specific data for qcow2 (ImageInfoSpecificQCow2,
         in its schema order; encryption and data files never get this far)."""
         h = self.header
@@ -527,6 +565,18 @@ class Qcow2Image(BlockImage):
                 ("corrupt", h.corrupt),
             ]
         pairs.append(("refcount-bits", h.refcount_bits))
+        bitmaps = await self.bitmaps() if h.version >= 3 else ()
+        if bitmaps:
+            pairs.append(
+                (
+                    "bitmaps",
+                    [
+                        (("name", b.name), ("granularity", b.granularity),
+                         ("flags", list(b.flag_names)))
+                        for b in bitmaps
+                    ],
+                )
+            )  # fmt: skip
         compression = h.compression or fmt.CompressionType.ZLIB
         pairs.append(("compression-type", compression.name.lower()))
         return tuple(pairs)
@@ -545,7 +595,7 @@ class Qcow2Image(BlockImage):
             full_backing_filename=full_backing_filename(self.filename, name) if name else None,
             backing_format=self.meta.backing_format if name else None,
             dirty=self.header.dirty,
-            format_specific=self.format_specific(),
+            format_specific=await self.format_specific(),
             snapshots=tuple(
                 SnapshotInfo(
                     id=s.id,

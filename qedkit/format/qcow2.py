@@ -1115,6 +1115,67 @@ def refcount_entry(block: bytes | memoryview, index: int, refcount_order: int) -
 
 
 # ==========================================================================================
+# Bitmaps (listed, never used: QED has no equivalent)
+# ==========================================================================================
+
+BITMAP_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes, then extra data, name, padding
+MAX_BITMAP_DIRECTORY = 64 * 1024 * 1024  # QEMU's QCOW2_MAX_BITMAP_DIRECTORY_SIZE
+BITMAP_IN_USE = 1 << 0
+BITMAP_AUTO = 1 << 1
+
+
+@dataclass(frozen=True, slots=True)
+class Bitmap:
+    """One entry of the bitmap directory."""
+
+    table_offset: int
+    table_size: int
+    flags: int
+    type: int
+    granularity_bits: int
+    name: str
+
+    @property
+    def granularity(self) -> int:
+        return 1 << self.granularity_bits
+
+    @property
+    def flag_names(self) -> tuple[str, ...]:
+        """QEMU's Qcow2BitmapInfoFlags, in its order."""
+        names = []
+        if self.flags & BITMAP_IN_USE:
+            names.append("in-use")
+        if self.flags & BITMAP_AUTO:
+            names.append("auto")
+        return tuple(names)
+
+
+def parse_bitmap_directory(buf: bytes, count: int, offset: int) -> tuple[Bitmap, ...]:
+    """Decode ``count`` entries of the directory read from file offset ``offset``."""
+    out: list[Bitmap] = []
+    pos = 0
+    for _ in range(count):
+        if pos + BITMAP_ENTRY.size > len(buf):
+            raise CorruptImageError(
+                f"the bitmap directory at offset {offset} is cut off at entry {len(out)}",
+                offset=offset + pos,
+                field="bitmap_directory",
+            )
+        table, size, flags, kind, gran, name_size, extra = BITMAP_ENTRY.unpack_from(buf, pos)
+        start = pos + BITMAP_ENTRY.size + extra
+        if start + name_size > len(buf):
+            raise CorruptImageError(
+                f"bitmap directory entry at offset {offset + pos} runs past the directory",
+                offset=offset + pos,
+                field="bitmap_directory",
+            )
+        name = _decode_name(buf[start : start + name_size])
+        out.append(Bitmap(table, size, flags, kind, gran, name))
+        pos = (start + name_size + 7) // 8 * 8
+    return tuple(out)
+
+
+# ==========================================================================================
 # Snapshots
 # ==========================================================================================
 

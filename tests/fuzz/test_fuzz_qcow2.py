@@ -3,8 +3,8 @@
 Seeds are small qcow2 images made by qemu-img/qemu-io (4 KiB clusters unless the
 feature needs more): plain v3 data with zero clusters, v2, zlib- and zstd-compressed,
 extended L2 with partial subclusters, a raw backing file, an internal snapshot,
-512-byte clusters. Hypothesis applies mutations: a header field overwritten with an
-interesting value, bit flips (header, extension area, L1, L2, anywhere), an
+512-byte clusters, persistent bitmaps. Hypothesis applies mutations: a header field
+overwritten with an interesting value, bit flips (header, extension area, L1, L2, anywhere), an
 extension's type or length overwritten, L1 entries and L2 entries (and subcluster
 bitmaps) overwritten (unaligned, past the end, pointing at metadata, COPIED,
 compressed descriptors with random offsets and sector counts, zero flags), the file
@@ -152,6 +152,9 @@ def _build_seeds(d: Path, qemu_img: str, qemu_io: str) -> dict[str, Seed]:
     run(qemu_img, "snapshot", "-c", "s1", "snapshot.qcow2")
     run(qemu_io, "-c", "write -P 0x52 4k 4k", "snapshot.qcow2")
     make("c512.qcow2", "cluster_size=512", "256k", "write -P 0x61 1000 3000", "write -z 8k 1k")
+    make("bitmaps.qcow2", cs4k, "1M", "write -P 0x71 0 8k")
+    run(qemu_img, "bitmap", "--add", "bitmaps.qcow2", "b0")
+    run(qemu_img, "bitmap", "--add", "--disable", "bitmaps.qcow2", "b1")
     src.unlink()
     return {p.stem: Seed.of(p.stem, p.read_bytes()) for p in sorted(d.glob("*.qcow2"))}
 
@@ -518,7 +521,7 @@ _SEED = os.environ.get("QEDKIT_FUZZ_SEED")
 )
 @given(
     seed_name=st.sampled_from(
-        ["plain", "v2", "zlib", "zstd", "extl2", "backing", "snapshot", "c512"]
+        ["plain", "v2", "zlib", "zstd", "extl2", "backing", "snapshot", "c512", "bitmaps"]
     ),
     muts=st.lists(mutations, min_size=1, max_size=4),
 )

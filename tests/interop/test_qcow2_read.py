@@ -272,6 +272,15 @@ def make_corrupt(qemu: Qemu, d: Path) -> Path:
     return p
 
 
+def make_bitmaps(qemu: Qemu, d: Path) -> Path:
+    p = d / "bitmaps.qcow2"
+    _create(qemu, p, "4M")
+    qemu.img("bitmap", "--add", p, "b0")
+    qemu.img("bitmap", "--add", "-g", "128k", "--disable", p, "second")
+    _io(qemu, p, "write -P 0x16 0 64k")
+    return p
+
+
 def make_prealloc_metadata(qemu: Qemu, d: Path) -> Path:
     p = d / "prealloc-metadata.qcow2"
     _create(qemu, p, "2M", "preallocation=metadata")  # every entry allocated, file holes
@@ -315,6 +324,7 @@ CASES: dict[str, Case] = {
     "snapshot": Case(make_snapshot, "internal snapshots: the active layer reads, info lists them"),
     "dirty": Case(make_dirty, "the dirty bit (lazy refcounts, qemu-io abort): reads are fine"),
     "corrupt": Case(make_corrupt, "the corrupt bit: read-only reading is allowed"),
+    "bitmaps": Case(make_bitmaps, "persistent bitmaps (listed by info, flags and granularity)"),
     # qemu-img map detects metadata preallocation (refcounts against the file's
     # allocated size) and then reports holes under data clusters as zero; qed map
     # reports them as data (reads are the same)
@@ -551,6 +561,7 @@ def test_snapshots_are_listed_and_the_active_layer_reads(images: dict[str, Made]
         assert img.read(64 * KiB, 4) == b"\xf2" * 4  # the active layer, not a snapshot
         meta = run(engine.metadata_clusters())
         assert meta.snapshot_table and meta.l2_tables and meta.refcount_blocks
+        assert len(meta.snapshot_l1_tables) == 2  # one L1 table (one cluster) each
 
 
 @pytest.mark.parametrize("name", ["refcount-1", "refcount-64", "snapshot", "v2"])

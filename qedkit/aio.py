@@ -14,6 +14,7 @@ from .engine.base import BlockImage, Extent, ExtentKind, ImageInfo
 from .engine.chain import create_image, open_image
 from .engine.check import CheckReport, RepairMode, check_image
 from .engine.mapping import MapEntry, map_chain
+from .engine.qcow2 import Qcow2Image
 from .engine.qed import QedImage
 from .engine.raw import RawImage
 
@@ -24,6 +25,7 @@ __all__ = [
     "ExtentKind",
     "ImageInfo",
     "MapEntry",
+    "Qcow2Image",
     "QedImage",
     "RawImage",
     "RepairMode",

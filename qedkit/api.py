@@ -37,7 +37,7 @@ from .store.base import Buffer as _Buffer
 
 
 class Image:
-    """An open image (QED or raw) with its backing chain."""
+    """An open image (QED, raw, or qcow2 read-only) with its backing chain."""
 
     def __init__(self, engine: BlockImage) -> None:
         self.engine = engine

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported for the types only: ``qed ctl`` prints without the engine
-    from ..engine.base import ImageInfo
+    from ..engine.base import ImageInfo, SnapshotInfo
     from ..engine.check import CheckReport
     from ..engine.mapping import MapEntry
     from ..jobs.frag import FragReport
@@ -39,8 +40,27 @@ def qdict_order(pairs: Sequence[tuple[str, object]]) -> dict[str, object]:
     return {key: value for _, (key, value) in indexed}
 
 
-def dumps_qemu(obj: object) -> str:
-    return json.dumps(obj, indent=4)
+def dumps_qemu(obj: object, level: int = 0) -> str:
+    """JSON as QEMU's pretty printer writes it: ``json.dumps(indent=4)`` except that
+    an empty list or object still gets its line break (``[`` newline ``]``)."""
+    pad = "    " * level
+    if isinstance(obj, dict):
+        items = [f"{pad}    {json.dumps(k)}: {dumps_qemu(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + ("\n" if items else "") + pad + "}"
+    if isinstance(obj, list):
+        items = [f"{pad}    {dumps_qemu(v, level + 1)}" for v in obj]
+        return "[\n" + ",\n".join(items) + ("\n" if items else "") + pad + "]"
+    return json.dumps(obj)
+
+
+def qobject(value: object) -> object:
+    """A nested value with objects given as tuples of (key, value) pairs in QAPI
+    order, turned into dicts in QDict order (lists stay lists)."""
+    if isinstance(value, tuple):
+        return qdict_order([(k, qobject(v)) for k, v in value])
+    if isinstance(value, list):
+        return [qobject(v) for v in value]
+    return value
 
 
 # ---- sizes ----------------------------------------------------------------------
@@ -74,7 +94,65 @@ def info_dict(info: ImageInfo) -> dict[str, object]:
         pairs.append(("full-backing-filename", info.full_backing_filename))
         if info.backing_format is not None:
             pairs.append(("backing-filename-format", info.backing_format))
+    if info.snapshots:
+        pairs.append(("snapshots", [_snapshot_dict(s) for s in info.snapshots]))
+    if info.format_specific:
+        data = qobject(info.format_specific)
+        pairs.append(("format-specific", qdict_order([("type", info.format), ("data", data)])))
     return qdict_order(pairs)
+
+
+def _snapshot_dict(snap: SnapshotInfo) -> dict[str, object]:
+    pairs: list[tuple[str, object]] = [
+        ("id", snap.id),
+        ("name", snap.name),
+        ("vm-state-size", snap.vm_state_size),
+        ("date-sec", snap.date_sec),
+        ("date-nsec", snap.date_nsec),
+        ("vm-clock-sec", snap.vm_clock_nsec // 1_000_000_000),
+        ("vm-clock-nsec", snap.vm_clock_nsec % 1_000_000_000),
+    ]
+    if snap.icount is not None:
+        pairs.append(("icount", snap.icount))
+    return qdict_order(pairs)
+
+
+def snapshot_line(snap: SnapshotInfo | None) -> str:
+    """One line of qemu-img's snapshot table (the heading for None); dates in local
+    time, as there."""
+    if snap is None:
+        return f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.date_sec))
+    secs = snap.vm_clock_nsec // 1_000_000_000
+    millis = snap.vm_clock_nsec // 1_000_000 % 1000
+    clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{millis:03d}"
+    icount = "" if snap.icount is None else str(snap.icount)
+    return (
+        f"{snap.id:<9} {snap.name:<16} {size_to_str(snap.vm_state_size):>8}{date:>20}"
+        f"{clock:>13}{icount:>11}"
+    )
+
+
+def _dump_human(value: object, level: int) -> list[str]:
+    """QEMU's dump_qdict/dump_qlist: four spaces a level, dashes in keys as spaces,
+    a composite value on the lines below its key."""
+    pad = "    " * level
+    items = (
+        [(k.replace("-", " "), v) for k, v in value.items()]
+        if isinstance(value, dict)
+        else [(f"[{i}]", v) for i, v in enumerate(value)]
+        if isinstance(value, list)
+        else []
+    )
+    lines = []
+    for key, item in items:
+        if isinstance(item, dict | list):
+            lines.append(f"{pad}{key}:")
+            lines.extend(_dump_human(item, level + 1))
+        else:
+            text = ("true" if item else "false") if isinstance(item, bool) else str(item)
+            lines.append(f"{pad}{key}: {text}")
+    return lines
 
 
 def info_json(chain: Sequence[ImageInfo], backing_chain: bool) -> str:
@@ -103,6 +181,13 @@ def info_human(chain: Sequence[ImageInfo]) -> str:
             lines.append(line)
             if info.backing_format is not None:
                 lines.append(f"backing file format: {info.backing_format}")
+        if info.snapshots:
+            lines.append("Snapshot list:")
+            lines.append(snapshot_line(None))
+            lines.extend(snapshot_line(s) for s in info.snapshots)
+        if info.format_specific:
+            lines.append("Format specific information:")
+            lines.extend(_dump_human(qobject(info.format_specific), 1))
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
 

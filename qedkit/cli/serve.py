@@ -27,7 +27,9 @@ DEFAULT_PORT = 10809  # IANA's NBD port
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", dest="format", metavar="FMT", choices=("qed", "raw"), help="image format")
+    p.add_argument(
+        "-f", dest="format", metavar="FMT", choices=("qed", "raw", "qcow2"), help="image format"
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", "-k", metavar="PATH", help="listen on a unix socket")
     p.add_argument(

@@ -32,7 +32,8 @@ class Extent:
     """A run of guest bytes with one status in one layer.
 
     ``host_offset`` is the byte offset in the layer's store where the run starts,
-    when the bytes have a place there (DATA; ZERO holes in a raw file); else None.
+    when the bytes have a place there (DATA; ZERO holes in a raw file; space a qcow2
+    layer reserved for ZERO or UNALLOCATED subclusters); else None.
     """
 
     start: int
@@ -46,8 +47,24 @@ class Extent:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """One internal snapshot, as ``qemu-img info`` lists it."""
+
+    id: str
+    name: str
+    vm_state_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    icount: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ImageInfo:
-    """What ``qemu-img info`` reports, for one image of a chain."""
+    """What ``qemu-img info`` reports, for one image of a chain.
+
+    ``format_specific`` holds the format's own fields (QAPI names, in schema order),
+    printed under "Format specific information"; empty for formats without any."""
 
     filename: str
     format: str
@@ -58,6 +75,8 @@ class ImageInfo:
     full_backing_filename: str | None = None
     backing_format: str | None = None
     dirty: bool = False
+    format_specific: tuple[tuple[str, object], ...] = ()
+    snapshots: tuple[SnapshotInfo, ...] = ()
 
 
 class BlockImage(ABC):

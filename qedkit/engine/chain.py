@@ -3,7 +3,9 @@
 ``open_image`` probes the format (unless told), opens the backing chain read-only,
 and hands back the top image. Backing names are resolved against the directory of
 the image that names them (not the working directory), as QEMU does; a raw backing
-file recorded with BACKING_FORMAT_NO_PROBE is opened as raw without probing. Loops
+file recorded with BACKING_FORMAT_NO_PROBE is opened as raw without probing, and a
+qcow2 image's backing file with the format its backing-format extension names. qcow2
+images open read-only only (engine.qcow2). Loops
 (an image that is, through any number of links, its own backing file) and chains
 deeper than MAX_CHAIN_DEPTH are refused.
 
@@ -14,6 +16,9 @@ it opened.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
 
 from ..errors import (
     BackingFileError,
@@ -30,6 +35,7 @@ from .base import BlockImage
 from .check import RepairMode, check_image
 from .l2cache import DEFAULT_BUDGET
 from .names import full_backing_filename
+from .qcow2 import Qcow2Image
 from .qed import QedImage
 from .raw import RawImage
 
@@ -37,12 +43,13 @@ from .raw import RawImage
 # chain and small enough to fail fast on a generated loop of distinct names.
 MAX_CHAIN_DEPTH = 64
 
-SUPPORTED_FORMATS = ("qed", "raw")
+_T = TypeVar("_T")
+
+SUPPORTED_FORMATS = ("qed", "raw", "qcow2")
+CREATABLE_FORMATS = ("qed", "raw")  # qcow2 is read-only
 
 
 def _check_format_name(fmt: str) -> None:
-    if fmt == "qcow2":
-        raise UnsupportedFeatureError("qcow2 images are not supported yet")
     if fmt not in SUPPORTED_FORMATS:
         raise UnsupportedFeatureError(
             f"unknown image format {fmt!r} (supported: {', '.join(SUPPORTED_FORMATS)})"
@@ -135,27 +142,22 @@ async def open_image(
             _check_format_name(fmt)
         if fmt == "raw":
             return await RawImage.open(store, filename=path)
+        chain = _Chain(path, backing_chain, cache_budget, _depth, _seen | {real})
+        if fmt == "qcow2":
+            meta = await Qcow2Image.read_metadata(store, readonly=readonly)
+            backing = await chain.open(meta.backing_filename, meta.backing_format)
+            return await chain.attach(
+                backing,
+                Qcow2Image.open(
+                    store, meta, backing=backing, filename=path, cache_budget=cache_budget
+                ),
+            )
         header, area = await QedImage.read_header(store)
-        backing: BlockImage | None = None
-        name = header.backing_filename(area)
-        if name and backing_chain:
-            full = full_backing_filename(path, name)
-            backing_fmt = "raw" if header.has(Feature.BACKING_FORMAT_NO_PROBE) else None
-            try:
-                backing = await open_image(
-                    full,
-                    fmt=backing_fmt,
-                    readonly=True,
-                    cache_budget=cache_budget,
-                    _depth=_depth + 1,
-                    _seen=_seen | {real},
-                )
-            except BackingFileError:
-                raise
-            except QedError as exc:
-                raise BackingFileError(f"cannot open backing file: {exc}") from exc
-        try:
-            return await open_qed(
+        backing_fmt = "raw" if header.has(Feature.BACKING_FORMAT_NO_PROBE) else None
+        backing = await chain.open(header.backing_filename(area), backing_fmt)
+        return await chain.attach(
+            backing,
+            open_qed(
                 store,
                 header,
                 area,
@@ -164,11 +166,8 @@ async def open_image(
                 filename=path,
                 cache_budget=cache_budget,
                 repair=repair,
-            )
-        except BaseException:
-            if backing is not None:
-                await backing.close()
-            raise
+            ),
+        )
     except QedError as exc:
         await store.close()
         exc.with_filename(path)
@@ -176,6 +175,47 @@ async def open_image(
     except BaseException:
         await store.close()
         raise
+
+
+@dataclass(frozen=True, slots=True)
+class _Chain:
+    """The one seam where a backing name becomes an open image, whatever the format
+    of the image naming it and whatever the scheme of the name (a file, a URL)."""
+
+    path: str  # the image that names the backing file
+    enabled: bool  # backing_chain: open the chain at all
+    cache_budget: int
+    depth: int
+    seen: frozenset[str]
+
+    async def open(self, name: str | None, fmt: str | None) -> BlockImage | None:
+        """The backing image ``name`` (resolved against ``path``) as ``fmt`` (probed
+        when None), read-only; None without a name or with the chain off."""
+        if not name or not self.enabled:
+            return None
+        try:
+            return await open_image(
+                full_backing_filename(self.path, name),
+                fmt=fmt,
+                readonly=True,
+                cache_budget=self.cache_budget,
+                _depth=self.depth + 1,
+                _seen=self.seen,
+            )
+        except BackingFileError:
+            raise
+        except QedError as exc:
+            raise BackingFileError(f"cannot open backing file: {exc}") from exc
+
+    @staticmethod
+    async def attach(backing: BlockImage | None, opening: Awaitable[_T]) -> _T:
+        """Finish opening the image over ``backing``; on failure close the backing."""
+        try:
+            return await opening
+        except BaseException:
+            if backing is not None:
+                await backing.close()
+            raise
 
 
 async def create_image(
@@ -199,6 +239,8 @@ async def create_image(
     is created when a check fails.
     """
     _check_format_name(fmt)
+    if fmt not in CREATABLE_FORMATS:
+        raise UnsupportedFeatureError(f"qedkit cannot create {fmt} images", filename=path)
     if allocation not in ("end", "home"):
         raise InvalidRequestError(f"unknown allocation policy {allocation!r} (end or home)")
     if backing_file is not None and fmt != "qed":

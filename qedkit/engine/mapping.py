@@ -117,6 +117,9 @@ async def map_chain(
                     if covered > ext.start:
                         await walk(below, depth + 1, ext.start, covered)
                 if covered < ext.end:
+                    # Nothing below: zeros. A layer that reserved host space for the
+                    # range (qcow2 subclusters) reports it, as QEMU does.
+                    host = ext.host_offset
                     emit(
                         MapEntry(
                             covered,
@@ -125,7 +128,7 @@ async def map_chain(
                             False,
                             True,
                             False,
-                            None,
+                            None if host is None else host + covered - ext.start,
                             img.filename,
                         )
                     )

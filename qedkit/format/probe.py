@@ -10,17 +10,23 @@ the BACKING_FORMAT_NO_PROBE bit and never probed.
 from __future__ import annotations
 
 from .header import MAGIC as QED_MAGIC
+from .qcow2 import MAGIC as QCOW2_MAGIC
 
-QCOW2_MAGIC = b"QFI\xfb"
 PROBE_BYTES = 512  # what a probe needs to see; QEMU probes with the first 2 KiB
 
-FORMATS = ("qed", "raw", "qcow2")
+FORMATS = ("qed", "raw", "qcow2", "qcow")
 
 
 def probe_format(first_bytes: bytes) -> str:
-    """'qed', 'qcow2' or 'raw' (the fallback, as in QEMU)."""
+    """'qed', 'qcow2', 'qcow' or 'raw' (the fallback, as in QEMU). As in QEMU, the
+    qcow magic with version 1 is the old qcow format (which qedkit does not read),
+    with a version of 2 or more it is qcow2."""
     if first_bytes[:4] == QED_MAGIC and len(first_bytes) >= 64:
         return "qed"
-    if first_bytes[:4] == QCOW2_MAGIC:
-        return "qcow2"
+    if first_bytes[:4] == QCOW2_MAGIC and len(first_bytes) >= 8:
+        version = int.from_bytes(first_bytes[4:8], "big")
+        if version >= 2:
+            return "qcow2"
+        if version == 1:
+            return "qcow"
     return "raw"

@@ -245,12 +245,14 @@ def test_create_missing_backing_file(qed_cli: Cli, tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_create_qcow2_backing_format_is_unsupported(qed_cli: Cli, tmp_path: Path) -> None:
+def test_create_with_a_wrong_qcow2_backing_format_fails_cleanly(
+    qed_cli: Cli, tmp_path: Path
+) -> None:
     (tmp_path / "base.raw").write_bytes(bytes(MiB))
     path = tmp_path / "top.qed"
     result = qed_cli("create", "-b", "base.raw", "-F", "qcow2", path)
-    assert_clean_failure(result, f"qed: {path}: ")
-    assert result.stderr == f"qed: {path}: qcow2 images are not supported yet\n"
+    assert_clean_failure(result, f"qed: {path}: cannot open backing file: ")
+    assert "not a qcow2 image" in result.stderr
     assert not path.exists()
 
 

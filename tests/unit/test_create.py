@@ -179,16 +179,17 @@ def test_create_qcow2_is_unsupported(tmp_path: Path) -> None:
     path = tmp_path / "x.qcow2"
     with pytest.raises(UnsupportedFeatureError) as info:
         qedkit.create(str(path), MiB, format="qcow2")
-    assert info.value.message == "qcow2 images are not supported yet"
+    assert info.value.message == "qedkit cannot create qcow2 images"
     assert not path.exists()
 
 
-def test_create_with_qcow2_backing_format_is_unsupported(tmp_path: Path) -> None:
+def test_create_with_a_qcow2_backing_format_that_is_not_qcow2_fails(tmp_path: Path) -> None:
     (tmp_path / "base.raw").write_bytes(bytes(MiB))
     path = tmp_path / "top.qed"
-    with pytest.raises(UnsupportedFeatureError) as info:
+    with pytest.raises(BackingFileError) as info:
         qedkit.create(str(path), MiB, backing_file="base.raw", backing_format="qcow2")
-    assert info.value.message == "qcow2 images are not supported yet"
+    assert info.value.message.startswith("cannot open backing file: ")
+    assert "not a qcow2 image" in info.value.message
     assert not path.exists()
 
 
@@ -196,7 +197,7 @@ def test_create_unknown_format_is_unsupported(tmp_path: Path) -> None:
     path = tmp_path / "x.vmdk"
     with pytest.raises(UnsupportedFeatureError) as info:
         qedkit.create(str(path), MiB, format="vmdk")
-    assert info.value.message == "unknown image format 'vmdk' (supported: qed, raw)"
+    assert info.value.message == "unknown image format 'vmdk' (supported: qed, raw, qcow2)"
     assert not path.exists()
 
 

@@ -319,3 +319,11 @@ def test_map_human_does_not_truncate_wide_numbers() -> None:
     out = map_human([entry(2**62, 2**40, 0, True, False, True, 0x123456789ABCDEF0)])
     # C's %#-16x pads to 16 but never truncates, so wide values run together (as printf).
     assert out.splitlines()[1] == "0x40000000000000000x10000000000   0x123456789abcdef0a.qed"
+
+
+def test_json_is_printed_like_qemu_with_empty_containers_broken_over_two_lines() -> None:
+    from qedkit.cli.output import dumps_qemu
+
+    value = {"a": [1, {"b": "x"}], "c": True, "d": None}
+    assert dumps_qemu(value) == json.dumps(value, indent=4)
+    assert dumps_qemu({"flags": [], "o": {}}) == ('{\n    "flags": [\n    ],\n    "o": {\n    }\n}')

@@ -85,7 +85,11 @@ def test_entry_kinds() -> None:
         (b"QED\x00" + b"\xff" * 508, "qed"),  # nothing but the magic is checked
         (b"QED\x00" + bytes(59), "raw"),  # QEMU needs 64 bytes for a QED probe
         (b"QED\x01" + bytes(60), "raw"),
-        (b"QFI\xfb" + bytes(60), "qcow2"),
+        (b"QFI\xfb\0\0\0\x03" + bytes(56), "qcow2"),
+        (b"QFI\xfb\0\0\0\x02", "qcow2"),  # QEMU's qcow2 probe needs 8 bytes, version >= 2
+        (b"QFI\xfb\0\0\0\x01" + bytes(56), "qcow"),  # the old qcow format
+        (b"QFI\xfb" + bytes(60), "raw"),  # version 0: neither
+        (b"QFI\xfb\0\0", "raw"),
         (b"", "raw"),
         (bytes(512), "raw"),
         (b"\x00QED" + bytes(60), "raw"),

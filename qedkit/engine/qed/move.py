@@ -162,8 +162,9 @@ class Mover:
         tables past the first ``used`` clusters (``used`` = how many are owned) move
         into the free slots below, lowest first, keeping their host order; then the
         free tail is truncated. Tables go first (each needs ``table_size`` free slots
-        in a row: when no such run is free, the data clusters of a window of slots
-        move out of the way). Under a guest that keeps allocating, it gives up after
+        in a row: when no such run is free, a window of slots is emptied: its data
+        clusters, and any table this call has not placed yet, move past the used
+        space). Under a guest that keeps allocating, it gives up after
         ``max_rounds`` rounds and leaves the rest for a later run."""
         img = self.img
         alloc = img.alloc
@@ -172,6 +173,7 @@ class Mover:
         bits = img.geo.cluster_bits
         ts = img.geo.table_size
         stats = CompactStats()
+        placed: set[int] = set()  # tables this call lowered: never evicted again
         for _ in range(max_rounds):
             owner = cmap.owner
             used = len(owner) - owner.count(FREE)
@@ -187,7 +189,7 @@ class Mover:
                 key=lambda l1_index: -img.l1_table[l1_index],
             )
             if tables:
-                await self._lower_table(tables[0], used)
+                await self._lower_table(tables[0], used, placed)
                 stats.tables_moved += 1
                 continue
             if any(owner[i] < 0 for i in above):
@@ -205,29 +207,42 @@ class Mover:
         stats.truncated_bytes = await self.truncate()
         return stats
 
-    async def _lower_table(self, l1_index: int, used: int) -> None:
+    async def _lower_table(self, l1_index: int, used: int, placed: set[int]) -> None:
         """Move the table of ``l1_index`` (some of it at or past cluster ``used``) to
-        ``table_size`` slots below ``used``: a free run if there is one, else a window
-        of data clusters emptied first (they move past ``used``)."""
+        ``table_size`` slots below ``used``: a free run if there is one; else, once
+        the table lies wholly past ``used`` (a table straddling it first moves out of
+        the way), the window nearest the top holding neither the header, the L1 table
+        nor a table in ``placed`` is emptied (its data clusters and tables move past
+        ``used``) and takes it. Each success adds ``l1_index`` to ``placed``; since a
+        placed table is never evicted, the tables settle in at most two rounds each.
+        Windows may hold other tables because on a sparse image (one data cluster
+        per L2 table: data, table, data, table ...) no window holds data alone."""
         img = self.img
         cmap = img.alloc.cluster_map
         assert cmap is not None
         bits = img.geo.cluster_bits
         ts = img.geo.table_size
         owner = cmap.owner
-        current = img.l1_table[l1_index] >> bits
+        l1 = img.l1_table
+        current = l1[l1_index] >> bits
         start = img.geo.header_size
         run = cmap.first_free_run(start, ts)
         if run + ts <= used:
             await self.move_table(l1_index, run << bits)
+            placed.add(l1_index)
             return
-        # No free run below: the window nearest the top with no metadata in it
-        # (not the table itself) is emptied of data.
+        if current < used:
+            # It straddles ``used``: the windows near the top overlap it.
+            await self.move_table(l1_index, self.free_run(used << bits, ts))
+            return
+        table_at: dict[int, int] = {}  # cluster -> l1 index of the table there
+        for other, offset in enumerate(l1):
+            if offset and other not in placed:
+                for k in range(ts):
+                    table_at[(offset >> bits) + k] = other
         for window in range(used - ts, start - 1, -1):
             slots = range(window, window + ts)
-            if all(owner[i] >= 0 or owner[i] == FREE for i in slots) and not (
-                window < current + ts and current < window + ts
-            ):
+            if all(owner[i] != META or i in table_at for i in slots):
                 break
         else:
             raise JobError(
@@ -237,7 +252,10 @@ class Mover:
         moved = await self.move_data(evict, spill=used << bits)
         if len(moved) != len(evict):
             return  # something changed under us: the next round looks again
+        for other in sorted({table_at[i] for i in slots if i in table_at}):
+            await self.move_table(other, self.free_run(used << bits, ts))
         await self.move_table(l1_index, window << bits)
+        placed.add(l1_index)
 
     def free_run(self, start: int, count: int) -> int:
         """The first ``count`` free clusters at or after ``start`` (not claimed)."""

@@ -28,7 +28,7 @@ below it, then ``truncate`` cuts the file.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -209,14 +209,16 @@ class Mover:
 
     async def _lower_table(self, l1_index: int, used: int, placed: set[int]) -> None:
         """Move the table of ``l1_index`` (some of it at or past cluster ``used``) to
-        ``table_size`` slots below ``used``: a free run if there is one; else, once
-        the table lies wholly past ``used`` (a table straddling it first moves out of
-        the way), the window nearest the top holding neither the header, the L1 table
-        nor a table in ``placed`` is emptied (its data clusters and tables move past
-        ``used``) and takes it. Each success adds ``l1_index`` to ``placed``; since a
-        placed table is never evicted, the tables settle in at most two rounds each.
-        Windows may hold other tables because on a sparse image (one data cluster
-        per L2 table: data, table, data, table ...) no window holds data alone."""
+        ``table_size`` slots below ``used``: a free run if there is one, else the
+        window nearest the top holding only data and free slots (not the table
+        itself), emptied first (its data moves past ``used``).
+
+        On a sparse image (data, table, data, table ...) no such window exists. Then
+        the table, once it lies wholly past ``used`` (a table straddling it first
+        moves out of the way), takes the window nearest the top that holds neither
+        the header, the L1 table nor a table in ``placed``: its data and its tables
+        move past ``used`` first. Each success adds ``l1_index`` to ``placed``; a
+        placed table is never evicted, so every table settles in a few rounds."""
         img = self.img
         cmap = img.alloc.cluster_map
         assert cmap is not None
@@ -231,30 +233,42 @@ class Mover:
             await self.move_table(l1_index, run << bits)
             placed.add(l1_index)
             return
-        if current < used:
-            # It straddles ``used``: the windows near the top overlap it.
-            await self.move_table(l1_index, self.free_run(used << bits, ts))
-            return
-        table_at: dict[int, int] = {}  # cluster -> l1 index of the table there
-        for other, offset in enumerate(l1):
-            if offset and other not in placed:
-                for k in range(ts):
-                    table_at[(offset >> bits) + k] = other
-        for window in range(used - ts, start - 1, -1):
-            slots = range(window, window + ts)
-            if all(owner[i] != META or i in table_at for i in slots):
-                break
-        else:
-            raise JobError(
-                "no room to move an L2 table below the used space", filename=img.filename
+
+        def top_window(fits: Callable[[range], bool]) -> range | None:
+            for window in range(used - ts, start - 1, -1):
+                slots = range(window, window + ts)
+                if fits(slots):
+                    return slots
+            return None
+
+        slots = top_window(
+            lambda slots: (
+                all(owner[i] >= 0 or owner[i] == FREE for i in slots)
+                and not (slots.start < current + ts and current < slots.stop)
             )
+        )
+        table_at: dict[int, int] = {}  # cluster -> l1 index of a table not placed yet
+        if slots is None:
+            if current < used:
+                # It straddles ``used``: the windows near the top overlap it.
+                await self.move_table(l1_index, self.free_run(used << bits, ts))
+                return
+            for other, offset in enumerate(l1):
+                if offset and other not in placed:
+                    for k in range(ts):
+                        table_at[(offset >> bits) + k] = other
+            slots = top_window(lambda slots: all(owner[i] != META or i in table_at for i in slots))
+            if slots is None:
+                raise JobError(
+                    "no room to move an L2 table below the used space", filename=img.filename
+                )
         evict = [Planned(owner[i], i << bits, None) for i in slots if owner[i] >= 0]
         moved = await self.move_data(evict, spill=used << bits)
         if len(moved) != len(evict):
             return  # something changed under us: the next round looks again
         for other in sorted({table_at[i] for i in slots if i in table_at}):
             await self.move_table(other, self.free_run(used << bits, ts))
-        await self.move_table(l1_index, window << bits)
+        await self.move_table(l1_index, slots.start << bits)
         placed.add(l1_index)
 
     def free_run(self, start: int, count: int) -> int:

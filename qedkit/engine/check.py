@@ -367,6 +367,11 @@ async def check_image(
                     done.leaks_fixed = await _reclaim_tail(img, leaks)
             elif leaks and not corruptions and not done.check_errors:
                 await _plan_reclaim(img, scan, leaks, lost_found, done)
+            elif leaks and corruptions:
+                done.notes.append(
+                    f"{len(leaks)} leaked clusters kept: leaks are reclaimed only once no "
+                    "corruption remains" + ("" if fix else " ('-r all' repairs them)")
+                )
             if fix and not corruptions and not done.check_errors:
                 await img.mark_clean()
         if done.compact:

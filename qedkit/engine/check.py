@@ -341,9 +341,11 @@ async def check_image(
     open-time repair must not go on with an image it could not check.
 
     Failure guarantee: every step keeps the image consistent on disk at every
-    instant (a crash or an error leaves at worst leaks, which a later check
-    reclaims); a leaked cluster is overwritten only once it is saved or known to
-    hold nothing.
+    instant, so a crash, or a store error (which raises StoreError, or ends the
+    compaction with a note), leaves at worst leaks or a NEED_CHECK that the next
+    open repairs, and a later ``check -r all`` finishes the job (tests/crash prove
+    both at every step); a leaked cluster is overwritten only once it is saved or
+    known to hold nothing.
     """
     writable = repair is not None and not img.readonly
     fix = repair is RepairMode.ALL and writable

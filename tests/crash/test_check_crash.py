@@ -22,6 +22,11 @@ What a damage orphaned must never be lost: at every crash point up to the
 lost+found save, the orphaned clusters are intact in every state, and the archive
 holds their bytes.
 
+Faults: EIO on the n-th read, write, flush, truncate and discard of the repair, for
+every n it makes; the repair raises or stops with a note, the image recovers to the
+model, no orphan is lost (in the image or in the archive), and a second ``check -r
+all`` ends clean.
+
 Totals lines as in test_workloads.py (printed with -s and in the terminal summary).
 """
 
@@ -402,3 +407,100 @@ def test_orphans_are_intact_at_every_crash_point_before_they_are_saved(name: str
     assert checked > b.saved_at
     # And the first write after the save is what may reuse them.
     assert all(op.kind != "truncate" for op in crash.ops[: b.saved_at])
+
+
+# =====================================================================================
+# Faults: every store call of the repair failed in turn
+# =====================================================================================
+
+
+async def _recover_and_judge(b: Built, data: bytes, archive: Path) -> list[str]:
+    """Open ``data`` as a user would after a failed ``check -r all`` (the open-time
+    repair runs if NEED_CHECK is still set), then run ``check -r all`` again."""
+    sc = b.sc
+    problems: list[str] = []
+    store = MemoryStore(data, name=sc.name)
+    header, area = await QedImage.read_header(store)
+    name = header.backing_filename(area)
+    img = await open_qed(store, header, area, backing=sc.backing_image(name), readonly=False)
+    report = await check_image(img)
+    if report.corruptions or report.check_errors:
+        problems.append(f"{report.corruptions} corruptions after recovery")
+    if await img.read(0, sc.size) != sc.baseline[: sc.size]:
+        problems.append("the guest reads other data after recovery")
+    for offset, orphan in b.orphans.items():
+        in_image = bytes(store.data[offset : offset + CS]) == orphan
+        saved = archive.exists() and _archived(archive).get(offset) == orphan
+        if not (in_image or saved):
+            problems.append(f"the orphan at {offset:#x} is lost")
+    again = await check_image(img, RepairMode.ALL, lost_found=LostFoundTar(str(archive) + ".2"))
+    after = await check_image(img)
+    if (after.corruptions, after.leaks, after.check_errors) != (0, 0, 0) or again.notes:
+        problems.append(f"a second check -r all left {after} ({again.notes})")
+    if await img.read(0, sc.size) != sc.baseline[: sc.size]:
+        problems.append("the second repair changed the guest's data")
+    return problems
+
+
+def _archived(archive: Path) -> dict[int, bytes]:
+    out = {}
+    with tarfile.open(archive) as tar:
+        for m in tar.getmembers():
+            if m.name.endswith(".bin"):
+                f = tar.extractfile(m)
+                assert f is not None
+                out[int(m.name.rsplit("-", 1)[1].removesuffix(".bin"), 16)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("name", ["damaged", "overlay", "sparse"])
+def test_a_repair_failing_at_any_store_call_loses_nothing_and_a_second_one_finishes(
+    name: str, tmp_path: Path, crash_summary: Record
+) -> None:
+    """EIO on the n-th call of each kind (reads, writes, flushes, truncates), for
+    every n the uninterrupted repair makes: the repair may fail (an error) or stop
+    early (a note), but the image recovers to the model, no orphan is lost (it is
+    in the image or in the archive), and a second ``check -r all`` ends clean."""
+    from qedkit.errors import QedError
+    from qedkit.store.faults import FaultStore
+
+    b = built(name)
+    sc = b.sc
+    initial = sc.initial
+
+    async def repair(store: FaultStore, archive: Path) -> str:
+        try:
+            header, area = await QedImage.read_header(store)
+            backing = sc.backing_image(header.backing_filename(area))
+            img = await open_qed(store, header, area, backing=backing, readonly=False, repair=False)
+            report = await check_image(img, RepairMode.ALL, lost_found=LostFoundTar(str(archive)))
+        except QedError as exc:
+            return f"raised {type(exc).__name__}"
+        return "noted" if report.notes else "finished"
+
+    dry = FaultStore(MemoryStore(initial, name=sc.name))
+    assert run(repair(dry, tmp_path / "dry.tar")) == "finished"
+    cases = 0
+    outcomes: dict[str, int] = {}
+    failures: list[str] = []
+    for op in ("read", "writev", "flush", "truncate", "discard"):
+        for nth in range(1, dry.calls[op] + 1):
+            store = FaultStore(MemoryStore(initial, name=sc.name))
+            store.fail(op, nth=nth)
+            archive = tmp_path / f"{op}-{nth}.tar"
+            outcome = run(repair(store, archive))
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            inner = store.inner
+            assert isinstance(inner, MemoryStore)
+            problems = run(_recover_and_judge(b, bytes(inner.data), archive))
+            cases += 1
+            if problems:
+                failures.append(f"{op} #{nth} ({outcome}): " + "; ".join(problems))
+    summary = (
+        f"{sc.name} check -r all with a failing store: {cases} faults "
+        f"({', '.join(f'{v} {k}' for k, v in sorted(outcomes.items()))}), "
+        f"{len(failures)} failures"
+    )
+    crash_summary(summary)
+    assert cases > 20, summary
+    assert not failures, summary + "\n" + "\n".join(failures[:5])

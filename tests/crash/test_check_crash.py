@@ -70,6 +70,9 @@ from qedkit.store import CrashStore, MemoryStore
 Record = Callable[[str], None]
 TABLE_SIZE = 2
 NEED_CHECK = int(Feature.NEED_CHECK)
+# The scenarios are built once per session (functools.cache): their lost+found
+# archives live here, removed when the interpreter exits.
+_ARCHIVES = tempfile.TemporaryDirectory(prefix="qedkit-lf-")
 
 
 @dataclasses.dataclass
@@ -211,7 +214,7 @@ async def _build(
         {backing_name: backing} if backing is not None else {},
         verify=True,
     )
-    archive = Path(tempfile.mkdtemp(prefix="qedkit-lf-")) / f"{name}.lost+found.tar"
+    archive = Path(_ARCHIVES.name) / f"{name}.lost+found.tar"
     lost_found = _Recording(str(archive), crash)
     old_batch = check_module.COMPACT_BATCH_BYTES
     check_module.COMPACT_BATCH_BYTES = 4 * CS  # many small rounds: many flush pairs

@@ -12,7 +12,8 @@
 
 from .engine.base import BlockImage, Extent, ExtentKind, ImageInfo
 from .engine.chain import create_image, open_image
-from .engine.check import CheckReport, RepairMode, check_image
+from .engine.check import CheckReport, Reclaim, RepairMode, check_image
+from .engine.lostfound import LostFound, LostFoundTar, SavedRun
 from .engine.mapping import MapEntry, map_chain
 from .engine.qcow2 import Qcow2Image
 from .engine.qed import QedImage
@@ -24,11 +25,15 @@ __all__ = [
     "Extent",
     "ExtentKind",
     "ImageInfo",
+    "LostFound",
+    "LostFoundTar",
     "MapEntry",
     "Qcow2Image",
     "QedImage",
     "RawImage",
+    "Reclaim",
     "RepairMode",
+    "SavedRun",
     "check_image",
     "create_image",
     "map_chain",

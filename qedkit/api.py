@@ -28,6 +28,7 @@ from .engine.base import BlockImage, Extent, ImageInfo
 from .engine.chain import create_image, open_image
 from .engine.check import CheckReport, RepairMode, check_image
 from .engine.l2cache import DEFAULT_BUDGET
+from .engine.lostfound import LostFound, LostFoundTar
 from .engine.mapping import MapEntry, map_chain
 from .engine.qed import QedImage
 from .engine.sync import run
@@ -111,14 +112,22 @@ class Image:
         """``info`` of this image and each backing image, top first."""
         return [run(img.info()) for img in self.engine.chain()]
 
-    def check(self, repair: RepairMode | str | None = None) -> CheckReport:
-        """Check (and with ``repair`` = "leaks" or "all", repair) a QED image."""
+    def check(
+        self, repair: RepairMode | str | None = None, *, lost_found: LostFound | None = None
+    ) -> CheckReport:
+        """Check (and with ``repair`` = "leaks" or "all", repair) a QED image, as
+        ``qed check [-r]`` does: a repair removes leaked clusters by moving clusters
+        into them, and when the check found corruption, leaked clusters holding data
+        are saved first to ``lost_found`` (default: ``FILE.lost+found.tar`` beside
+        the image; see engine.lostfound). The report names what was saved."""
         if not isinstance(self.engine, QedImage):
             raise UnsupportedFeatureError(
                 f"format {self.format} has no consistency check", filename=self.filename
             )
         mode = RepairMode(repair) if isinstance(repair, str) else repair
-        return run(check_image(self.engine, mode))
+        if lost_found is None and mode is not None:
+            lost_found = LostFoundTar.beside(self.filename)
+        return run(check_image(self.engine, mode, lost_found=lost_found))
 
     # ---- lifetime ------------------------------------------------------------
 

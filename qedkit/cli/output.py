@@ -254,6 +254,18 @@ def check_dict(report: CheckReport) -> dict[str, object]:
     ):
         if value:
             pairs.append((key, value))
+    # qedkit's own keys, present only when not empty (qemu-img has neither).
+    saved = report.lost_found
+    if saved is not None:
+        inner: list[tuple[str, object]] = [
+            ("filename", saved.filename),
+            ("run", saved.run),
+            ("clusters", saved.clusters),
+            ("bytes", saved.bytes),
+        ]
+        pairs.append(("lost-and-found", qdict_order(inner)))
+    if report.notes:
+        pairs.append(("notes", list(report.notes)))
     return qdict_order(pairs)
 
 
@@ -296,6 +308,22 @@ def check_human(report: CheckReport) -> str:
             f"{0.0:.2f}% compressed clusters\n"
         )
     return "".join(out)
+
+
+def lost_found_human(report: CheckReport) -> str:
+    """What the repair saved before reclaiming leaked clusters (stdout), if anything."""
+    saved = report.lost_found
+    if saved is None:
+        return ""
+    return (
+        f"Saved {saved.clusters} leaked clusters ({size_to_str(saved.bytes)}) that may hold "
+        f"lost data to {saved.filename} (run {saved.run}) before reclaiming them.\n"
+    )
+
+
+def notes_human(report: CheckReport) -> str:
+    """Why leaks were kept and other remarks of a repair (stderr)."""
+    return "".join(f"qed: {report.filename}: {note}\n" for note in report.notes)
 
 
 def problems_human(report: CheckReport, limit: int = 20) -> str:

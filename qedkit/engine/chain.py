@@ -32,7 +32,7 @@ from ..format.probe import PROBE_BYTES, probe_format
 from ..store.base import ByteStore
 from ..store.file import FileStore
 from .base import BlockImage
-from .check import RepairMode, check_image
+from .check import Reclaim, RepairMode, check_image
 from .l2cache import DEFAULT_BUDGET
 from .names import full_backing_filename
 from .qcow2 import Qcow2Image
@@ -83,7 +83,12 @@ async def open_qed(
     open of an image with NEED_CHECK set, check and repair it first (``repair=False``
     skips that, for ``qed check`` itself). As QEMU: an image that could not be
     checked must not be written (allocations could land on clusters a damaged table
-    still uses), so a store error during that repair fails the open."""
+    still uses), so a store error during that repair fails the open.
+
+    That repair is cheap and predictable (``Reclaim.TAIL``): it repairs corruptions,
+    truncates leaked clusters at the end of the file and punches the others, but
+    moves no cluster and writes no lost+found file; leaked clusters next to a
+    corruption are left alone. ``qed check -r`` does the rest (engine.check)."""
     img = await QedImage.open(
         store,
         header,
@@ -94,7 +99,7 @@ async def open_qed(
         cache_budget=cache_budget,
     )
     if not readonly and repair and img.header.needs_check:
-        await check_image(img, repair=RepairMode.ALL, strict=True)
+        await check_image(img, repair=RepairMode.ALL, strict=True, reclaim=Reclaim.TAIL)
     return img
 
 

@@ -1,12 +1,15 @@
 """Consistency check and repair of a QED image.
 
-References: QEMU block/qed-check.c; qemu-img check's report and exit codes.
+References: QEMU block/qed-check.c; qemu-img check's report and exit codes;
+e2fsck's lost+found.
 
 QED has no reference counts, so the only way to find allocation problems is to
 scan every table. The scan marks each cluster the L1 table, the L2 tables and the
 data clusters use; a cluster marked twice is a corruption (a duplicate reference),
 an offset that fails the validity tests is a corruption, and an unmarked cluster
-between the header and the end of the file is a leak.
+between the header and the end of the file is a leak. The scan reads through a
+narrow view (``ScanSource``: geometry, header, the end of the file, the L1 table and
+a reader of L2 tables), never the image itself.
 
 Counting follows QEMU exactly, so reports are comparable with ``qemu-img check``:
 
@@ -22,11 +25,27 @@ Differences from QEMU, on purpose: the cluster count uses the correct division
 about (cluster_size - 1) clusters), and ``RepairMode.LEAKS`` does not touch
 corruptions (QEMU's ``-r leaks`` repairs them too).
 
-Repair (``RepairMode.ALL``) first gives every cluster referenced twice a single
-owner (later references get copies), then zeroes invalid L1 and L2 entries, writing
-each fixed table whole, then clears NEED_CHECK if no corruption and no read error
-remains. Duplicates go first so that clearing the "entries" of a cluster that is
-both a table and someone's data never zeroes that data.
+Repair (docs/DESIGN.md, "Check and repair", has the whole story):
+
+1. corruptions (``RepairMode.ALL``): invalid entries are cleared and flushed, then
+   every cluster referenced twice gets a single owner (later references get copies
+   of the bytes they pointed to). Tables are written only through the tables API
+   (engine.qed.tables), new clusters come only from the allocator.
+2. leaks (``LEAKS`` on an image without corruption, ``ALL`` once the corruptions
+   are repaired), as ``reclaim`` says:
+
+   * ``Reclaim.COMPACT`` (``qed check -r``): if the scan found corruption, every
+     leaked cluster holding data is first saved to a lost+found file
+     (engine.lostfound) and nothing is reclaimed if that fails; then the clusters
+     at the end of the file move into the leaked slots (engine.qed.move, the
+     defragmenter's crash-safe mover) and the file is truncated: no leak remains.
+     An image with the home allocation policy keeps its layout (its leaks are
+     punched, the free tail truncated).
+   * ``Reclaim.TAIL`` (the open-time repair: cheap, moves nothing): only on an
+     image without corruption, the trailing run of leaks is truncated and the
+     others are punched (they stay counted as leaks).
+
+NEED_CHECK is cleared once no corruption and no read error remains.
 """
 
 from __future__ import annotations
@@ -36,14 +55,28 @@ from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
-from ..errors import QedError
-from ..format.tables import L2_ZERO_CLUSTER, pack_table, unpack_table
-from .qed import QedImage
+from ..errors import CorruptImageError, QedError
+from ..format.geometry import Geometry
+from ..format.header import Header
+from ..format.tables import L2_ZERO_CLUSTER
+from .lostfound import LostFound, Orphan, SavedRun
+from .qed import FREE, Mover, QedImage
+
+# Bytes of data moves one compaction round covers with one flush pair (as defrag's
+# offline batches).
+COMPACT_BATCH_BYTES = 64 << 20
 
 
 class RepairMode(enum.Enum):
     LEAKS = "leaks"
     ALL = "all"
+
+
+class Reclaim(enum.Enum):
+    """How a repair reclaims leaked clusters (see the module docstring)."""
+
+    COMPACT = "compact"  # qed check -r: lost+found if damaged, move, truncate
+    TAIL = "tail"  # open-time repair: truncate the free tail, punch the rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +101,10 @@ class CheckReport:
     leaks_fixed: int = 0
     check_errors: int = 0
     problems: tuple[Problem, ...] = field(default=())
+    # What the repair saved before reclaiming leaked clusters (None: nothing).
+    lost_found: SavedRun | None = None
+    # Why leaks were kept, and other remarks of the repair, for humans.
+    notes: tuple[str, ...] = ()
 
     @property
     def exit_code(self) -> int:
@@ -81,21 +118,61 @@ class CheckReport:
         return 0
 
 
+# =====================================================================================
+# The scan
+# =====================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class ScanSource:
+    """What the scan reads: the narrow view of an image. ``file_end``: the file size
+    rounded down to whole clusters (offsets at or past it are invalid);
+    ``read_table(l2_offset)``: an L2 table read from the file, bypassing any cache."""
+
+    geo: Geometry
+    header: Header
+    file_end: int
+    l1: array[int]
+    read_table: Callable[[int], Awaitable[array[int]]]
+
+
+async def scan_source(img: QedImage) -> ScanSource:
+    """The scan's view of ``img`` as it is now."""
+    size = await img.store.size()
+    file_end = max(img.file_end, size - size % img.geo.cluster_size)
+    return ScanSource(img.geo, img.header, file_end, img.l1_table, img.tables.read_table)
+
+
+@dataclass(frozen=True, slots=True)
+class _Damage:
+    """An invalid entry: at file offset ``where``, holding ``value``; ``table``: an L1
+    entry (the value was an L2 table's offset); ``guest``: the first guest byte the
+    entry maps."""
+
+    where: int
+    value: int
+    table: bool
+    guest: int
+
+
 class _Scan:
-    def __init__(self, img: QedImage, file_end: int, fix: bool) -> None:
-        self.img = img
-        self.geo = img.geo
-        self.file_end = file_end
-        self.fix = fix
-        self.used = bytearray(file_end >> self.geo.cluster_bits)
+    def __init__(self, source: ScanSource) -> None:
+        self.source = source
+        self.geo = source.geo
+        self.file_end = source.file_end
+        self.used = bytearray(source.file_end >> self.geo.cluster_bits)
         # Clusters some L2 entry points at, counting the tables the scan skips.
         self.data = bytearray(len(self.used))
         self.allocated = 0
         self.fragmented = 0
         self.corruptions = 0
-        self.fixed = 0
         self.check_errors = 0
         self.problems: list[Problem] = []
+        # Invalid entries, for the repair: L1 indexes, and entry indexes per L2 table
+        # (only tables the scan read; a duplicate table is the duplicate repair's).
+        self.invalid_l1: list[int] = []
+        self.invalid_l2: dict[int, list[int]] = {}
+        self.damaged: list[_Damage] = []
 
     def note(self, kind: str, offset: int, message: str) -> None:
         self.problems.append(Problem(kind, offset, message))
@@ -116,46 +193,27 @@ class _Scan:
         self.corruptions += dups
         return dups
 
-    def invalid(self, where: int, message: str) -> None:
-        if self.fix:
-            self.fixed += 1
-            self.note("corruption", where, message + " (repaired: entry cleared)")
-        else:
-            self.corruptions += 1
-            self.note("corruption", where, message)
+    def invalid(self, where: int, message: str, damage: _Damage) -> None:
+        self.corruptions += 1
+        self.note("corruption", where, message)
+        self.damaged.append(damage)
 
 
 Checkpoint = Callable[[int, int], Awaitable[None]]
 
 
 async def _scan(
-    img: QedImage,
-    fix: bool,
-    checkpoint: Checkpoint | None = None,
-    strict: bool = False,
-    data_refs: bytearray | None = None,
+    source: ScanSource, checkpoint: Checkpoint | None = None, strict: bool = False
 ) -> _Scan:
-    """One pass over every table, counting as QEMU counts; with ``fix``, invalid
-    entries are cleared (each fixed table rewritten whole, then the L1), except in a
-    table that ``data_refs`` (an earlier scan's ``data``) says is also someone's data:
-    rewriting it would change that data, so _repair_duplicates clears those.
-    ``checkpoint(l1_index, l1_entries)`` is awaited before each L2 table. ``strict``:
-    a table that cannot be read or written raises instead of counting as an error."""
-    geo = img.geo
-    header = img.header
-    file_size = await img.store.size()
-    file_end = max(img.file_end, file_size - file_size % geo.cluster_size)
-    scan = _Scan(img, file_end, fix)
-    l1 = img.l1_table
-    l1_fixed = False
-
-    def also_data(offset: int) -> bool:
-        if data_refs is None:
-            return False
-        first = offset >> geo.cluster_bits
-        return any(data_refs[first : first + geo.table_size])
-
-    l1_also_data = fix and also_data(header.l1_table_offset)
+    """One pass over every table, counting as QEMU counts and recording the invalid
+    entries. ``checkpoint(l1_index, l1_entries)`` is awaited before each L2 table.
+    ``strict``: a table that cannot be read raises instead of counting as an error."""
+    geo = source.geo
+    header = source.header
+    file_end = source.file_end
+    scan = _Scan(source)
+    l1 = source.l1
+    span = geo.l2_entries * geo.cluster_size
     scan.mark(header.l1_table_offset, geo.table_size, "the L1 table")
     for l1_index in range(len(l1)):
         l2_offset = l1[l1_index]
@@ -165,49 +223,26 @@ async def _scan(
             await checkpoint(l1_index, len(l1))
         where = header.l1_table_offset + 8 * l1_index
         if not geo.is_valid_table_offset(l2_offset, file_end):
-            if l1_also_data:
-                continue  # not rewritten in place
             scan.invalid(
-                where, f"L1 entry {l1_index} at {where}: invalid L2 table offset {l2_offset:#x}"
+                where,
+                f"L1 entry {l1_index} at {where}: invalid L2 table offset {l2_offset:#x}",
+                _Damage(where, l2_offset, True, l1_index * span),
             )
-            if fix:
-                l1[l1_index] = 0
-                l1_fixed = True
+            scan.invalid_l1.append(l1_index)
             continue
         if scan.mark(l2_offset, geo.table_size, f"the L2 table of L1 entry {l1_index}"):
-            if not fix:  # not counted (as QEMU), but its data references are noted
-                await _note_data(scan, l2_offset, strict)
+            # Not counted (as QEMU), but its data references are noted.
+            await _note_data(scan, l2_offset, strict)
             continue
         try:
-            table = unpack_table(await img.store.read_exact(l2_offset, geo.table_bytes, "L2 table"))
+            table = await source.read_table(l2_offset)
         except QedError as exc:
             if strict:
                 raise
             scan.check_errors += 1
             scan.note("check-error", l2_offset, f"cannot read L2 table at {l2_offset:#x}: {exc}")
             continue
-        if fix and also_data(l2_offset):
-            continue  # not rewritten in place
-        if _check_l2(scan, table, l2_offset) and fix:
-            try:
-                await img.store.write(l2_offset, pack_table(table))
-            except QedError as exc:
-                if strict:
-                    raise
-                scan.check_errors += 1
-                scan.note(
-                    "check-error", l2_offset, f"cannot write L2 table at {l2_offset:#x}: {exc}"
-                )
-                continue
-            img.cache.forget(l2_offset)
-    if l1_fixed:
-        try:
-            await img.store.write(header.l1_table_offset, pack_table(l1))
-        except QedError as exc:
-            if strict:
-                raise
-            scan.check_errors += 1
-            scan.note("check-error", header.l1_table_offset, f"cannot write the L1 table: {exc}")
+        _check_l2(scan, table, l2_offset, l1_index * geo.l2_entries)
     return scan
 
 
@@ -216,9 +251,7 @@ async def _note_data(scan: _Scan, l2_offset: int, strict: bool) -> None:
     read error raises; otherwise the table's other reference shows it)."""
     geo = scan.geo
     try:
-        table = unpack_table(
-            await scan.img.store.read_exact(l2_offset, geo.table_bytes, "L2 table")
-        )
+        table = await scan.source.read_table(l2_offset)
     except QedError:
         if strict:
             raise
@@ -228,10 +261,54 @@ async def _note_data(scan: _Scan, l2_offset: int, strict: bool) -> None:
             scan.data[entry >> geo.cluster_bits] = 1
 
 
+def _check_l2(scan: _Scan, table: array[int], l2_offset: int, first_guest: int) -> None:
+    """Scan one L2 table (``first_guest``: the guest cluster of its entry 0)."""
+    geo = scan.geo
+    cs = geo.cluster_size
+    file_end = scan.file_end
+    header_bytes = geo.header_bytes
+    last = 0
+    for index, entry in enumerate(table):
+        if entry <= L2_ZERO_CLUSTER:
+            continue
+        scan.allocated += 1
+        if last and last + cs != entry:
+            scan.fragmented += 1
+        last = entry
+        if entry % cs or entry < header_bytes or entry >= file_end:
+            where = l2_offset + 8 * index
+            scan.invalid(
+                where,
+                f"L2 entry {index} at {where}: invalid cluster offset {entry:#x}",
+                _Damage(where, entry, False, (first_guest + index) * cs),
+            )
+            scan.invalid_l2.setdefault(l2_offset, []).append(index)
+            continue
+        scan.mark(entry, 1, f"L2 entry {index} of the table at {l2_offset:#x}")
+        scan.data[entry >> geo.cluster_bits] = 1
+
+
 def _leaked(scan: _Scan) -> list[int]:
     """Indexes of unreferenced clusters between the header and the end of the file."""
     used = scan.used
     return [i for i in range(scan.geo.header_size, len(used)) if not used[i]]
+
+
+# =====================================================================================
+# Check and repair
+# =====================================================================================
+
+
+@dataclass
+class _Repair:
+    """What a repair did, gathered on the way."""
+
+    fixed: int = 0
+    leaks_fixed: int = 0
+    check_errors: int = 0
+    lost_found: SavedRun | None = None
+    notes: list[str] = field(default_factory=list)
+    compact: bool = False  # leaks to remove by moving clusters (after the lock)
 
 
 async def check_image(
@@ -240,56 +317,67 @@ async def check_image(
     *,
     checkpoint: Checkpoint | None = None,
     strict: bool = False,
+    reclaim: Reclaim = Reclaim.COMPACT,
+    lost_found: LostFound | None = None,
 ) -> CheckReport:
     """Scan ``img`` and, with ``repair``, fix what can be fixed. Never raises for
     problems it finds; raises QedError only if the image cannot be read at all.
 
-    Repairs (see docs/DESIGN.md, "Check and repair"):
+    Repairs (see the module docstring and docs/DESIGN.md, "Check and repair"):
 
     * ``ALL``: clear invalid L1/L2 entries (those of a table that is also someone's
       data only once that data has its own copy); give every duplicate reference its
-      own copy of the cluster it pointed to (so each keeps the bytes it had); reclaim
-      leaks as below; clear NEED_CHECK when no corruption remains.
-    * ``LEAKS``: truncate leaked clusters at the end of the file (counted as
-      leaks-fixed) and punch holes in the others (they keep being counted as leaks,
-      by any QED checker, since the file still spans them). Leaks are reclaimed only
-      when the scan found no corruption at all, fixed or not: next to a corruption,
-      a leaked cluster may hold the data a damaged entry lost.
+      own copy of the cluster it pointed to (so each keeps the bytes it had); then
+      reclaim leaks; clear NEED_CHECK when no corruption remains.
+    * ``LEAKS``: reclaim leaks, only on an image without corruption.
+
+    Leaks are reclaimed as ``reclaim`` says. With ``Reclaim.COMPACT``, when the scan
+    found corruption the leaked clusters holding data go to ``lost_found`` first;
+    without one, or if saving fails, no leak is reclaimed (``notes`` says why).
 
     The report gives the counts found by the first pass and what was repaired;
     ``check_and_repair`` adds the second pass qemu-img makes. ``strict`` makes a
     store error raise (StoreError) instead of being counted in check_errors: the
     open-time repair must not go on with an image it could not check.
+
+    Failure guarantee: every step keeps the image consistent on disk at every
+    instant, so a crash, or a store error (which raises StoreError, or ends the
+    compaction with a note), leaves at worst leaks or a NEED_CHECK that the next
+    open repairs, and a later ``check -r all`` finishes the job (tests/crash prove
+    both at every step); a leaked cluster is overwritten only once it is saved or
+    known to hold nothing.
     """
     writable = repair is not None and not img.readonly
     fix = repair is RepairMode.ALL and writable
-    scan = await _scan(img, False, checkpoint, strict)
+    scan = await _scan(await scan_source(img), checkpoint, strict)
     corruptions = scan.corruptions
-    fixed = 0
     leaks = _leaked(scan) if not scan.check_errors else []
     leak_count = len(leaks)
-    leaks_fixed = 0
+    done = _Repair()
     if writable and not scan.check_errors:
         async with img.allocations_paused():
             if fix and corruptions:
-                # Invalid entries are cleared (durably) before the duplicate repair
-                # grows the file: judged against a longer file, an entry just past
-                # the old end would become a valid reference to a new copy. Tables
-                # that are also data are left to the duplicate repair, which clears
-                # their invalid entries once the data has its own copy.
-                fixed += (await _scan(img, True, strict=strict, data_refs=scan.data)).fixed
-                await img.store.flush()
-                fixed += await _repair_duplicates(img, scan.file_end)
-                after = await _scan(img, False, strict=strict)
+                after = await _repair_corruptions(img, scan, strict, done)
                 corruptions = after.corruptions
                 leaks = _leaked(after) if not after.check_errors else []
-            if not scan.corruptions:
-                # Only on an image without damage: next to a corruption, a leaked
-                # cluster may be the lost target of a damaged entry; it stays until
-                # a later check finds the image otherwise clean.
-                leaks_fixed = await _reclaim_leaks(img, leaks)
-            if fix and not corruptions:
+                done.check_errors += after.check_errors
+            if reclaim is Reclaim.TAIL:
+                if not scan.corruptions:
+                    # Only on an image without damage: next to a corruption, a
+                    # leaked cluster may be the lost target of a damaged entry; it
+                    # stays for an explicit ``qed check -r``.
+                    done.leaks_fixed = await _reclaim_tail(img, leaks)
+            elif leaks and not corruptions and not done.check_errors:
+                await _plan_reclaim(img, scan, leaks, lost_found, done)
+            elif leaks and corruptions:
+                done.notes.append(
+                    f"{len(leaks)} leaked clusters kept: leaks are reclaimed only once no "
+                    "corruption remains" + ("" if fix else " ('-r all' repairs them)")
+                )
+            if fix and not corruptions and not done.check_errors:
                 await img.mark_clean()
+        if done.compact:
+            await _compact(img, leaks, done)
     for index in leaks if scan.check_errors == 0 else []:
         scan.note(
             "leak",
@@ -303,12 +391,96 @@ async def check_image(
         allocated_clusters=scan.allocated,
         fragmented_clusters=scan.fragmented,
         corruptions=corruptions if fix else scan.corruptions,
-        corruptions_fixed=fixed,
+        corruptions_fixed=done.fixed,
         leaks=leak_count,
-        leaks_fixed=leaks_fixed,
-        check_errors=scan.check_errors,
+        leaks_fixed=done.leaks_fixed,
+        check_errors=scan.check_errors + done.check_errors,
         problems=tuple(scan.problems),
+        lost_found=done.lost_found,
+        notes=tuple(done.notes),
     )
+
+
+async def check_and_repair(
+    img: QedImage, repair: RepairMode | None, *, lost_found: LostFound | None = None
+) -> CheckReport:
+    """``qemu-img check [-r]``'s flow: check (repairing if asked); if anything was
+    repaired, check again and report that second result with the repair counts,
+    what went to lost+found and the notes."""
+    first = await check_image(img, repair, lost_found=lost_found)
+    if repair is None or not (first.corruptions_fixed or first.leaks_fixed):
+        return first
+    second = await check_image(img, None)
+    return replace(
+        second,
+        corruptions_fixed=first.corruptions_fixed,
+        leaks_fixed=first.leaks_fixed,
+        problems=first.problems,
+        lost_found=first.lost_found,
+        notes=first.notes,
+    )
+
+
+# ---- corruptions ------------------------------------------------------------------
+
+
+async def _repair_corruptions(img: QedImage, scan: _Scan, strict: bool, done: _Repair) -> _Scan:
+    """Clear invalid entries (durably) before the duplicate repair grows the file:
+    judged against a longer file, an entry just past the old end would become a
+    valid reference to a new copy. Tables that are also data are left to the
+    duplicate repair, which clears their invalid entries once the data has its own
+    copy. Returns a scan of the repaired image. Caller holds the allocation lock."""
+    cleared = await _clear_invalid(img, scan, strict, done)
+    if cleared:
+        await img.store.flush()
+        done.fixed += await _repair_duplicates(img, scan.file_end)
+    img.alloc.forget_map()  # the repair changed ownership behind the map's back
+    return await _scan(await scan_source(img), strict=strict)
+
+
+async def _clear_invalid(img: QedImage, scan: _Scan, strict: bool, done: _Repair) -> bool:
+    """Zero the invalid entries the scan found, each fixed L2 table rewritten whole,
+    then the L1 (skipping a table, or the L1, whose clusters are also someone's
+    data: rewriting it would change that data). Returns False if a write failed
+    (counted as a check error; the rest of the repair is skipped)."""
+    geo = img.geo
+    tables = img.tables
+    bits = geo.cluster_bits
+
+    def also_data(offset: int) -> bool:
+        first = offset >> bits
+        return any(scan.data[first : first + geo.table_size])
+
+    for l2_offset, indexes in scan.invalid_l2.items():
+        if also_data(l2_offset):
+            continue
+        try:
+            table = await tables.read_table(l2_offset)
+            for index in indexes:
+                table[index] = 0
+            await tables.rewrite_table(l2_offset, table)
+        except QedError as exc:
+            if strict:
+                raise
+            done.check_errors += 1
+            scan.note("check-error", l2_offset, f"cannot rewrite L2 table at {l2_offset:#x}: {exc}")
+            return False
+        done.fixed += len(indexes)
+    l1_offset = img.header.l1_table_offset
+    if scan.invalid_l1 and not also_data(l1_offset):
+        l1 = img.l1_table
+        for l1_index in scan.invalid_l1:
+            l1[l1_index] = 0
+        try:
+            await tables.rewrite_l1()
+        except QedError as exc:
+            if strict:
+                raise
+            done.check_errors += 1
+            scan.note("check-error", l1_offset, f"cannot write the L1 table: {exc}")
+            return False
+        done.fixed += len(scan.invalid_l1)
+    return True
 
 
 async def _repair_duplicates(img: QedImage, file_end: int) -> int:
@@ -321,14 +493,17 @@ async def _repair_duplicates(img: QedImage, file_end: int) -> int:
     bytes it pointed to, read before anything is rewritten. Invalid entries left
     (judged against ``file_end``, the file before this repair grew it) are cleared
     in the same rewrite. Order on disk: copies, flush, rewritten L2 tables, flush,
-    L1, flush. Caller holds the allocation lock.
+    L1, flush. New clusters come from the allocator, tables are written through the
+    tables API. Caller holds the allocation lock.
     """
     geo = img.geo
     bits = geo.cluster_bits
     ts = geo.table_size
     store = img.store
+    alloc = img.alloc
+    tables_api = img.tables
     l1 = img.l1_table
-    owned = bytearray(max(file_end, img.file_end) >> bits)
+    owned = bytearray(max(file_end, alloc.file_end) >> bits)
 
     def claim(offset: int, count: int) -> bool:
         first = offset >> bits
@@ -344,14 +519,14 @@ async def _repair_duplicates(img: QedImage, file_end: int) -> int:
     l1_changed = False
     for l1_index, l2_offset in enumerate(l1):
         if not geo.is_valid_table_offset(l2_offset, file_end):
-            if l2_offset:  # invalid, left by the scan because the L1 is also data
+            if l2_offset:  # invalid, left by the clearing because the L1 is also data
                 l1[l1_index] = 0
                 l1_changed = True
                 moved += 1
             continue
-        table = unpack_table(await store.read_exact(l2_offset, geo.table_bytes, "L2 table"))
+        table = await tables_api.read_table(l2_offset)
         if not claim(l2_offset, ts):
-            l2_offset = img.alloc.at_end(ts)  # beyond the old end: owned by construction
+            l2_offset = alloc.at_end(ts)  # beyond the old end: owned by construction
             moved += 1
             rewrite.add(l1_index)
         tables[l1_index] = (l2_offset, table)
@@ -367,7 +542,7 @@ async def _repair_duplicates(img: QedImage, file_end: int) -> int:
                 continue
             if claim(entry, 1):
                 continue  # the first owner
-            new = img.alloc.at_end(1)
+            new = alloc.at_end(1)
             copies.append((entry, new))
             table[index] = new
             moved += 1
@@ -377,20 +552,23 @@ async def _repair_duplicates(img: QedImage, file_end: int) -> int:
     await store.flush()
     for l1_index in sorted(rewrite):
         l2_offset, table = tables[l1_index]
-        await store.write(l2_offset, pack_table(table))
+        await tables_api.rewrite_table(l2_offset, table)
     await store.flush()
     for l1_index in rewrite:
         if l1[l1_index] != tables[l1_index][0]:
             l1[l1_index] = tables[l1_index][0]
             l1_changed = True
     if l1_changed:
-        await store.write(img.header.l1_table_offset, pack_table(l1))
+        await tables_api.rewrite_l1()
         await store.flush()
-    img.cache.clear()
+    tables_api.cache.clear()
     return moved
 
 
-async def _reclaim_leaks(img: QedImage, leaks: list[int]) -> int:
+# ---- leaks --------------------------------------------------------------------------
+
+
+async def _reclaim_tail(img: QedImage, leaks: list[int]) -> int:
     """Truncate the trailing run of leaked clusters (returns how many) and punch holes
     in the leaked clusters before it. Caller holds the allocation lock."""
     if not leaks:
@@ -402,13 +580,8 @@ async def _reclaim_leaks(img: QedImage, leaks: list[int]) -> int:
         trailing += 1
     inner = leaks[: len(leaks) - trailing]
     if img.store.capabilities.punch_holes:
-        start = prev = -2
-        for index in [*inner, -1]:
-            if index != prev + 1:
-                if start >= 0:
-                    await img.store.discard(start << bits, (prev - start + 1) << bits)
-                start = index
-            prev = index
+        for start, count in _runs(inner):
+            await img.store.discard(start << bits, count << bits)
     if trailing:
         new_end = (end - trailing) << bits
         await img.store.flush()
@@ -418,43 +591,142 @@ async def _reclaim_leaks(img: QedImage, leaks: list[int]) -> int:
     return trailing
 
 
-def _check_l2(scan: _Scan, table: array[int], l2_offset: int) -> bool:
-    """Scan one L2 table; returns True if an entry was cleared (fix mode)."""
-    geo = scan.geo
+def _runs(indexes: list[int]) -> list[tuple[int, int]]:
+    """Ascending cluster indexes as (first, count) runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for index in indexes:
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
+
+
+async def _plan_reclaim(
+    img: QedImage, scan: _Scan, leaks: list[int], lost_found: LostFound | None, done: _Repair
+) -> None:
+    """Reclaim.COMPACT under the allocation lock: save what may be lost data (when
+    the scan found corruption), then either mark the leaks for compaction or, where
+    moving clusters is not wanted or not possible, punch them and cut the tail."""
+    bits = img.geo.cluster_bits
+    if scan.corruptions:
+        orphans = await _orphans(img, scan, leaks)
+        if orphans:
+            if lost_found is None:
+                done.notes.append(
+                    f"{len(leaks)} leaked clusters kept: {len(orphans)} of them hold data "
+                    "that a damaged entry may have lost, and no lost+found file was given"
+                )
+                return
+            try:
+                done.lost_found = await lost_found.save(
+                    img.filename,
+                    img.geo.cluster_size,
+                    [p.message for p in scan.problems if p.kind == "corruption"],
+                    orphans,
+                    lambda offset, length: img.store.read_exact(offset, length, "leaked cluster"),
+                )
+            except QedError as exc:
+                done.notes.append(
+                    f"{len(leaks)} leaked clusters kept: {len(orphans)} of them hold data "
+                    f"that a damaged entry may have lost, and saving them failed: {exc}"
+                )
+                return
+    if img.home_allocation:
+        done.leaks_fixed = await _reclaim_tail(img, leaks)
+        kept = len(leaks) - done.leaks_fixed
+        if kept:
+            done.notes.append(
+                f"{kept} leaked clusters kept as holes: the image has the home allocation "
+                "policy (identity layout), whose free home slots every QED checker counts "
+                "as leaks; 'qed defrag --layout packed' removes them"
+            )
+        return
+    try:
+        cmap = await img.ensure_cluster_map()
+    except CorruptImageError as exc:  # not after a successful repair; to be safe
+        done.notes.append(f"{len(leaks)} leaked clusters kept: {exc}")
+        return
+    used = len(cmap) - cmap.owner.count(FREE)
+    l1_end = (img.header.l1_table_offset >> bits) + img.geo.table_size
+    if l1_end > used:
+        done.leaks_fixed = await _reclaim_tail(img, leaks)
+        kept = len(leaks) - done.leaks_fixed
+        if kept:
+            done.notes.append(
+                f"{kept} leaked clusters kept as holes: the L1 table lies past the space "
+                "the image uses, and moving the L1 table is not implemented"
+            )
+        return
+    done.compact = True
+
+
+async def _orphans(img: QedImage, scan: _Scan, leaks: list[int]) -> list[Orphan]:
+    """The leaked clusters that hold data (not a hole of the file, not all zeros),
+    with why each is saved."""
+    geo = img.geo
+    bits = geo.cluster_bits
     cs = geo.cluster_size
-    file_end = scan.file_end
-    header_bytes = geo.header_bytes
-    last = 0
-    changed = False
-    for index, entry in enumerate(table):
-        if entry <= L2_ZERO_CLUSTER:
-            continue
-        scan.allocated += 1
-        if last and last + cs != entry:
-            scan.fragmented += 1
-        last = entry
-        if entry % cs or entry < header_bytes or entry >= file_end:
-            where = l2_offset + 8 * index
-            scan.invalid(where, f"L2 entry {index} at {where}: invalid cluster offset {entry:#x}")
-            if scan.fix:
-                table[index] = 0
-                changed = True
-            continue
-        scan.mark(entry, 1, f"L2 entry {index} of the table at {l2_offset:#x}")
-        scan.data[entry >> geo.cluster_bits] = 1
-    return changed
+    store = img.store
+    hints: dict[int, str] = {}
+    for d in scan.damaged:
+        first = d.value >> bits  # an offset with its low bits damaged: the cluster it was
+        if d.table:
+            for k in range(geo.table_size):
+                hints.setdefault(
+                    first + k,
+                    f"it may be cluster {k} of the L2 table of the L1 entry at {d.where:#x} "
+                    f"(guest offsets from {d.guest:#x}), which held {d.value:#x}",
+                )
+        else:
+            hints.setdefault(
+                first,
+                f"it may be the data of guest offset {d.guest:#x}, whose L2 entry at "
+                f"{d.where:#x} held {d.value:#x}",
+            )
+    found = sum(1 for p in scan.problems if p.kind == "corruption")
+    zero = bytes(cs)
+    orphans: list[Orphan] = []
+    for start, count in _runs(leaks):
+        for ext in await store.extents(start << bits, count << bits):
+            if not ext.data:
+                continue
+            first = ext.offset >> bits
+            last = (ext.offset + ext.length - 1) >> bits
+            for index in range(first, last + 1):
+                offset = index << bits
+                if await store.read_exact(offset, cs, "leaked cluster") == zero:
+                    continue
+                why = f"no table references it after the repair of {found} corruptions"
+                if index in hints:
+                    why += "; " + hints[index]
+                orphans.append(Orphan(offset, cs, why))
+    return orphans
 
 
-async def check_and_repair(img: QedImage, repair: RepairMode | None) -> CheckReport:
-    """``qemu-img check [-r]``'s flow: check (repairing if asked); if anything was
-    repaired, check again and report that second result with the repair counts."""
-    first = await check_image(img, repair)
-    if repair is None or not (first.corruptions_fixed or first.leaks_fixed):
-        return first
-    second = await check_image(img, None)
-    return replace(
-        second,
-        corruptions_fixed=first.corruptions_fixed,
-        leaks_fixed=first.leaks_fixed,
-        problems=first.problems,
-    )
+async def _compact(img: QedImage, leaks: list[int], done: _Repair) -> None:
+    """Remove the leaks by moving the clusters at the end of the file into them, then
+    truncating (engine.qed.move; every step crash-safe). A failure keeps the image
+    consistent; what was not removed stays as leaks, punched, and a note says why."""
+    bits = img.geo.cluster_bits
+    mover = Mover(img)
+    tables = sum(1 for offset in img.l1_table if offset)
+    batch = max(1, COMPACT_BATCH_BYTES >> bits)
+    rounds = 4 * tables + 2 * (len(leaks) // batch) + 16
+    try:
+        await mover.compact(batch=batch, max_rounds=rounds)
+    except QedError as exc:
+        done.notes.append(f"moving clusters into the leaked ones stopped: {exc}")
+        try:
+            if img.cluster_map is not None:
+                await mover.truncate()
+                await mover.punch_free()
+        except QedError:
+            pass
+    cmap = img.cluster_map
+    if cmap is not None:
+        remaining = cmap.owner.count(FREE)
+    else:
+        after = await _scan(await scan_source(img))
+        remaining = len(_leaked(after)) if not after.check_errors else len(leaks)
+    done.leaks_fixed = max(0, len(leaks) - remaining)

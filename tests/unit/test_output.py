@@ -6,6 +6,7 @@ algorithm compiled in C, for the values below.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,13 +16,16 @@ from qedkit.cli.output import (
     check_json,
     info_dict,
     info_json,
+    lost_found_human,
     map_human,
     map_json,
+    notes_human,
     qdict_order,
     size_to_str,
 )
 from qedkit.engine.base import ImageInfo
 from qedkit.engine.check import CheckReport
+from qedkit.engine.lostfound import SavedRun
 from qedkit.engine.mapping import MapEntry
 
 # ---- size_to_str -------------------------------------------------------------------
@@ -177,6 +181,37 @@ def test_check_json_of_a_clean_empty_image() -> None:
         "format": "qed",
     }
     assert list(check_dict(report)) == ["total-clusters", "check-errors", "filename", "format"]
+
+
+def test_check_json_names_the_lost_found_archive_and_the_notes_only_when_present() -> None:
+    saved = SavedRun("c.qed.lost+found.tar", "20261202T131500Z", 2, 131072)
+    report = CheckReport(
+        filename="c.qed",
+        format="qed",
+        total_clusters=64,
+        allocated_clusters=3,
+        corruptions_fixed=1,
+        leaks_fixed=2,
+        lost_found=saved,
+        notes=("a note",),
+    )
+    got = json.loads(check_json(report))
+    assert got.pop("lost-and-found") == {
+        "filename": "c.qed.lost+found.tar",
+        "run": "20261202T131500Z",
+        "clusters": 2,
+        "bytes": 131072,
+    }
+    assert got.pop("notes") == ["a note"]
+    plain = dataclasses.replace(report, lost_found=None, notes=())
+    assert got == json.loads(check_json(plain))  # otherwise qemu-img's keys
+    assert "lost" not in check_json(plain) and "notes" not in check_json(plain)
+    assert lost_found_human(plain) == notes_human(plain) == ""
+    assert lost_found_human(report) == (
+        "Saved 2 leaked clusters (128 KiB) that may hold lost data to c.qed.lost+found.tar "
+        "(run 20261202T131500Z) before reclaiming them.\n"
+    )
+    assert notes_human(report) == "qed: c.qed: a note\n"
 
 
 def test_info_json_matches_qemu_img_info_with_raw_backing() -> None:

@@ -28,7 +28,7 @@ below it, then ``truncate`` cuts the file.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -206,8 +206,9 @@ class Mover:
         tables past the first ``used`` clusters (``used`` = how many are owned) move
         into the free slots below, lowest first, keeping their host order; then the
         free tail is truncated. Tables go first (each needs ``table_size`` free slots
-        in a row: when no such run is free, the data clusters of a window of slots
-        move out of the way). Under a guest that keeps allocating, it gives up after
+        in a row: when no such run is free, a window of slots is emptied: its data
+        clusters, and any table this call has not placed yet, move past the used
+        space). Under a guest that keeps allocating, it gives up after
         ``max_rounds`` rounds and leaves the rest for a later run."""
         img = self.img
         alloc = img.alloc
@@ -216,6 +217,7 @@ class Mover:
         bits = img.geo.cluster_bits
         ts = img.geo.table_size
         stats = CompactStats()
+        placed: set[int] = set()  # tables this call lowered: never evicted again
         for _ in range(max_rounds):
             owner = cmap.owner
             used = len(owner) - owner.count(FREE)
@@ -231,7 +233,7 @@ class Mover:
                 key=lambda l1_index: -img.l1_table[l1_index],
             )
             if tables:
-                await self._lower_table(tables[0], used)
+                await self._lower_table(tables[0], used, placed)
                 stats.tables_moved += 1
                 continue
             if any(owner[i] < 0 for i in above):
@@ -249,39 +251,69 @@ class Mover:
         stats.truncated_bytes = await self.truncate()
         return stats
 
-    async def _lower_table(self, l1_index: int, used: int) -> None:
+    async def _lower_table(self, l1_index: int, used: int, placed: set[int]) -> None:
         """Move the table of ``l1_index`` (some of it at or past cluster ``used``) to
-        ``table_size`` slots below ``used``: a free run if there is one, else a window
-        of data clusters emptied first (they move past ``used``)."""
+        ``table_size`` slots below ``used``: a free run if there is one, else the
+        window nearest the top holding only data and free slots (not the table
+        itself), emptied first (its data moves past ``used``).
+
+        On a sparse image (data, table, data, table ...) no such window exists. Then
+        the table, once it lies wholly past ``used`` (a table straddling it first
+        moves out of the way), takes the window nearest the top that holds neither
+        the header, the L1 table nor a table in ``placed``: its data and its tables
+        move past ``used`` first. Each success adds ``l1_index`` to ``placed``; a
+        placed table is never evicted, so every table settles in a few rounds."""
         img = self.img
         cmap = img.alloc.cluster_map
         assert cmap is not None
         bits = img.geo.cluster_bits
         ts = img.geo.table_size
         owner = cmap.owner
-        current = img.l1_table[l1_index] >> bits
+        l1 = img.l1_table
+        current = l1[l1_index] >> bits
         start = img.geo.header_size
         run = cmap.first_free_run(start, ts)
         if run + ts <= used:
             await self.move_table(l1_index, run << bits)
+            placed.add(l1_index)
             return
-        # No free run below: the window nearest the top with no metadata in it
-        # (not the table itself) is emptied of data.
-        for window in range(used - ts, start - 1, -1):
-            slots = range(window, window + ts)
-            if all(owner[i] >= 0 or owner[i] == FREE for i in slots) and not (
-                window < current + ts and current < window + ts
-            ):
-                break
-        else:
-            raise JobError(
-                "no room to move an L2 table below the used space", filename=img.filename
+
+        def top_window(fits: Callable[[range], bool]) -> range | None:
+            for window in range(used - ts, start - 1, -1):
+                slots = range(window, window + ts)
+                if fits(slots):
+                    return slots
+            return None
+
+        slots = top_window(
+            lambda slots: (
+                all(owner[i] >= 0 or owner[i] == FREE for i in slots)
+                and not (slots.start < current + ts and current < slots.stop)
             )
+        )
+        table_at: dict[int, int] = {}  # cluster -> l1 index of a table not placed yet
+        if slots is None:
+            if current < used:
+                # It straddles ``used``: the windows near the top overlap it.
+                await self.move_table(l1_index, self.free_run(used << bits, ts))
+                return
+            for other, offset in enumerate(l1):
+                if offset and other not in placed:
+                    for k in range(ts):
+                        table_at[(offset >> bits) + k] = other
+            slots = top_window(lambda slots: all(owner[i] != META or i in table_at for i in slots))
+            if slots is None:
+                raise JobError(
+                    "no room to move an L2 table below the used space", filename=img.filename
+                )
         evict = [Planned(owner[i], i << bits, None) for i in slots if owner[i] >= 0]
         moved = await self.move_data(evict, spill=used << bits)
         if len(moved) != len(evict):
             return  # something changed under us: the next round looks again
-        await self.move_table(l1_index, window << bits)
+        for other in sorted({table_at[i] for i in slots if i in table_at}):
+            await self.move_table(other, self.free_run(used << bits, ts))
+        await self.move_table(l1_index, slots.start << bits)
+        placed.add(l1_index)
 
     def free_run(self, start: int, count: int) -> int:
         """The first ``count`` free clusters at or after ``start`` (not claimed)."""

@@ -18,6 +18,16 @@ gives back, and what online defragmentation costs a client while it runs, in one
      a. library: qedkit.open + readinto 1 MiB vs os.preadv of the raw file (cached);
      b. NBD: `qed serve -r` (`-f raw` for the raw file) + `nbdcopy URI null:` (cached);
      c. direct I/O: `qemu-img bench -t none -s 1M -S 1M -d 1 -c size/1M`.
+4. Sparse disks (--sparse-size, default 4G, with --sparse-data of data, default 1G, in
+   runs of 64 KiB to 8 MiB at seeded random places): `sparse.raw`; `sparse-frag.qed`
+   (qemu-io writes every data cluster once in a shuffled order, then `qemu-img convert
+   -n --target-is-zero` fills in the data); `qed defrag` of a copy (packed layout).
+   Rows: file sizes (apparent, allocated) against a `qed convert` of the raw file,
+   qemu-img check's exit code, the direct-I/O sequential read of the whole disk
+   (`qemu-img bench -t none`, fragmented / defragmented / raw interleaved, medians;
+   goal defragmented >= 0.95x raw), and what a sequential fill of new clusters does to
+   extents per run afterwards (qemu-io writes 1 MiB pieces front to back into the
+   largest gap, and past the last data), in the packed and in the identity layout.
 3. Client latency under online defragmentation: a fresh copy of frag.qed served by
    `qed serve --control`; fio (nbd engine, 4 KiB randread / randwrite, QD1, --runtime
    s) with no job, then while `job-start type=defrag` runs with each --modes argument
@@ -31,6 +41,7 @@ qemu-img, qemu-io, nbdcopy and fio (with the nbd engine) on PATH.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import mmap
 import os
@@ -436,6 +447,12 @@ def main() -> int:
         help="job-start arguments of the online defrag cells, e.g. 'batch=256,rate=50M' "
         f"(default: {' '.join(DEFAULT_MODES)})",
     )
+    ap.add_argument("--sparse-size", type=parse_size, default=parse_size("4G"),
+                    help="size of the sparse section's disk (default 4G; 0 skips it)")  # fmt: skip
+    ap.add_argument("--sparse-data", type=parse_size, default=parse_size("1G"),
+                    help="data in the sparse disk (default 1G)")  # fmt: skip
+    ap.add_argument("--only-sparse", action="store_true",
+                    help="run only the sparse section (section 4)")  # fmt: skip
     ap.add_argument("--dir", type=Path,
                     help="work directory (default: a new temp dir under /var/tmp)")  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the work directory's files")
@@ -459,11 +476,18 @@ def main() -> int:
         if not shutil.which(tool):
             ap.error(f"{tool} not found")
 
-    files = (SRC, FRAG, DEFRAG, ONLINE, "images.json", "fio.json", "serve.log", "online.log")
+    files = (SRC, FRAG, DEFRAG, ONLINE, "images.json", "fio.json", "serve.log", "online.log",
+             *SPARSE_FILES)  # fmt: skip
     with work_dir(args.dir, "qedkit-defrag-", keep=args.keep, files=files) as d:
         if len(str(d / "online.sock")) > 100:
             ap.error(f"work directory path too long for a unix socket: {d}")
-        return bench(args, d)
+        if args.only_sparse:
+            busy_warning(load_average())
+            return sparse_section(args, d, qed_command(args.qed))
+        code = bench(args, d)
+        if code == 0 and args.sparse_size:
+            code = sparse_section(args, d, qed_command(args.qed))
+        return code
 
 
 def bench(args: argparse.Namespace, d: Path) -> int:
@@ -736,6 +760,168 @@ def bench(args: argparse.Namespace, d: Path) -> int:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0
+
+
+# --------------------------------------------------------------------------- section 4
+
+SPARSE_FILES = ("sparse.raw", "sparse-frag.qed", "sparse-defrag.qed", "sparse-conv.qed",
+                "sparse-fill.qed", "sparse-identity.qed")  # fmt: skip
+
+
+def sparse_runs(size: int, data: int, seed: int) -> list[tuple[int, int]]:
+    """(first cluster, count) of the data runs: 1 to 128 clusters each (64 KiB to
+    8 MiB), at seeded random places, until ``data`` bytes; sorted, not touching."""
+    rng = random.Random(seed)
+    total = size // CLUSTER
+    want = data // CLUSTER
+    taken = bytearray(total)
+    runs: list[tuple[int, int]] = []
+    have = 0
+    while have < want:
+        n = min(rng.randint(1, 128), want - have)
+        start = rng.randrange(total - n)
+        if any(taken[max(0, start - 1) : start + n + 1]):
+            continue
+        taken[start : start + n] = b"\x01" * n
+        runs.append((start, n))
+        have += n
+    return sorted(runs)
+
+
+def build_sparse(d: Path, size: int, data: int, seed: int) -> list[tuple[int, int]]:
+    raw, frag = d / "sparse.raw", d / "sparse-frag.qed"
+    runs = sparse_runs(size, data, seed)
+    rng = random.Random(seed + 2)
+    base = rng.randbytes(MiB)
+    remove(raw, frag)
+    fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        for start, n in runs:
+            for c in range(start, start + n):
+                k = rng.randrange(MiB - CLUSTER)
+                block = bytearray(base[k : k + CLUSTER])
+                block[:16] = (c * CLUSTER).to_bytes(8, "little") + seed.to_bytes(8, "little")
+                os.pwrite(fd, block, c * CLUSTER)
+    finally:
+        os.close(fd)
+    sh(["qemu-img", "create", "-q", "-f", "qed", "-o", f"cluster_size={CLUSTER}",
+        str(frag), str(size)])  # fmt: skip
+    order = [c for start, n in runs for c in range(start, start + n)]
+    random.Random(seed + 3).shuffle(order)
+    script = "".join(f"write -q -P {c % 255 + 1} {c * CLUSTER} {CLUSTER}\n" for c in order)
+    p = subprocess.run(
+        ["qemu-io", "-t", "unsafe", "-f", "qed", str(frag)],
+        input=script.encode(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    if p.returncode or p.stderr.strip():
+        raise SystemExit(f"qemu-io failed: {p.stderr.decode(errors='replace')}")
+    sh(["qemu-img", "convert", "-n", "--target-is-zero", "-f", "raw", "-O", "qed",
+        str(raw), str(frag)])  # fmt: skip
+    sync()
+    return runs
+
+
+def fill_extents(qed: list[str], image: Path, ranges: list[tuple[int, int]]) -> dict[str, Any]:
+    """`qed io` (the engine, so the image's allocation policy applies: QEMU would clear
+    the home allocation bit) writes each [start, end) front to back in 1 MiB pieces;
+    then qed frag."""
+    commands: list[str] = []
+    for start, end in ranges:
+        for off in range(start, end, MiB):
+            commands += ["-c", f"write -P 0x5a {off} {min(MiB, end - off)}"]
+    sh([*qed, "io", *commands, str(image)], capture=True)
+    return frag_report(qed, image)
+
+
+def sparse_section(args: argparse.Namespace, d: Path, qed: list[str]) -> int:
+    size, data = args.sparse_size, args.sparse_data
+    print(f"sparse: building a {human(size)} disk with {human(data)} of data ...", flush=True)
+    runs = build_sparse(d, size, data, args.seed)
+    raw, frag = d / "sparse.raw", d / "sparse-frag.qed"
+    dfr, conv = d / "sparse-defrag.qed", d / "sparse-conv.qed"
+    compare(raw, frag)
+    remove(conv)
+    sh([*qed, "convert", "-f", "raw", "-O", "qed", str(raw), str(conv)])
+    copy_file(frag, dfr)
+    sync()
+    t0 = time.perf_counter()
+    stats = json.loads(sh([*qed, "defrag", "--output=json", str(dfr)], capture=True))
+    wall = time.perf_counter() - t0
+    compare(raw, dfr)
+    rc_frag, _ = qemu_check(frag)
+    rc_dfr, summary = qemu_check(dfr)
+    info = {k: frag_report(qed, p) for k, p in (("fragmented", frag), ("defragmented", dfr))}
+    paths = {"fragmented": frag, "defragmented": dfr, "raw": raw}
+    fmts = {"fragmented": "qed", "defragmented": "qed", "raw": "raw"}
+    secs: dict[str, list[float]] = {k: [] for k in KINDS}
+    print(f"sparse: {args.runs} runs of the direct-I/O read, interleaved ...", flush=True)
+    for i in range(args.runs):
+        for kind in KINDS[i % 3 :] + KINDS[: i % 3]:
+            secs[kind].append(qemu_bench(paths[kind], fmts[kind], size))
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    # Follow-up sequential fills: into the largest gap, and past the last data.
+    gaps = [(a + n, b) for (a, n), (b, _) in itertools.pairwise(runs)]
+    g0, g1 = max(gaps, key=lambda g: g[1] - g[0])
+    fill = min(128 * MiB, (g1 - g0) * CLUSTER // 2)
+    last = (runs[-1][0] + runs[-1][1]) * CLUSTER
+    tail = min(64 * MiB, size - last)
+    ranges = [(g0 * CLUSTER, g0 * CLUSTER + fill), (last, last + tail)]
+    fills = {}
+    for layout, name in (("packed", "sparse-fill.qed"), ("identity", "sparse-identity.qed")):
+        image = d / name
+        copy_file(frag, image)
+        sh([*qed, "defrag", "-q", "--layout", layout, str(image)])
+        fills[layout] = fill_extents(qed, image, ranges)
+        fills[layout]["file"] = image.stat().st_size
+        fills[layout]["check"] = qemu_check(image)[0]
+    print()
+    print(
+        f"sparse   {human(size)} disk, {human(data)} of data in {len(runs)} runs of 64 KiB to "
+        f"8 MiB; sparse-frag.qed written by qemu-io in shuffled cluster order; qed defrag "
+        f"(packed): {stats['clusters-moved']} clusters moved in {wall:.1f} s, "
+        f"qemu-img check exit {rc_dfr} ({summary or 'clean'}; fragmented image: {rc_frag})"
+    )
+    print()
+    print_table(
+        ("file", "apparent", "allocated", "vs qed convert"),
+        [
+            (p.name, human(p.stat().st_size), human(allocated(p)),
+             f"{p.stat().st_size / conv.stat().st_size:.3f}x")
+            for p in (raw, frag, dfr, conv)
+        ],
+    )  # fmt: skip
+    print()
+    ratio = (size / med["defragmented"]) / (size / med["raw"])
+    print_table(
+        ("direct-I/O sequential read " + human(size), *KINDS, "defrag/raw", "goal", "met"),
+        [(
+            "qemu-img bench -t none -s 1M -S 1M -d 1",
+            *(f"{size / med[k] / 1e6:,.0f} MB/s" for k in KINDS),
+            f"{ratio:.2f}", ">= 0.95", "yes" if ratio >= 0.95 else "NO",
+        )],
+    )  # fmt: skip
+    print()
+    print(
+        f"after a sequential fill of {human(fill)} into the largest gap and {human(tail)} "
+        f"past the last data (qed io, 1 MiB writes, front to back):"
+    )
+    print_table(
+        ("layout", "runs", "host extents", "max extents/run", "mean", "file", "qemu-img check"),
+        [
+            (layout, str(f["runs"]), str(f["host-extents"]), str(f["max-extents-per-run"]),
+             f"{f['mean-extents-per-run']:.2f}", human(f["file"]), str(f["check"]))
+            for layout, f in fills.items()
+        ],
+    )  # fmt: skip
+    before = info["defragmented"]
+    print(
+        f"(before the fill: {before['runs']} runs, {before['host-extents']} extents; "
+        f"fragmented image: {info['fragmented']['host-extents']} extents)"
+    )
+    return 0 if rc_dfr == 0 else 1
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from ..engine.mapping import MapEntry, map_chain
 from ..engine.sync import step
 from ..errors import QedError
 from . import protocol as p
+from .errors import nbd_errno_for
 
 log = logging.getLogger("qedkit.nbd")
 
@@ -416,7 +417,7 @@ class _Connection(asyncio.Protocol):
             return conn.reply_ok(cookie)
         except QedError as exc:
             stats.errors += 1
-            code = p.nbd_errno_for(exc)
+            code = nbd_errno_for(exc)
             self._log.warning(
                 "connection %d: %s of %d bytes at %d failed: %s",
                 self.ident,

@@ -774,27 +774,32 @@ def test_export_name_is_honoured_while_shutting_down() -> None:
     assert isinstance(event, HandshakeComplete)
 
 
-def test_the_protocol_module_is_pure() -> None:
-    """No I/O, no clock: only the standard library's pure modules and qedkit.errors."""
+def test_the_protocol_core_is_pure() -> None:
+    """No I/O, no clock: only the standard library's pure modules, qedkit.errors and
+    the core's own modules, in every file of the package."""
     import ast
     from pathlib import Path
 
-    import qedkit.nbd.protocol as module
+    import qedkit.nbd.protocol as package
 
-    tree = ast.parse(Path(module.__file__).read_text())
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            imported.add("." * node.level + (node.module or ""))
-    assert imported <= {
-        "__future__",
-        "enum",
-        "errno",
-        "struct",
-        "collections.abc",
-        "dataclasses",
-        "typing",
-        "..errors",
-    }, imported
+    files = sorted(Path(package.__file__).parent.glob("*.py"))
+    siblings = {"." + path.stem for path in files if path.stem != "__init__"}
+    assert {".wire", ".connection", ".transmission", ".replies"} <= siblings
+    for path in files:
+        tree = ast.parse(path.read_text())
+        imported: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                imported.add("." * node.level + (node.module or ""))
+        assert imported <= {
+            "__future__",
+            "enum",
+            "struct",
+            "collections.abc",
+            "dataclasses",
+            "typing",
+            "...errors",
+            *siblings,
+        }, (path.name, imported)

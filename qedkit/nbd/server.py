@@ -14,7 +14,9 @@ most engine calls finish without suspending, so the handler is first stepped inl
 (``engine.sync.step``) and its reply written at once; only a handler that really
 waits (a flush offloaded to a thread, a contended allocation lock) becomes a task.
 Replies therefore leave in completion order, which NBD allows; those produced while
-handling one chunk leave together.
+handling one chunk leave together. Both paths end in the same accounting
+(``_account``): the fast paths (``_serve_now``) add a whole batch's statistics at
+once, the general path (``_finished``) one request's.
 
 Bounds: a connection stops reading from its socket while it has
 ``MAX_INFLIGHT`` requests or ``MAX_INFLIGHT_BYTES`` of write payload in flight, or
@@ -65,6 +67,9 @@ _OUT_BATCH = 256 * 1024
 # Without a gathering writelines (asyncio's joins its buffers), small batches are
 # joined into one send and larger ones written buffer by buffer.
 _JOIN_MAX = 64 * 1024
+# What serving a request gave: its reply, and whether the engine failed.
+_Outcome = tuple[list[p.Buffer], bool]
+_Read, _Write = p.Read, p.Write  # tested for every request
 _STATE_HOLE = int(p.StateFlag.HOLE)
 _STATE_ZERO = int(p.StateFlag.ZERO)
 
@@ -183,12 +188,7 @@ class _Connection(asyncio.Protocol):
         if not used:
             return 0
         try:
-            for event in events:
-                if isinstance(event, p.Read):
-                    if not self._read_now(event):
-                        self._dispatch(event)
-                elif not self._write_now(event):
-                    self._dispatch(event)
+            self._serve_now(events)
         finally:
             if used == len(data):
                 self._flush_out()  # else the general path's pump sends them with its own
@@ -226,26 +226,41 @@ class _Connection(asyncio.Protocol):
             self._flush_out()
 
     def _pump_events(self) -> None:
+        """The general path's loop. Consecutive READs and WRITEs are gathered and
+        handed to ``_serve_now`` together (bounded as the lane's batches: requests in
+        flight, bytes of READs) before anything else is handled, so requests are still
+        handled in order."""
         conn = self.conn
-        read_type = p.Read
-        write_type = p.Write
+        batch: list[p.Read | p.Write] = []
+        reads = 0
         while self.transport is not None and not self.closing:
             if self._reading_paused:
-                return
+                break
             try:
                 event = conn.next_event()
-                if type(event) is read_type:
-                    if self._read_now(event):
-                        continue
-                elif type(event) is write_type and self._write_now(event):
-                    continue
             except p.RemoteProtocolError as exc:
+                if batch:  # requests before the violation are answered first
+                    self._serve_now(batch)
                 self._send_handshake()
                 if exc.cookie is not None:
                     with contextlib.suppress(p.LocalProtocolError):
                         self._write(conn.reply_error(exc.cookie, exc.errno_hint, str(exc)))
                 self._drop(f"protocol error: {exc}")
                 return
+            if type(event) is _Read or type(event) is _Write:
+                batch.append(event)
+                if type(event) is _Read:
+                    reads += event.length
+                if conn.inflight < MAX_INFLIGHT and reads < _OUT_BATCH:
+                    continue  # the lane's bounds
+                self._serve_now(batch)
+                batch = []
+                reads = 0
+                continue
+            if batch:
+                self._serve_now(batch)
+                batch = []
+                reads = 0
             self._send_handshake()
             if event is p.NEED_DATA or event is p.PAUSED:
                 return
@@ -264,6 +279,8 @@ class _Connection(asyncio.Protocol):
             elif isinstance(event, p.Abort | p.ConnectionClosed):
                 self._close_when_idle()
                 return
+        if batch:  # (nothing that ends the loop happens while a batch gathers)
+            self._serve_now(batch)
 
     def _start(self, event: p.HandshakeComplete) -> None:
         served = self.server.by_name[event.export.name]
@@ -301,43 +318,65 @@ class _Connection(asyncio.Protocol):
 
     # ---- requests --------------------------------------------------------------------
 
-    def _read_now(self, event: p.Read) -> bool:
-        """Fast path: answer a read the engine can serve at once, without a coroutine
-        or a task; False leaves it to the general path (which also reports errors)."""
+    def _serve_now(self, events: Sequence[p.Read | p.Write]) -> None:
+        """The fast paths: serve the READs and WRITEs the engine can do at once
+        (``read_now``: cached mapping; ``write_now``: allocated clusters, no FUA)
+        without a coroutine or a task; dispatch the others to the general path, which
+        also reports errors. Called with a whole batch from the lane, so that the
+        statistics of the requests served here are added once per batch, through the
+        same ``_account`` as the general path's."""
         served = self.served
-        if served is None or self._reading_paused:
-            return False
+        if served is None:  # pragma: no cover - requests come only after the handshake
+            raise AssertionError("a request before the handshake")
+        read_now = served.image.read_now
+        write_now = served.image.write_now
+        conn = self.conn
+        writable = not served.readonly
+        count = bytes_read = bytes_written = 0
         try:
-            data = served.image.read_now(event.offset, event.length)
-        except QedError:
-            return False
-        if data is None:
-            return False
-        stats = served.stats
-        stats.requests += 1
-        stats.bytes_read += event.length
-        reply = self.conn.reply_read(event.cookie, data)
-        self._out.extend(reply)
-        self._out_bytes += event.length
-        if self._out_bytes >= _OUT_BATCH:
-            self._flush_out()
-        return True
+            for event in events:
+                if type(event) is _Write:
+                    try:
+                        done = writable and not event.fua and write_now(event.offset, event.data)
+                    except QedError:
+                        done = False  # nothing was written
+                    if not done:
+                        self._dispatch(event)
+                        continue
+                    reply = conn.reply_ok(event.cookie)
+                    bytes_written += event.length
+                    self._out_bytes += len(reply[0])
+                else:
+                    data = None
+                    if not self._reading_paused:
+                        try:
+                            data = read_now(event.offset, event.length)
+                        except QedError:
+                            data = None
+                    if data is None:
+                        self._dispatch(event)
+                        continue
+                    reply = conn.reply_read(event.cookie, data)
+                    bytes_read += event.length
+                    self._out_bytes += event.length  # (the header is not worth counting)
+                count += 1
+                self._out += reply
+                if self._out_bytes >= _OUT_BATCH:
+                    self._flush_out()
+        finally:
+            if count:
+                self._account(count, bytes_read, bytes_written, 0)
 
-    def _write_now(self, event: p.Write) -> bool:
-        """Fast path for a write into allocated clusters (no FUA): no coroutine."""
+    def _account(self, requests: int, bytes_read: int, bytes_written: int, errors: int) -> None:
+        """The one place the export's statistics change, for the fast paths (a batch
+        at a time) and the general path (a request at a time)."""
         served = self.served
-        if served is None or event.fua or served.readonly:
-            return False
-        try:
-            if not served.image.write_now(event.offset, event.data):
-                return False
-        except QedError:
-            return False  # nothing was written; the general path reports the error
-        stats = served.stats
-        stats.requests += 1
-        stats.bytes_written += event.length
-        self._write(self.conn.reply_ok(event.cookie))
-        return True
+        if served is not None:
+            stats = served.stats
+            stats.requests += requests
+            stats.bytes_read += bytes_read
+            stats.bytes_written += bytes_written
+            stats.errors += errors
 
     def _dispatch(self, event: p.Request) -> None:
         if isinstance(event, p.Write):
@@ -350,34 +389,37 @@ class _Connection(asyncio.Protocol):
         task = asyncio.get_running_loop().create_task(self._complete(event, value))
         self._track(task)
 
-    async def _complete(self, event: p.Request, pending: Awaitable[Any]) -> None:
+    async def _complete(self, event: p.Request, pending: Awaitable[_Outcome]) -> None:
         self._finished(event, await pending)
         # Input may have waited for this request to finish (a full queue).
         if not self.closing and self.transport is not None:
             self._pump()
         self._flush_out()
 
-    def _finished(self, event: p.Request, reply: list[p.Buffer]) -> None:
+    def _finished(self, event: p.Request, outcome: _Outcome) -> None:
         if isinstance(event, p.Write):
             self._payload_bytes -= event.length
+        reply, failed = outcome
+        if type(event) is not p.InvalidRequest:  # a refused request was not served
+            done = 0 if failed else event.length
+            read = done if type(event) is _Read else 0
+            self._account(1, read, done if type(event) is _Write else 0, int(failed))
         self._write(reply)
         self._update_reading()
         if self.closing:
             self._flush_out()
             self._maybe_finish()
 
-    async def _handle(self, event: p.Request) -> list[p.Buffer]:
-        """Serve one request; never raises (errors become error replies)."""
+    async def _handle(self, event: p.Request) -> _Outcome:
+        """Serve one request: its reply, and whether the engine failed. Never raises
+        (errors become error replies); ``_finished`` does the accounting."""
         conn = self.conn
-        served = self.served
         cookie = event.cookie
         if isinstance(event, p.InvalidRequest):
             self._log.info("connection %d: refused %s", self.ident, event.message)
-            return conn.reply_error(cookie, event.errno, event.message)
-        assert served is not None
-        image = served.image
-        stats = served.stats
-        stats.requests += 1
+            return conn.reply_error(cookie, event.errno, event.message), False
+        assert self.served is not None
+        image = self.served.image
         try:
             if isinstance(event, p.Read):
                 if event.length >= _POOL_MIN:
@@ -387,18 +429,14 @@ class _Connection(asyncio.Protocol):
                     buf = mmap.mmap(-1, event.length)
                     view = memoryview(buf)
                     await image.readinto(event.offset, view)
-                    reply = conn.reply_read(cookie, view)
-                else:
-                    data = bytearray(event.length)
-                    await image.readinto(event.offset, data)
-                    reply = conn.reply_read(cookie, data)
-                stats.bytes_read += event.length
-                return reply
+                    return conn.reply_read(cookie, view), False
+                data = bytearray(event.length)
+                await image.readinto(event.offset, data)
+                return conn.reply_read(cookie, data), False
             if isinstance(event, p.Write):
                 await image.write(event.offset, event.data)
                 if event.fua:
                     await image.flush()
-                stats.bytes_written += event.length
             elif isinstance(event, p.Flush):
                 await image.flush()
             elif isinstance(event, p.Trim):
@@ -413,11 +451,9 @@ class _Connection(asyncio.Protocol):
                 await self._cache(image, event.offset, event.length)
             elif isinstance(event, p.BlockStatus):
                 extents = await self._block_status(image, event)
-                return conn.reply_block_status(cookie, extents)
-            return conn.reply_ok(cookie)
+                return conn.reply_block_status(cookie, extents), False
+            return conn.reply_ok(cookie), False
         except QedError as exc:
-            stats.errors += 1
-            code = nbd_errno_for(exc)
             self._log.warning(
                 "connection %d: %s of %d bytes at %d failed: %s",
                 self.ident,
@@ -426,7 +462,7 @@ class _Connection(asyncio.Protocol):
                 event.offset,
                 exc,
             )
-            return conn.reply_error(cookie, code, str(exc))
+            return conn.reply_error(cookie, nbd_errno_for(exc), str(exc)), True
 
     async def _cache(self, image: BlockImage, offset: int, length: int) -> None:
         """NBD_CMD_CACHE: read the range so it is in the page cache."""
@@ -459,11 +495,14 @@ class _Connection(asyncio.Protocol):
 
     def _write(self, buffers: Sequence[p.Buffer]) -> None:
         """Queue a reply; ``_flush_out`` sends the queue (or this, if it grew large)."""
-        self._out.extend(buffers)
-        if len(buffers) == 1:  # a simple reply: the common case
+        self._out += buffers
+        count = len(buffers)
+        if count == 1:  # a simple reply
             self._out_bytes += len(buffers[0])
+        elif count == 2:  # a READ's header and data
+            self._out_bytes += len(buffers[0]) + len(buffers[1])
         else:
-            self._out_bytes += sum(len(b) for b in buffers)
+            self._out_bytes += sum(map(len, buffers))
         if self._out_bytes >= _OUT_BATCH:
             self._flush_out()
 

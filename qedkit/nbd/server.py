@@ -24,6 +24,11 @@ while the socket's send buffer is full; the protocol core bounds a single reques
 (32 MiB). A client that breaks the protocol is dropped; replies to its requests
 still in flight are sent first when possible. Other connections never notice.
 
+Admission: at most ``max_connections`` connections are served at once. One more is
+held before the handshake (no greeting, input buffered) in a first-come queue and
+gets the next slot that frees; after ``connection_wait`` seconds it is greeted and
+refused in words instead (NBD_OPT_GO gets NBD_REP_ERR_POLICY with the reason).
+
 All connections to one export share one open image, so a flush on any connection
 makes every completed write durable: CAN_MULTI_CONN is advertised when more than
 one connection is allowed.
@@ -36,6 +41,7 @@ closed, which clears NEED_CHECK.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import mmap
@@ -58,6 +64,10 @@ from .errors import nbd_errno_for
 log = logging.getLogger("qedkit.nbd")
 
 MAX_INFLIGHT = 64  # requests per connection before it stops reading
+# How long a connection over the connection limit waits for a slot (seconds). Long
+# enough for a client that just left to be forgotten under heavy load, short enough
+# that a forgotten client fails with a message rather than hangs.
+DEFAULT_CONNECTION_WAIT = 30.0
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024  # write payload per connection before it stops reading
 _POOL_MIN = 64 * 1024  # reads this large get a page-aligned (mmap) buffer
 # Replies are gathered and sent once per batch of requests: a send() wakes the client
@@ -138,6 +148,11 @@ class _Connection(asyncio.Protocol):
         self._gather = False
         self._reading_paused = False
         self._writing_paused = False
+        # Admission: a connection over the limit waits (no greeting) for a slot.
+        self.waiting = False
+        self.holds_slot = False
+        self._wait_started = 0.0
+        self._wait_timer: asyncio.TimerHandle | None = None
         self._log = logging.LoggerAdapter(log, {"conn": ident})
 
     # ---- asyncio.Protocol ------------------------------------------------------------
@@ -151,19 +166,72 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self._log.info("connection %d from %s", self.ident, self.peer)
-        if len(self.server.connections) > self.server.max_connections:
-            self._log.warning(
-                "connection %d refused: %d connections allowed (see --shared)",
-                self.ident,
-                self.server.max_connections,
-            )
-            transport.abort()
-            return
         if self.server.stopping:
             self.conn.start_shutdown()
+        self.server._arrive(self)
+
+    # ---- admission (the connection limit) ----------------------------------------
+
+    def admit(self, *, waited: bool) -> None:
+        """A slot is ours: send the greeting and start the handshake."""
+        self._end_wait()
+        if waited:
+            self._log.info(
+                "connection %d: a slot freed after %.2f s of waiting",
+                self.ident,
+                time.monotonic() - self._wait_started,
+            )
         self._send_handshake()
+        self._pump()  # anything the client sent while it waited
+
+    def hold(self, timeout: float) -> None:
+        """No slot is free: keep the connection before the handshake (no greeting yet,
+        input buffered, unparsed) until ``admit`` or, after ``timeout`` seconds,
+        ``_wait_expired``."""
+        self.waiting = True
+        self._wait_started = time.monotonic()
+        self._log.info(
+            "connection %d waits for a free slot: %d connection(s) allowed (see --shared); "
+            "waiting up to %g s",
+            self.ident,
+            self.server.max_connections,
+            timeout,
+        )
+        loop = asyncio.get_running_loop()
+        self._wait_timer = loop.call_later(timeout, self._wait_expired, timeout)
+
+    def _wait_expired(self, timeout: float) -> None:
+        """Refuse, in words the client prints: NBD_OPT_GO gets NBD_REP_ERR_POLICY."""
+        self._wait_timer = None
+        self.server._forget_waiting(self)
+        self._end_wait()
+        limit = self.server.max_connections
+        self._log.warning(
+            "connection %d from %s refused: no slot freed within %g s (%d connection(s) "
+            "allowed, see --shared and --shared-wait)",
+            self.ident,
+            self.peer,
+            timeout,
+            limit,
+        )
+        self.conn.refuse_transmission(
+            f"qed serve: too many connections ({limit} allowed, see --shared); "
+            f"no slot freed within {timeout:g} s"
+        )
+        self._send_handshake()
+        self._pump()
+
+    def _end_wait(self) -> None:
+        self.waiting = False
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
 
     def data_received(self, data: bytes) -> None:
+        if self.waiting:  # parsed once admitted
+            with contextlib.suppress(p.LocalProtocolError):
+                self.conn.receive_data(data)
+            return
         rest: p.Buffer = data
         if self.served is not None and not self._reading_paused and not self.closing:
             if type(data) is not bytes:  # events keep views of it: it must not change
@@ -195,6 +263,11 @@ class _Connection(asyncio.Protocol):
         return used
 
     def eof_received(self) -> bool | None:
+        if self.waiting:  # the client gave up waiting: so do we
+            self._log.info("connection %d: the client left while waiting", self.ident)
+            self._end_wait()
+            self._close_when_idle()
+            return None
         with contextlib.suppress(p.LocalProtocolError):
             self.conn.receive_data(b"")
         self._pump()
@@ -556,6 +629,9 @@ class _Connection(asyncio.Protocol):
     def shutdown(self) -> None:
         """The server stops: refuse new requests, finish the ones in flight."""
         self.conn.start_shutdown()
+        if self.waiting:  # the greeting, then the close: options would get ERR_SHUTDOWN
+            self._end_wait()
+            self._send_handshake()
         self._pump()
         self._close_when_idle()
 
@@ -581,9 +657,11 @@ class _Connection(asyncio.Protocol):
         if not self.closed.done():
             if self.served is not None:
                 self.served.stats.connections -= 1
+            self._end_wait()
             self.closed.set_result(None)
             self.server.connections.pop(self.ident, None)
             self._log.info("connection %d closed", self.ident)
+            self.server._leave(self)
 
 
 def _allocation_flags(entry: MapEntry) -> int:
@@ -638,6 +716,7 @@ class NbdServer:
         images: Sequence[ServedImage],
         *,
         max_connections: int = 1,
+        connection_wait: float = DEFAULT_CONNECTION_WAIT,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         names = [s.name for s in images]
@@ -646,9 +725,12 @@ class NbdServer:
         self.images = list(images)
         self.by_name = {s.name: s for s in images}
         self.max_connections = max_connections
+        self.connection_wait = connection_wait
         self.ssl_context = ssl_context
         self.tls_mode = p.TlsMode.REQUIRED if ssl_context is not None else p.TlsMode.DISABLED
         self.connections: dict[int, _Connection] = {}
+        self._slots_taken = 0
+        self._waiting: collections.deque[_Connection] = collections.deque()
         self.stopping = False
         self.started = time.monotonic()
         self._listeners: list[asyncio.Server] = []
@@ -658,6 +740,43 @@ class NbdServer:
         # it (close the control socket, which reports the drain meanwhile).
         self.on_stopping: list[Callable[[], Awaitable[None]]] = []
         self.on_stop: list[Callable[[], Awaitable[None]]] = []
+
+    # ---- admission ---------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        """Connections waiting for a slot."""
+        return len(self._waiting)
+
+    def _arrive(self, connection: _Connection) -> None:
+        """A new connection takes a free slot, or waits for one (first come, first
+        served), at most ``connection_wait`` seconds."""
+        if self.stopping or (self._slots_taken < self.max_connections and not self._waiting):
+            self._take_slot(connection, waited=False)
+        elif self.connection_wait <= 0:
+            connection.hold(0)  # refused at once, but still in words
+        else:
+            self._waiting.append(connection)
+            connection.hold(self.connection_wait)
+
+    def _take_slot(self, connection: _Connection, *, waited: bool) -> None:
+        self._slots_taken += 1
+        connection.holds_slot = True
+        connection.admit(waited=waited)
+
+    def _forget_waiting(self, connection: _Connection) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(connection)
+
+    def _leave(self, connection: _Connection) -> None:
+        """A connection closed: its slot (if it had one) goes to the longest waiter."""
+        if connection.holds_slot:
+            connection.holds_slot = False
+            self._slots_taken -= 1
+        else:
+            self._forget_waiting(connection)
+        while self._waiting and self._slots_taken < self.max_connections and not self.stopping:
+            self._take_slot(self._waiting.popleft(), waited=True)
 
     def _protocol(self) -> _Connection:
         ident = self._next_ident

@@ -133,6 +133,11 @@ Choices where the spec leaves room
 * While shutting down (``start_shutdown()``), NBD_OPT_EXPORT_NAME is still honoured (it
   cannot fail); the requests that follow get ESHUTDOWN, which obliges the client to
   disconnect.
+* A connection the server refuses to serve (``refuse_transmission()``, e.g. over its
+  connection limit) gets NBD_REP_ERR_POLICY with the server's message for NBD_OPT_GO
+  (proto.md: "server-side policy forbids the server to allow the option"), so the
+  client can print why; other options still work. NBD_OPT_EXPORT_NAME, which has no
+  error reply, ends the session. Shutdown and TLS-required refusals come first.
 * NBD_INFO_BLOCK_SIZE is always sent in INFO/GO replies (as QEMU does); the server never
   sends NBD_REP_ERR_BLOCK_SIZE_REQD because misaligned requests are errored cleanly.
 * Clients without NBD_FLAG_C_FIXED_NEWSTYLE are still answered as fixed newstyle

@@ -211,6 +211,18 @@ class ServerConnection:
         self._negotiation.shutting_down = True
         self._transmission.shut_down()
 
+    def refuse_transmission(self, message: str) -> None:
+        """The server will not serve this connection (its connection limit, say) but
+        wants the client told why: from now on NBD_OPT_GO is answered
+        NBD_REP_ERR_POLICY carrying ``message``, which clients print. Other options
+        are answered as before; NBD_OPT_EXPORT_NAME, which cannot fail, ends the
+        session (RemoteProtocolError). Call it before the transmission phase."""
+        if self._machine.state not in (State.CLIENT_FLAGS, State.NEGOTIATING, State.TLS_PENDING):
+            raise LocalProtocolError(
+                f"refuse_transmission: the handshake is over (state {self._machine.state.value})"
+            )
+        self._negotiation.transmission_refusal = message
+
     # ---- replies -----------------------------------------------------------------------
 
     def reply_ok(self, cookie: int) -> list[Buffer]:

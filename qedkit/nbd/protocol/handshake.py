@@ -183,6 +183,7 @@ class Negotiation:
         self.client_flags = ClientFlag(0)
         self.structured = False
         self.shutting_down = False
+        self.transmission_refusal: str | None = None
         self._meta_export: Export | None = None
         self._meta_selected: tuple[MetaContext, ...] = ()
 
@@ -240,6 +241,8 @@ class Negotiation:
             return Rep.ERR_TLS_REQD, f"TLS is required before {name}"
         if rule is None:
             return Rep.ERR_UNSUP, f"{name} is not supported"
+        if rule.enters_transmission and self.transmission_refusal is not None:
+            return Rep.ERR_POLICY, self.transmission_refusal
         if length > rule.max_length and rule.oversize is not None:
             return rule.oversize, f"{name}: {length} bytes of option data is too much"
         return None
@@ -438,6 +441,8 @@ class _OptionRule:
     refused_on_shutdown  answered NBD_REP_ERR_SHUTDOWN once shutting down
     can_fail             has error replies (NBD_OPT_EXPORT_NAME has none: any refusal
                          ends the session)
+    enters_transmission  ends the handshake: answered NBD_REP_ERR_POLICY once the
+                         server refuses transmission (``refuse_transmission``)
     """
 
     handler: Callable[[Negotiation, int, bytes], Event | None]
@@ -446,6 +451,7 @@ class _OptionRule:
     before_tls: bool = False
     refused_on_shutdown: bool = True
     can_fail: bool = True
+    enters_transmission: bool = False
 
 
 OPTION_RULES: Final[Mapping[int, _OptionRule]] = {
@@ -455,6 +461,7 @@ OPTION_RULES: Final[Mapping[int, _OptionRule]] = {
         oversize=Rep.ERR_TOO_BIG,
         refused_on_shutdown=False,
         can_fail=False,
+        enters_transmission=True,
     ),
     Opt.ABORT: _OptionRule(
         handler=Negotiation._opt_abort,
@@ -479,6 +486,7 @@ OPTION_RULES: Final[Mapping[int, _OptionRule]] = {
         handler=Negotiation._opt_info_or_go,
         max_length=MAX_OPTION_DATA,
         oversize=Rep.ERR_TOO_BIG,
+        enters_transmission=True,
     ),
     Opt.STRUCTURED_REPLY: _OptionRule(
         handler=Negotiation._opt_structured_reply,

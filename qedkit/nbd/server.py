@@ -68,6 +68,9 @@ MAX_INFLIGHT = 64  # requests per connection before it stops reading
 # enough for a client that just left to be forgotten under heavy load, short enough
 # that a forgotten client fails with a message rather than hangs.
 DEFAULT_CONNECTION_WAIT = 30.0
+# What a waiting connection may send before it stops being read (a client waits for
+# the greeting before it sends anything; this bounds a hostile one).
+_HELD_MAX = 64 * 1024
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024  # write payload per connection before it stops reading
 _POOL_MIN = 64 * 1024  # reads this large get a page-aligned (mmap) buffer
 # Replies are gathered and sent once per batch of requests: a send() wakes the client
@@ -153,6 +156,8 @@ class _Connection(asyncio.Protocol):
         self.holds_slot = False
         self._wait_started = 0.0
         self._wait_timer: asyncio.TimerHandle | None = None
+        self._held_bytes = 0
+        self._held_paused = False
         self._log = logging.LoggerAdapter(log, {"conn": ident})
 
     # ---- asyncio.Protocol ------------------------------------------------------------
@@ -169,6 +174,71 @@ class _Connection(asyncio.Protocol):
         if self.server.stopping:
             self.conn.start_shutdown()
         self.server._arrive(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiting:  # parsed once admitted; a client has no reason to send much
+            with contextlib.suppress(p.LocalProtocolError):
+                self.conn.receive_data(data)
+            self._held_bytes += len(data)
+            if self._held_bytes > _HELD_MAX and self.transport is not None:
+                self.transport.pause_reading()
+                self._held_paused = True
+            return
+        rest: p.Buffer = data
+        if self.served is not None and not self._reading_paused and not self.closing:
+            if type(data) is not bytes:  # events keep views of it: it must not change
+                data = bytes(data)
+            used = self._fast_lane(data)
+            if used == len(data):
+                return
+            rest = memoryview(data)[used:]
+        try:
+            self.conn.receive_data(rest)
+        except p.LocalProtocolError as exc:  # bytes while TLS is pending
+            self._drop(f"unexpected data: {exc}")
+            return
+        self._pump()
+
+    def _fast_lane(self, data: bytes) -> int:
+        """Serve the READs and WRITEs that ``data`` begins with (the steady state):
+        parsed in place, no buffering, no copies of payloads, no parser loop. Returns
+        the bytes taken; the rest is for the general path."""
+        conn = self.conn
+        events, used = conn.receive_requests(data, MAX_INFLIGHT - conn.inflight, _OUT_BATCH)
+        if not used:
+            return 0
+        try:
+            self._serve_now(events)
+        finally:
+            if used == len(data):
+                self._flush_out()  # else the general path's pump sends them with its own
+        return used
+
+    def eof_received(self) -> bool | None:
+        if self.waiting:  # the client gave up waiting: so do we
+            self._log.info("connection %d: the client left while waiting", self.ident)
+            self._end_wait()
+            self._close_when_idle()
+            return None
+        with contextlib.suppress(p.LocalProtocolError):
+            self.conn.receive_data(b"")
+        self._pump()
+        return True  # keep the transport until in-flight replies are out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if exc is not None:
+            self._log.info("connection %d lost: %s", self.ident, exc)
+        self._maybe_finish()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+        self._pump()
 
     # ---- admission (the connection limit) ----------------------------------------
 
@@ -226,67 +296,10 @@ class _Connection(asyncio.Protocol):
         if self._wait_timer is not None:
             self._wait_timer.cancel()
             self._wait_timer = None
-
-    def data_received(self, data: bytes) -> None:
-        if self.waiting:  # parsed once admitted
-            with contextlib.suppress(p.LocalProtocolError):
-                self.conn.receive_data(data)
-            return
-        rest: p.Buffer = data
-        if self.served is not None and not self._reading_paused and not self.closing:
-            if type(data) is not bytes:  # events keep views of it: it must not change
-                data = bytes(data)
-            used = self._fast_lane(data)
-            if used == len(data):
-                return
-            rest = memoryview(data)[used:]
-        try:
-            self.conn.receive_data(rest)
-        except p.LocalProtocolError as exc:  # bytes while TLS is pending
-            self._drop(f"unexpected data: {exc}")
-            return
-        self._pump()
-
-    def _fast_lane(self, data: bytes) -> int:
-        """Serve the READs and WRITEs that ``data`` begins with (the steady state):
-        parsed in place, no buffering, no copies of payloads, no parser loop. Returns
-        the bytes taken; the rest is for the general path."""
-        conn = self.conn
-        events, used = conn.receive_requests(data, MAX_INFLIGHT - conn.inflight, _OUT_BATCH)
-        if not used:
-            return 0
-        try:
-            self._serve_now(events)
-        finally:
-            if used == len(data):
-                self._flush_out()  # else the general path's pump sends them with its own
-        return used
-
-    def eof_received(self) -> bool | None:
-        if self.waiting:  # the client gave up waiting: so do we
-            self._log.info("connection %d: the client left while waiting", self.ident)
-            self._end_wait()
-            self._close_when_idle()
-            return None
-        with contextlib.suppress(p.LocalProtocolError):
-            self.conn.receive_data(b"")
-        self._pump()
-        return True  # keep the transport until in-flight replies are out
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if exc is not None:
-            self._log.info("connection %d lost: %s", self.ident, exc)
-        self._maybe_finish()
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-        self._update_reading()
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        self._update_reading()
-        self._pump()
+        if self._held_paused:
+            self._held_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
 
     # ---- event loop ------------------------------------------------------------------
 
@@ -744,7 +757,7 @@ class NbdServer:
     # ---- admission ---------------------------------------------------------------------
 
     @property
-    def waiting(self) -> int:
+    def connections_waiting(self) -> int:
         """Connections waiting for a slot."""
         return len(self._waiting)
 

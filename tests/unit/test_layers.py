@@ -183,7 +183,7 @@ def test_store_imports_only_format_the_nbd_protocol_core_and_errors() -> None:
         assert {layer_of(m) for m in internal_imports(name)} <= allowed, name
 
 
-def test_engine_imports_only_format_store_and_errors() -> None:
+def test_engine_imports_only_format_the_nbd_protocol_core_store_and_errors() -> None:
     for name in (n for n in MODULES if layer_of(n) == "engine"):
         layers = {layer_of(m) for m in internal_imports(name)}
         assert layers <= {"engine", "format", "protocol", "store", "errors"}, name

@@ -62,6 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="clients allowed at once (default 1); >1 also advertises multi-conn",
     )
+    p.add_argument(
+        "--shared-wait",
+        type=float,
+        metavar="SECONDS",
+        help="how long a client over the --shared limit waits for a slot before it is "
+        "refused with a message (default 30; 0: refuse at once)",
+    )
     p.add_argument("--fork", action="store_true", help="go to the background once listening")
     p.add_argument("--pid-file", metavar="FILE", help="write the server's pid here")
     p.add_argument(
@@ -130,7 +137,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | Non
     from ..engine.chain import open_image
     from ..engine.qed import QedImage
     from ..nbd.control import ControlServer
-    from ..nbd.server import NbdServer, ServedImage
+    from ..nbd.server import DEFAULT_CONNECTION_WAIT, NbdServer, ServedImage
     from ..store.file import FileStore
 
     ssl_context = None
@@ -157,7 +164,14 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | Non
             if isinstance(image.store, FileStore):
                 image.store.offload = True
             served.append(ServedImage(name, image, args.description, args.readonly))
-        server = NbdServer(served, max_connections=max(1, args.shared), ssl_context=ssl_context)
+        server = NbdServer(
+            served,
+            max_connections=max(1, args.shared),
+            connection_wait=(
+                DEFAULT_CONNECTION_WAIT if args.shared_wait is None else args.shared_wait
+            ),
+            ssl_context=ssl_context,
+        )
         await server.listen_socket(sock)
         if args.control:
             control = ControlServer(server, args.control)

@@ -13,6 +13,7 @@ control socket turns into events for its clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -121,6 +122,7 @@ class Job:
         self._resume = asyncio.Event()
         self._resume.set()
         self._cancel = False
+        self._cancelled = asyncio.Event()  # ends a rest() at once
         self._last_progress = 0.0
         self.task: asyncio.Task[None] | None = None
         # A counter of guest requests on the image (set by the server), for jobs that
@@ -166,6 +168,15 @@ class Job:
                 raise JobCancelled
         await asyncio.sleep(0)  # let guest I/O in between steps
 
+    async def rest(self, seconds: float) -> None:
+        """Wait ``seconds`` (a rate limit's pause) unless the job is cancelled first:
+        a cancel (job-cancel, or the server stopping) must not wait out the pause.
+        The next ``checkpoint`` then raises JobCancelled."""
+        if seconds <= 0 or self._cancel:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._cancelled.wait(), seconds)
+
     # ---- control ---------------------------------------------------------------------
 
     def start(self) -> None:
@@ -206,6 +217,7 @@ class Job:
         if self.status.finished:
             raise JobError(f"job {self.id} already {self.status.value}")
         self._cancel = True
+        self._cancelled.set()
         self._resume.set()
 
     def _set(self, status: JobStatus) -> None:

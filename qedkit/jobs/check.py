@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -90,7 +89,5 @@ class ScrubJob(Job):
                 done += n
                 await self.checkpoint(done, total)
                 if rate > 0:
-                    ahead = done / rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
+                    await self.rest(done / rate - (time.monotonic() - started))
         return {"bytes-read": done, "errors": errors}

@@ -245,6 +245,7 @@ class ControlServer:
             "uptime": round(self.server.uptime(), 3),
             "connections": len(self.server.connections),
             "max-connections": self.server.max_connections,
+            "waiting-connections": self.server.connections_waiting,
             "jobs": sum(1 for j in self.jobs.jobs.values() if not j.status.finished),
         }
 

@@ -14,13 +14,20 @@ most engine calls finish without suspending, so the handler is first stepped inl
 (``engine.sync.step``) and its reply written at once; only a handler that really
 waits (a flush offloaded to a thread, a contended allocation lock) becomes a task.
 Replies therefore leave in completion order, which NBD allows; those produced while
-handling one chunk leave together.
+handling one chunk leave together. Both paths end in the same accounting
+(``_account``): the fast paths (``_serve_now``) add a whole batch's statistics at
+once, the general path (``_finished``) one request's.
 
 Bounds: a connection stops reading from its socket while it has
 ``MAX_INFLIGHT`` requests or ``MAX_INFLIGHT_BYTES`` of write payload in flight, or
 while the socket's send buffer is full; the protocol core bounds a single request
 (32 MiB). A client that breaks the protocol is dropped; replies to its requests
 still in flight are sent first when possible. Other connections never notice.
+
+Admission: at most ``max_connections`` connections are served at once. One more is
+held before the handshake (no greeting, input buffered) in a first-come queue and
+gets the next slot that frees; after ``connection_wait`` seconds it is greeted and
+refused in words instead (NBD_OPT_GO gets NBD_REP_ERR_POLICY with the reason).
 
 All connections to one export share one open image, so a flush on any connection
 makes every completed write durable: CAN_MULTI_CONN is advertised when more than
@@ -34,6 +41,7 @@ closed, which clears NEED_CHECK.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import mmap
@@ -51,10 +59,18 @@ from ..engine.mapping import MapEntry, map_chain
 from ..engine.sync import step
 from ..errors import QedError
 from . import protocol as p
+from .errors import nbd_errno_for
 
 log = logging.getLogger("qedkit.nbd")
 
 MAX_INFLIGHT = 64  # requests per connection before it stops reading
+# How long a connection over the connection limit waits for a slot (seconds). Long
+# enough for a client that just left to be forgotten under heavy load, short enough
+# that a forgotten client fails with a message rather than hangs.
+DEFAULT_CONNECTION_WAIT = 30.0
+# What a waiting connection may send before it stops being read (a client waits for
+# the greeting before it sends anything; this bounds a hostile one).
+_HELD_MAX = 64 * 1024
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024  # write payload per connection before it stops reading
 _POOL_MIN = 64 * 1024  # reads this large get a page-aligned (mmap) buffer
 # Replies are gathered and sent once per batch of requests: a send() wakes the client
@@ -64,6 +80,9 @@ _OUT_BATCH = 256 * 1024
 # Without a gathering writelines (asyncio's joins its buffers), small batches are
 # joined into one send and larger ones written buffer by buffer.
 _JOIN_MAX = 64 * 1024
+# What serving a request gave: its reply, and whether the engine failed.
+_Outcome = tuple[list[p.Buffer], bool]
+_Read, _Write = p.Read, p.Write  # tested for every request
 _STATE_HOLE = int(p.StateFlag.HOLE)
 _STATE_ZERO = int(p.StateFlag.ZERO)
 
@@ -132,6 +151,13 @@ class _Connection(asyncio.Protocol):
         self._gather = False
         self._reading_paused = False
         self._writing_paused = False
+        # Admission: a connection over the limit waits (no greeting) for a slot.
+        self.waiting = False
+        self.holds_slot = False
+        self._wait_started = 0.0
+        self._wait_timer: asyncio.TimerHandle | None = None
+        self._held_bytes = 0
+        self._held_paused = False
         self._log = logging.LoggerAdapter(log, {"conn": ident})
 
     # ---- asyncio.Protocol ------------------------------------------------------------
@@ -145,19 +171,19 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self._log.info("connection %d from %s", self.ident, self.peer)
-        if len(self.server.connections) > self.server.max_connections:
-            self._log.warning(
-                "connection %d refused: %d connections allowed (see --shared)",
-                self.ident,
-                self.server.max_connections,
-            )
-            transport.abort()
-            return
         if self.server.stopping:
             self.conn.start_shutdown()
-        self._send_handshake()
+        self.server._arrive(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.waiting:  # parsed once admitted; a client has no reason to send much
+            with contextlib.suppress(p.LocalProtocolError):
+                self.conn.receive_data(data)
+            self._held_bytes += len(data)
+            if self._held_bytes > _HELD_MAX and self.transport is not None:
+                self.transport.pause_reading()
+                self._held_paused = True
+            return
         rest: p.Buffer = data
         if self.served is not None and not self._reading_paused and not self.closing:
             if type(data) is not bytes:  # events keep views of it: it must not change
@@ -182,18 +208,18 @@ class _Connection(asyncio.Protocol):
         if not used:
             return 0
         try:
-            for event in events:
-                if isinstance(event, p.Read):
-                    if not self._read_now(event):
-                        self._dispatch(event)
-                elif not self._write_now(event):
-                    self._dispatch(event)
+            self._serve_now(events)
         finally:
             if used == len(data):
                 self._flush_out()  # else the general path's pump sends them with its own
         return used
 
     def eof_received(self) -> bool | None:
+        if self.waiting:  # the client gave up waiting: so do we
+            self._log.info("connection %d: the client left while waiting", self.ident)
+            self._end_wait()
+            self._close_when_idle()
+            return None
         with contextlib.suppress(p.LocalProtocolError):
             self.conn.receive_data(b"")
         self._pump()
@@ -214,6 +240,67 @@ class _Connection(asyncio.Protocol):
         self._update_reading()
         self._pump()
 
+    # ---- admission (the connection limit) ----------------------------------------
+
+    def admit(self, *, waited: bool) -> None:
+        """A slot is ours: send the greeting and start the handshake."""
+        self._end_wait()
+        if waited:
+            self._log.info(
+                "connection %d: a slot freed after %.2f s of waiting",
+                self.ident,
+                time.monotonic() - self._wait_started,
+            )
+        self._send_handshake()
+        self._pump()  # anything the client sent while it waited
+
+    def hold(self, timeout: float) -> None:
+        """No slot is free: keep the connection before the handshake (no greeting yet,
+        input buffered, unparsed) until ``admit`` or, after ``timeout`` seconds,
+        ``_wait_expired``."""
+        self.waiting = True
+        self._wait_started = time.monotonic()
+        self._log.info(
+            "connection %d waits for a free slot: %d connection(s) allowed (see --shared); "
+            "waiting up to %g s",
+            self.ident,
+            self.server.max_connections,
+            timeout,
+        )
+        loop = asyncio.get_running_loop()
+        self._wait_timer = loop.call_later(timeout, self._wait_expired, timeout)
+
+    def _wait_expired(self, timeout: float) -> None:
+        """Refuse, in words the client prints: NBD_OPT_GO gets NBD_REP_ERR_POLICY."""
+        self._wait_timer = None
+        self.server._forget_waiting(self)
+        self._end_wait()
+        limit = self.server.max_connections
+        self._log.warning(
+            "connection %d from %s refused: no slot freed within %g s (%d connection(s) "
+            "allowed, see --shared and --shared-wait)",
+            self.ident,
+            self.peer,
+            timeout,
+            limit,
+        )
+        self.conn.refuse_transmission(
+            f"qed serve: too many connections ({limit} allowed, see --shared); "
+            f"no slot freed within {timeout:g} s"
+        )
+        self._send_handshake()
+        self._pump()
+
+    def _end_wait(self) -> None:
+        self.waiting = False
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
+        if self._held_paused:
+            self._held_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
     # ---- event loop ------------------------------------------------------------------
 
     def _pump(self) -> None:
@@ -225,26 +312,41 @@ class _Connection(asyncio.Protocol):
             self._flush_out()
 
     def _pump_events(self) -> None:
+        """The general path's loop. Consecutive READs and WRITEs are gathered and
+        handed to ``_serve_now`` together (bounded as the lane's batches: requests in
+        flight, bytes of READs) before anything else is handled, so requests are still
+        handled in order."""
         conn = self.conn
-        read_type = p.Read
-        write_type = p.Write
+        batch: list[p.Read | p.Write] = []
+        reads = 0
         while self.transport is not None and not self.closing:
             if self._reading_paused:
-                return
+                break
             try:
                 event = conn.next_event()
-                if type(event) is read_type:
-                    if self._read_now(event):
-                        continue
-                elif type(event) is write_type and self._write_now(event):
-                    continue
             except p.RemoteProtocolError as exc:
+                if batch:  # requests before the violation are answered first
+                    self._serve_now(batch)
                 self._send_handshake()
                 if exc.cookie is not None:
                     with contextlib.suppress(p.LocalProtocolError):
                         self._write(conn.reply_error(exc.cookie, exc.errno_hint, str(exc)))
                 self._drop(f"protocol error: {exc}")
                 return
+            if type(event) is _Read or type(event) is _Write:
+                batch.append(event)
+                if type(event) is _Read:
+                    reads += event.length
+                if conn.inflight < MAX_INFLIGHT and reads < _OUT_BATCH:
+                    continue  # the lane's bounds
+                self._serve_now(batch)
+                batch = []
+                reads = 0
+                continue
+            if batch:
+                self._serve_now(batch)
+                batch = []
+                reads = 0
             self._send_handshake()
             if event is p.NEED_DATA or event is p.PAUSED:
                 return
@@ -263,6 +365,8 @@ class _Connection(asyncio.Protocol):
             elif isinstance(event, p.Abort | p.ConnectionClosed):
                 self._close_when_idle()
                 return
+        if batch:  # (nothing that ends the loop happens while a batch gathers)
+            self._serve_now(batch)
 
     def _start(self, event: p.HandshakeComplete) -> None:
         served = self.server.by_name[event.export.name]
@@ -300,43 +404,65 @@ class _Connection(asyncio.Protocol):
 
     # ---- requests --------------------------------------------------------------------
 
-    def _read_now(self, event: p.Read) -> bool:
-        """Fast path: answer a read the engine can serve at once, without a coroutine
-        or a task; False leaves it to the general path (which also reports errors)."""
+    def _serve_now(self, events: Sequence[p.Read | p.Write]) -> None:
+        """The fast paths: serve the READs and WRITEs the engine can do at once
+        (``read_now``: cached mapping; ``write_now``: allocated clusters, no FUA)
+        without a coroutine or a task; dispatch the others to the general path, which
+        also reports errors. Called with a whole batch from the lane, so that the
+        statistics of the requests served here are added once per batch, through the
+        same ``_account`` as the general path's."""
         served = self.served
-        if served is None or self._reading_paused:
-            return False
+        if served is None:  # pragma: no cover - requests come only after the handshake
+            raise AssertionError("a request before the handshake")
+        read_now = served.image.read_now
+        write_now = served.image.write_now
+        conn = self.conn
+        writable = not served.readonly
+        count = bytes_read = bytes_written = 0
         try:
-            data = served.image.read_now(event.offset, event.length)
-        except QedError:
-            return False
-        if data is None:
-            return False
-        stats = served.stats
-        stats.requests += 1
-        stats.bytes_read += event.length
-        reply = self.conn.reply_read(event.cookie, data)
-        self._out.extend(reply)
-        self._out_bytes += event.length
-        if self._out_bytes >= _OUT_BATCH:
-            self._flush_out()
-        return True
+            for event in events:
+                if type(event) is _Write:
+                    try:
+                        done = writable and not event.fua and write_now(event.offset, event.data)
+                    except QedError:
+                        done = False  # nothing was written
+                    if not done:
+                        self._dispatch(event)
+                        continue
+                    reply = conn.reply_ok(event.cookie)
+                    bytes_written += event.length
+                    self._out_bytes += len(reply[0])
+                else:
+                    data = None
+                    if not self._reading_paused:
+                        try:
+                            data = read_now(event.offset, event.length)
+                        except QedError:
+                            data = None
+                    if data is None:
+                        self._dispatch(event)
+                        continue
+                    reply = conn.reply_read(event.cookie, data)
+                    bytes_read += event.length
+                    self._out_bytes += event.length  # (the header is not worth counting)
+                count += 1
+                self._out += reply
+                if self._out_bytes >= _OUT_BATCH:
+                    self._flush_out()
+        finally:
+            if count:
+                self._account(count, bytes_read, bytes_written, 0)
 
-    def _write_now(self, event: p.Write) -> bool:
-        """Fast path for a write into allocated clusters (no FUA): no coroutine."""
+    def _account(self, requests: int, bytes_read: int, bytes_written: int, errors: int) -> None:
+        """The one place the export's statistics change, for the fast paths (a batch
+        at a time) and the general path (a request at a time)."""
         served = self.served
-        if served is None or event.fua or served.readonly:
-            return False
-        try:
-            if not served.image.write_now(event.offset, event.data):
-                return False
-        except QedError:
-            return False  # nothing was written; the general path reports the error
-        stats = served.stats
-        stats.requests += 1
-        stats.bytes_written += event.length
-        self._write(self.conn.reply_ok(event.cookie))
-        return True
+        if served is not None:
+            stats = served.stats
+            stats.requests += requests
+            stats.bytes_read += bytes_read
+            stats.bytes_written += bytes_written
+            stats.errors += errors
 
     def _dispatch(self, event: p.Request) -> None:
         if isinstance(event, p.Write):
@@ -349,34 +475,37 @@ class _Connection(asyncio.Protocol):
         task = asyncio.get_running_loop().create_task(self._complete(event, value))
         self._track(task)
 
-    async def _complete(self, event: p.Request, pending: Awaitable[Any]) -> None:
+    async def _complete(self, event: p.Request, pending: Awaitable[_Outcome]) -> None:
         self._finished(event, await pending)
         # Input may have waited for this request to finish (a full queue).
         if not self.closing and self.transport is not None:
             self._pump()
         self._flush_out()
 
-    def _finished(self, event: p.Request, reply: list[p.Buffer]) -> None:
+    def _finished(self, event: p.Request, outcome: _Outcome) -> None:
         if isinstance(event, p.Write):
             self._payload_bytes -= event.length
+        reply, failed = outcome
+        if type(event) is not p.InvalidRequest:  # a refused request was not served
+            done = 0 if failed else event.length
+            read = done if type(event) is _Read else 0
+            self._account(1, read, done if type(event) is _Write else 0, int(failed))
         self._write(reply)
         self._update_reading()
         if self.closing:
             self._flush_out()
             self._maybe_finish()
 
-    async def _handle(self, event: p.Request) -> list[p.Buffer]:
-        """Serve one request; never raises (errors become error replies)."""
+    async def _handle(self, event: p.Request) -> _Outcome:
+        """Serve one request: its reply, and whether the engine failed. Never raises
+        (errors become error replies); ``_finished`` does the accounting."""
         conn = self.conn
-        served = self.served
         cookie = event.cookie
         if isinstance(event, p.InvalidRequest):
             self._log.info("connection %d: refused %s", self.ident, event.message)
-            return conn.reply_error(cookie, event.errno, event.message)
-        assert served is not None
-        image = served.image
-        stats = served.stats
-        stats.requests += 1
+            return conn.reply_error(cookie, event.errno, event.message), False
+        assert self.served is not None
+        image = self.served.image
         try:
             if isinstance(event, p.Read):
                 if event.length >= _POOL_MIN:
@@ -386,18 +515,14 @@ class _Connection(asyncio.Protocol):
                     buf = mmap.mmap(-1, event.length)
                     view = memoryview(buf)
                     await image.readinto(event.offset, view)
-                    reply = conn.reply_read(cookie, view)
-                else:
-                    data = bytearray(event.length)
-                    await image.readinto(event.offset, data)
-                    reply = conn.reply_read(cookie, data)
-                stats.bytes_read += event.length
-                return reply
+                    return conn.reply_read(cookie, view), False
+                data = bytearray(event.length)
+                await image.readinto(event.offset, data)
+                return conn.reply_read(cookie, data), False
             if isinstance(event, p.Write):
                 await image.write(event.offset, event.data)
                 if event.fua:
                     await image.flush()
-                stats.bytes_written += event.length
             elif isinstance(event, p.Flush):
                 await image.flush()
             elif isinstance(event, p.Trim):
@@ -412,11 +537,9 @@ class _Connection(asyncio.Protocol):
                 await self._cache(image, event.offset, event.length)
             elif isinstance(event, p.BlockStatus):
                 extents = await self._block_status(image, event)
-                return conn.reply_block_status(cookie, extents)
-            return conn.reply_ok(cookie)
+                return conn.reply_block_status(cookie, extents), False
+            return conn.reply_ok(cookie), False
         except QedError as exc:
-            stats.errors += 1
-            code = p.nbd_errno_for(exc)
             self._log.warning(
                 "connection %d: %s of %d bytes at %d failed: %s",
                 self.ident,
@@ -425,7 +548,7 @@ class _Connection(asyncio.Protocol):
                 event.offset,
                 exc,
             )
-            return conn.reply_error(cookie, code, str(exc))
+            return conn.reply_error(cookie, nbd_errno_for(exc), str(exc)), True
 
     async def _cache(self, image: BlockImage, offset: int, length: int) -> None:
         """NBD_CMD_CACHE: read the range so it is in the page cache."""
@@ -458,11 +581,14 @@ class _Connection(asyncio.Protocol):
 
     def _write(self, buffers: Sequence[p.Buffer]) -> None:
         """Queue a reply; ``_flush_out`` sends the queue (or this, if it grew large)."""
-        self._out.extend(buffers)
-        if len(buffers) == 1:  # a simple reply: the common case
+        self._out += buffers
+        count = len(buffers)
+        if count == 1:  # a simple reply
             self._out_bytes += len(buffers[0])
+        elif count == 2:  # a READ's header and data
+            self._out_bytes += len(buffers[0]) + len(buffers[1])
         else:
-            self._out_bytes += sum(len(b) for b in buffers)
+            self._out_bytes += sum(map(len, buffers))
         if self._out_bytes >= _OUT_BATCH:
             self._flush_out()
 
@@ -516,6 +642,9 @@ class _Connection(asyncio.Protocol):
     def shutdown(self) -> None:
         """The server stops: refuse new requests, finish the ones in flight."""
         self.conn.start_shutdown()
+        if self.waiting:  # the greeting, then the close: options would get ERR_SHUTDOWN
+            self._end_wait()
+            self._send_handshake()
         self._pump()
         self._close_when_idle()
 
@@ -541,9 +670,11 @@ class _Connection(asyncio.Protocol):
         if not self.closed.done():
             if self.served is not None:
                 self.served.stats.connections -= 1
+            self._end_wait()
             self.closed.set_result(None)
             self.server.connections.pop(self.ident, None)
             self._log.info("connection %d closed", self.ident)
+            self.server._leave(self)
 
 
 def _allocation_flags(entry: MapEntry) -> int:
@@ -598,6 +729,7 @@ class NbdServer:
         images: Sequence[ServedImage],
         *,
         max_connections: int = 1,
+        connection_wait: float = DEFAULT_CONNECTION_WAIT,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         names = [s.name for s in images]
@@ -606,9 +738,12 @@ class NbdServer:
         self.images = list(images)
         self.by_name = {s.name: s for s in images}
         self.max_connections = max_connections
+        self.connection_wait = connection_wait
         self.ssl_context = ssl_context
         self.tls_mode = p.TlsMode.REQUIRED if ssl_context is not None else p.TlsMode.DISABLED
         self.connections: dict[int, _Connection] = {}
+        self._slots_taken = 0
+        self._waiting: collections.deque[_Connection] = collections.deque()
         self.stopping = False
         self.started = time.monotonic()
         self._listeners: list[asyncio.Server] = []
@@ -618,6 +753,43 @@ class NbdServer:
         # it (close the control socket, which reports the drain meanwhile).
         self.on_stopping: list[Callable[[], Awaitable[None]]] = []
         self.on_stop: list[Callable[[], Awaitable[None]]] = []
+
+    # ---- admission ---------------------------------------------------------------------
+
+    @property
+    def connections_waiting(self) -> int:
+        """Connections waiting for a slot."""
+        return len(self._waiting)
+
+    def _arrive(self, connection: _Connection) -> None:
+        """A new connection takes a free slot, or waits for one (first come, first
+        served), at most ``connection_wait`` seconds."""
+        if self.stopping or (self._slots_taken < self.max_connections and not self._waiting):
+            self._take_slot(connection, waited=False)
+        elif self.connection_wait <= 0:
+            connection.hold(0)  # refused at once, but still in words
+        else:
+            self._waiting.append(connection)
+            connection.hold(self.connection_wait)
+
+    def _take_slot(self, connection: _Connection, *, waited: bool) -> None:
+        self._slots_taken += 1
+        connection.holds_slot = True
+        connection.admit(waited=waited)
+
+    def _forget_waiting(self, connection: _Connection) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(connection)
+
+    def _leave(self, connection: _Connection) -> None:
+        """A connection closed: its slot (if it had one) goes to the longest waiter."""
+        if connection.holds_slot:
+            connection.holds_slot = False
+            self._slots_taken -= 1
+        else:
+            self._forget_waiting(connection)
+        while self._waiting and self._slots_taken < self.max_connections and not self.stopping:
+            self._take_slot(self._waiting.popleft(), waited=True)
 
     def _protocol(self) -> _Connection:
         ident = self._next_ident

@@ -52,6 +52,7 @@ OPT_GO = 7
 
 REP_ACK = 1
 REP_INFO = 3
+REP_ERR_POLICY = 2**31 + 2
 REP_ERR_TLS_REQD = 2**31 + 5
 
 INFO_EXPORT = 0
@@ -156,8 +157,7 @@ class RawClient:
         return opt, kind, self.recv_exact(length)
 
     def go(self, name: str = "") -> None:
-        raw = name.encode()
-        self.option(OPT_GO, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
+        self.send_go(name)
         while True:
             opt, kind, data = self.option_reply()
             assert opt == OPT_GO
@@ -168,6 +168,10 @@ class RawClient:
                 continue
             assert kind == REP_ACK, f"NBD_OPT_GO refused: reply type {kind:#x} {data!r}"
             return
+
+    def send_go(self, name: str = "") -> None:
+        raw = name.encode()
+        self.option(OPT_GO, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
 
     def handshake(self, name: str = "") -> RawClient:
         self.greeting()

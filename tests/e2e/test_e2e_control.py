@@ -12,6 +12,10 @@ from typing import Any
 
 import pytest
 from e2ekit import (
+    CMD_FLUSH,
+    CMD_READ,
+    FLAG_FUA,
+    KiB,
     MiB,
     Served,
     ServerFactory,
@@ -65,6 +69,38 @@ def filled(disk: Disk, size: int = 16 * MiB) -> tuple[Path, Shadow]:
         img.write(0, b"\x3c" * (size // 2))
     shadow.fill(0, size // 2, 0x3C)
     return image, shadow
+
+
+def test_statistics_count_every_request_once_whichever_path_serves_it(
+    serve: ServerFactory, disk: Disk, qemu: Qemu
+) -> None:
+    """Requests served by the fast paths (in-place writes, cached reads, a pipelined
+    batch) and by the general path (allocating and FUA writes, flush) are counted
+    alike; a refused request is not counted."""
+    image, shadow = disk(16 * MiB)
+    server = serve(image, control=True)
+    client = server.client()
+    client.write(0, b"\x11" * (64 * KiB))  # allocating: the general path
+    client.write(0, b"\x22" * (4 * KiB))  # in place: the fast path
+    client.write(4 * KiB, b"\x33" * (4 * KiB), flags=FLAG_FUA)  # FUA: the general path
+    assert client.read(0, 4 * KiB) == b"\x22" * (4 * KiB)  # cached: the fast path
+    for cookie in range(1, 9):  # one send: the lane takes the batch
+        client.request(CMD_READ, cookie, offset=cookie * 8 * KiB, length=8 * KiB)
+    replies = sorted((client.reply() for _ in range(8)), key=lambda r: r.cookie)
+    assert [r.error for r in replies] == [0] * 8
+    assert client.call(CMD_FLUSH).error == 0
+    assert client.call(CMD_READ, 16 * MiB, 4096).error != 0  # refused: past the end
+    shadow.fill(0, 64 * KiB, 0x11)
+    shadow.fill(0, 4 * KiB, 0x22)
+    shadow.fill(4 * KiB, 4 * KiB, 0x33)
+    with control(server) as ctl:
+        (export,) = ctl.execute("query-exports")
+    assert export["requests"] == 3 + 1 + 8 + 1
+    assert export["bytes-written"] == 64 * KiB + 4 * KiB + 4 * KiB
+    assert export["bytes-read"] == 4 * KiB + 8 * 8 * KiB
+    assert export["errors"] == 0
+    client.disconnect()
+    server.finish(qemu, shadow)
 
 
 def test_greeting_and_queries_describe_the_server(

@@ -222,6 +222,77 @@ def test_sigterm_with_a_paused_job_blocking_a_write_still_exits(
     server.finish(qemu, shadow)
 
 
+# ---- how long stopping takes ------------------------------------------------------------
+
+# A generous bound, not a benchmark: idle, qed serve exits in ~25 ms here (qemu-nbd:
+# ~5 ms); stopping must take no longer than draining what is in flight.
+QUICK_EXIT = 0.5
+
+
+def exit_seconds(server: Served, signum: int = signal.SIGTERM) -> float:
+    started = time.monotonic()
+    server.send_signal(signum)
+    assert server.stop(signum, timeout=20) == 0, server.log_text()
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    "before",
+    ["nothing", "a-client-wrote-and-left", "an-idle-client", "an-idle-control-client"],
+)
+def test_sigterm_on_an_idle_server_exits_at_once(
+    before: str, serve: ServerFactory, disk: Disk, qemu: Qemu
+) -> None:
+    image, shadow = disk(16 * MiB)
+    server = serve(image, control=True)
+    assert server.control is not None
+    client = ctl = None
+    if before == "a-client-wrote-and-left":
+        qemu_io(server.uri(), "write -P 7 0 1M")
+        shadow.fill(0, MiB, 7)
+    elif before == "an-idle-client":
+        client = server.client()
+    elif before == "an-idle-control-client":
+        ctl = ControlClient(str(server.control))
+    time.sleep(0.2)  # idle
+    try:
+        seconds = exit_seconds(server)
+    finally:
+        if client is not None:
+            client.close()
+        if ctl is not None:
+            ctl.close()
+    assert seconds < QUICK_EXIT, f"qed serve took {seconds:.2f} s to exit after SIGTERM"
+    server.finish(qemu, shadow)
+
+
+def test_sigterm_during_a_rate_limited_scrub_does_not_wait_out_the_rate_limit(
+    serve: ServerFactory, disk: Disk, qemu: Qemu
+) -> None:
+    """A scrub at 256 KiB/s pauses ~4 s after each 1 MiB it reads: the job is
+    cancelled at once (it used to finish its pause first, 1-4 s)."""
+    image, shadow = disk(16 * MiB)
+    with qedkit.open(str(image)) as img:
+        img.write(0, b"\x5a" * (4 * MiB))
+    shadow.fill(0, 4 * MiB, 0x5A)
+    server = serve(image, control=True)
+    assert server.control is not None
+    ctl = ControlClient(str(server.control))
+    try:
+        job = ctl.execute("job-start", {"type": "scrub", "rate": "256k"})["id"]
+        while True:  # its first chunk is read: it rests now
+            event = ctl.next_event()
+            if event["event"] == "JOB_PROGRESS" and event["data"]["id"] == job:
+                break
+        time.sleep(0.2)
+        seconds = exit_seconds(server)
+    finally:
+        ctl.close()
+    assert seconds < QUICK_EXIT, f"qed serve took {seconds:.2f} s to exit after SIGTERM"
+    assert "Traceback" not in server.log_text()
+    server.finish(qemu, shadow)
+
+
 # ---- --fork and --pid-file --------------------------------------------------------------
 
 

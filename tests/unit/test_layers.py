@@ -2,9 +2,10 @@
 
     errors  <- everyone
     format  <- store <- engine <- jobs <- (nbd, cli, api/aio)
+    protocol (qedkit.nbd.protocol, the sans-I/O NBD core) <- store and everything above
 
-format/ (and nbd/protocol.py, when it exists) is pure: no I/O modules, nothing
-outside the standard library. Imports inside functions count as well.
+format/ and the NBD protocol core are pure: no I/O modules, nothing outside the
+standard library. Imports inside functions count as well.
 """
 
 from __future__ import annotations
@@ -26,22 +27,21 @@ IO_MODULES = {
 }  # fmt: skip
 
 # Layer of each qedkit module, by name prefix; the lowest layers first.
-LAYERS = ["errors", "format", "store", "engine", "jobs", "api", "nbd", "cli", "root"]
+LAYERS = ["errors", "format", "protocol", "store", "engine", "jobs", "api", "nbd", "cli", "root"]
 # Which qedkit layers each layer may import (besides itself and errors).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "format": set(),
-    "store": {"format"},  # and qedkit.nbd.protocol only: see STORE_MAY_IMPORT
-    "engine": {"format", "store"},
-    "jobs": {"format", "store", "engine"},
-    "api": {"format", "store", "engine", "jobs"},  # qedkit.api, qedkit.aio
-    "nbd": {"format", "store", "engine", "jobs"},
-    "cli": {"format", "store", "engine", "jobs", "api", "nbd"},  # a client of the API; serves
+    "protocol": set(),  # qedkit.nbd.protocol: wire constants a store-layer client uses
+    "store": {"format", "protocol"},
+    "engine": {"format", "protocol", "store"},
+    "jobs": {"format", "protocol", "store", "engine"},
+    "api": {"format", "protocol", "store", "engine", "jobs"},  # qedkit.api, qedkit.aio
+    "nbd": {"format", "protocol", "store", "engine", "jobs"},
+    "cli": {"format", "protocol", "store", "engine", "jobs", "api", "nbd"},  # serves too
     "root": set(LAYERS),  # qedkit/__init__.py and __main__.py re-export
 }
-# The NBD client (store.nbdclient) takes its wire constants from the sans-I/O protocol
-# core, which is pure (it imports nothing but errors); nothing else of nbd/.
-STORE_MAY_IMPORT = {"qedkit.nbd.protocol"}
+PROTOCOL = "qedkit.nbd.protocol"
 
 
 def module_name(path: Path) -> str:
@@ -60,6 +60,8 @@ def layer_of(name: str) -> str:
         raise ValueError(name)
     if len(parts) == 1 or parts[1] == "__main__":
         return "root"
+    if name == PROTOCOL or name.startswith(PROTOCOL + "."):
+        return "protocol"
     top = parts[1]
     if top == "version":  # a leaf like errors: importable from every layer
         return "errors"
@@ -132,7 +134,7 @@ def test_every_module_belongs_to_a_layer(name: str) -> None:
 
 # ---- purity of the format core ---------------------------------------------------------
 
-PURE = sorted(n for n in MODULES if layer_of(n) == "format" or n == "qedkit.nbd.protocol")
+PURE = sorted(n for n in MODULES if layer_of(n) in ("format", "protocol"))
 
 
 @pytest.mark.parametrize("name", PURE)
@@ -158,11 +160,10 @@ def test_pure_module_imports_only_the_standard_library(name: str) -> None:
 def test_imports_follow_the_layer_direction(name: str) -> None:
     layer = layer_of(name)
     allowed = ALLOWED[layer] | {layer, "errors"}
-    exempt = STORE_MAY_IMPORT if layer == "store" else set()
     bad = sorted(
         f"{m} ({layer_of(m)})"
         for m in internal_imports(name)
-        if m != "qedkit" and layer_of(m) not in allowed and m not in exempt
+        if m != "qedkit" and layer_of(m) not in allowed
     )
     assert not bad, f"{name} ({layer}) imports {bad}; allowed: {sorted(allowed)}"
 
@@ -235,29 +236,42 @@ def test_errors_imports_nothing_from_qedkit() -> None:
     assert internal_imports("qedkit.errors") == set()
 
 
-def test_store_imports_only_format_errors_and_the_nbd_wire_constants() -> None:
+def test_store_imports_only_format_the_nbd_protocol_core_and_errors() -> None:
+    allowed = {"store", "format", "protocol", "errors"}
     for name in (n for n in MODULES if layer_of(n) == "store"):
-        layers = {layer_of(m) for m in internal_imports(name) - STORE_MAY_IMPORT}
-        assert layers <= {"store", "format", "errors"}, name
-    assert "qedkit.nbd.protocol" in internal_imports("qedkit.store.nbdclient")
+        assert {layer_of(m) for m in internal_imports(name)} <= allowed, name
+    assert PROTOCOL in internal_imports("qedkit.store.nbdclient")
 
 
-def test_the_nbd_protocol_core_the_store_may_import_stays_pure() -> None:
-    # store -> nbd.protocol is allowed only because nbd.protocol imports nothing above
-    # errors; if it ever did, the store would reach upwards through it.
-    core = [
-        n for n in MODULES if n == "qedkit.nbd.protocol" or n.startswith("qedkit.nbd.protocol.")
-    ]
-    assert core
-    for name in core:
-        for m in internal_imports(name):
-            assert layer_of(m) == "errors" or m.startswith("qedkit.nbd.protocol"), (name, m)
-
-
-def test_engine_imports_only_format_store_and_errors() -> None:
+def test_engine_imports_only_format_the_nbd_protocol_core_store_and_errors() -> None:
     for name in (n for n in MODULES if layer_of(n) == "engine"):
         layers = {layer_of(m) for m in internal_imports(name)}
-        assert layers <= {"engine", "format", "store", "errors"}, name
+        assert layers <= {"engine", "format", "protocol", "store", "errors"}, name
+
+
+# ---- the NBD protocol core ---------------------------------------------------------------
+
+
+def test_the_nbd_protocol_core_is_a_package_of_its_own_layer() -> None:
+    core = sorted(n for n in MODULES if layer_of(n) == "protocol")
+    assert PROTOCOL in core and f"{PROTOCOL}.wire" in core and f"{PROTOCOL}.connection" in core
+    assert layer_of("qedkit.nbd.server") == "nbd"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if layer_of(n) == "protocol"))
+def test_the_nbd_protocol_core_imports_nothing_from_store_engine_or_jobs(name: str) -> None:
+    # Mapping engine exceptions to NBD errors is the server's policy (qedkit.nbd.errors).
+    imported = internal_imports(name)
+    assert {layer_of(m) for m in imported} <= {"protocol", "errors"}, sorted(imported)
+    assert not {m for m in imported if m.split(".")[1] in ("store", "engine", "jobs")}
+
+
+def test_importing_the_nbd_protocol_core_runs_only_the_core() -> None:
+    # "import qedkit.nbd.protocol" first runs qedkit/nbd/__init__.py: if that imported
+    # the server, a store-layer NBD client would pull in the engine.
+    assert internal_imports("qedkit.nbd") <= {PROTOCOL} | {
+        n for n in MODULES if n.startswith(PROTOCOL + ".")
+    }
 
 
 def test_jobs_do_not_import_cli_nbd_or_api() -> None:

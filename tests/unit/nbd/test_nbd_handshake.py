@@ -774,27 +774,83 @@ def test_export_name_is_honoured_while_shutting_down() -> None:
     assert isinstance(event, HandshakeComplete)
 
 
-def test_the_protocol_module_is_pure() -> None:
-    """No I/O, no clock: only the standard library's pure modules and qedkit.errors."""
+# ---- refusing transmission (a server over its connection limit) -----------------------------
+
+BUSY = "too many connections: 1 allowed"
+
+
+def test_refused_transmission_answers_go_with_err_policy_and_the_message() -> None:
+    conn = connect([DISK])
+    conn.refuse_transmission(BUSY)
+    events, replies = negotiate(conn, option(OPT_GO, info_data("disk")))
+    assert events == []
+    assert replies == [(OPT_GO, REP_ERR_POLICY, BUSY.encode())]
+    assert conn.state is State.NEGOTIATING
+
+
+def test_refused_transmission_still_answers_other_options_and_abort() -> None:
+    conn = ServerConnection([DISK])
+    conn.refuse_transmission(BUSY)  # before the greeting is even sent
+    conn.data_to_send()
+    feed(conn, client_flags())
+    events, replies = negotiate(
+        conn, option(OPT_LIST), option(OPT_INFO, info_data("disk")), option(OPT_ABORT)
+    )
+    kinds = [(opt, kind) for opt, kind, _ in replies]
+    assert (OPT_LIST, REP_ACK) in kinds and (OPT_INFO, REP_ACK) in kinds
+    assert kinds[-1] == (OPT_ABORT, REP_ACK)
+    assert [type(e) for e in events] == [Abort]
+
+
+def test_refused_transmission_ends_the_session_on_export_name_which_cannot_fail() -> None:
+    conn = connect([DISK])
+    conn.refuse_transmission(BUSY)
+    conn.receive_data(option(OPT_EXPORT_NAME, b"disk"))
+    with pytest.raises(RemoteProtocolError, match="cannot fail"):
+        conn.next_event()
+
+
+def test_shutdown_is_reported_before_a_refused_transmission() -> None:
+    conn = connect([DISK])
+    conn.refuse_transmission(BUSY)
+    conn.start_shutdown()
+    _, replies = negotiate(conn, option(OPT_GO, info_data("disk")))
+    assert [kind for _, kind, _ in replies] == [REP_ERR_SHUTDOWN]
+
+
+def test_transmission_cannot_be_refused_once_it_began() -> None:
+    conn = connect([DISK])
+    feed(conn, option(OPT_GO, info_data("disk")))
+    with pytest.raises(LocalProtocolError):
+        conn.refuse_transmission(BUSY)
+
+
+def test_the_protocol_core_is_pure() -> None:
+    """No I/O, no clock: only the standard library's pure modules, qedkit.errors and
+    the core's own modules, in every file of the package."""
     import ast
     from pathlib import Path
 
-    import qedkit.nbd.protocol as module
+    import qedkit.nbd.protocol as package
 
-    tree = ast.parse(Path(module.__file__).read_text())
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            imported.add("." * node.level + (node.module or ""))
-    assert imported <= {
-        "__future__",
-        "enum",
-        "errno",
-        "struct",
-        "collections.abc",
-        "dataclasses",
-        "typing",
-        "..errors",
-    }, imported
+    files = sorted(Path(package.__file__).parent.glob("*.py"))
+    siblings = {"." + path.stem for path in files if path.stem != "__init__"}
+    assert {".wire", ".connection", ".transmission", ".replies"} <= siblings
+    for path in files:
+        tree = ast.parse(path.read_text())
+        imported: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                imported.add("." * node.level + (node.module or ""))
+        assert imported <= {
+            "__future__",
+            "enum",
+            "struct",
+            "collections.abc",
+            "dataclasses",
+            "typing",
+            "...errors",
+            *siblings,
+        }, (path.name, imported)

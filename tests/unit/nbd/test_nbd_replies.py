@@ -56,8 +56,8 @@ from qedkit.nbd import (
     MetaContext,
     RemoteProtocolError,
     ServerConnection,
-    nbd_errno_for,
 )
+from qedkit.nbd.errors import nbd_errno_for
 
 SIZE = 4 * MiB
 DISK = Export("disk", SIZE, can_trim=True)

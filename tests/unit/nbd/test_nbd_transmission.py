@@ -614,6 +614,52 @@ def test_fast_lane_is_closed_on_a_read_only_export_for_writes_and_while_shutting
     assert conn.receive_requests(request(CMD_READ, length=4), 64, MiB) == ([], 0)
 
 
+LANE_EXPORTS = [
+    FULL,
+    Export("ro", SIZE, read_only=True),
+    Export("aligned", SIZE, min_block_size=512),
+    Export("small-blocks", SIZE, max_block_size=4096),
+    Export("odd-size", SIZE - 3),
+]
+
+
+@pytest.mark.parametrize("shutting_down", [False, True], ids=["serving", "shutting-down"])
+@pytest.mark.parametrize("export", LANE_EXPORTS, ids=lambda e: e.name)
+def test_fast_lane_admits_exactly_the_flagless_requests_the_validator_accepts(
+    export: Export, shutting_down: bool
+) -> None:
+    """The lane is a precheck derived from the one validator: what it takes, the
+    validator accepts; what the validator accepts, it takes (minimum block size 1).
+    The validator's verdict is read from the same request with NBD_CMD_FLAG_FUA, which
+    no precheck takes and which, being negotiated, changes nothing else."""
+    assert export.can_fua
+    rng = random.Random(export.name)
+    size = export.size
+    for _ in range(300):
+        command = rng.choice([CMD_READ, CMD_WRITE])
+        length = rng.choice([0, 1, 512, 4096, 4097, 8192, MiB, MiB + 1])
+        offset = rng.choice([0, 1, 512, size - length, size - length + 1, size])
+        if offset < 0:
+            continue
+        payload = bytes(length) if command == CMD_WRITE else b""
+        messages = [
+            request(command, cookie=1, offset=offset, length=length, flags=flags, payload=payload)
+            for flags in (0, FLAG_FUA)
+        ]
+        fast, judge = transmission(export), transmission(export)
+        if shutting_down:
+            fast.start_shutdown()
+            judge.start_shutdown()
+        taken, used = fast.receive_requests(messages[0], 64, MiB)
+        (verdict,) = feed(judge, messages[1])
+        accepted = not isinstance(verdict, InvalidRequest)
+        if taken:
+            assert accepted and used == len(messages[0]), (export, offset, length)
+            assert (taken[0].cookie, taken[0].offset, taken[0].length) == (1, offset, length)
+        elif export.min_block_size == 1:
+            assert not accepted and used == 0, (export, offset, length)
+
+
 # Requests for the equivalence property: mostly the fast lane's own, with the ones
 # that must stop it mixed in.
 LANE_REQUESTS = [

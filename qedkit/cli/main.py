@@ -39,6 +39,7 @@ VERBS: dict[str, str] = {
     "map": "show the allocation map of an image and its backing chain",
     "check": "check (and repair) the metadata of a QED image",
     "convert": "copy an image (flattening its chain) into a new one",
+    "compare": "check whether two images show the same guest contents",
     "io": "run qemu-io style commands on an image",
     "defrag": "pack the clusters in guest order: fast, compact (offline)",
     "frag": "report how fragmented a QED image is (read-only)",

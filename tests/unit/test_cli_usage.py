@@ -23,6 +23,7 @@ VALID = {
     "map": ["x.qed"],
     "check": ["x.qed"],
     "convert": ["x.qed", "y.raw"],
+    "compare": ["x.qed", "y.qed"],
     "io": ["-c", "flush", "x.qed"],
     "defrag": ["x.qed"],
     "frag": ["x.qed"],

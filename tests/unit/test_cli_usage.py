@@ -24,6 +24,7 @@ VALID = {
     "check": ["x.qed"],
     "convert": ["x.qed", "y.raw"],
     "compare": ["x.qed", "y.qed"],
+    "measure": ["--size", "1G"],
     "io": ["-c", "flush", "x.qed"],
     "defrag": ["x.qed"],
     "frag": ["x.qed"],

@@ -25,6 +25,7 @@ VALID = {
     "convert": ["x.qed", "y.raw"],
     "compare": ["x.qed", "y.qed"],
     "measure": ["--size", "1G"],
+    "resize": ["x.qed", "+1G"],
     "io": ["-c", "flush", "x.qed"],
     "defrag": ["x.qed"],
     "frag": ["x.qed"],

@@ -1,0 +1,157 @@
+"""Crash sweeps of the image verbs: ``resize --shrink`` (QedImage.shrink), commit,
+rebase and amend. Each procedure runs on CrashStores (verbkit.OrderedCrashStore, one
+per image it writes) and every crash point is recovered by a read-write open and
+judged: no corruption (check_image, and ``qemu-img check`` on a sample), and the
+guest view the procedure promises to keep is kept in every state:
+
+* shrink: the disk that stays ``[0, new size)`` reads as before; the header shows
+  the old or the new size; with the old size each cut cluster reads its old content
+  or as unallocated; with the new size, growing back reads zeros past it (no stale
+  entry survives the cut).
+
+Totals lines as in the other crash tests (``crash_summary``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from crashkit import CS, MiB, Workload, pattern, run
+from verbkit import (
+    OrderedCrashStore,
+    QemuSample,
+    SweepTotals,
+    first_difference,
+    raw_backing,
+    recover,
+    sweep,
+)
+
+from qedkit.engine.qed import QedImage
+from qedkit.jobs.resize import resize_image
+from qedkit.store import MemoryStore
+
+Record = Callable[[str], None]
+
+
+def _report(name: str, totals: SweepTotals, record: Record) -> None:
+    record(totals.line(name))
+    assert totals.ok, "\n".join(totals.failures)
+    assert totals.states > 0
+
+
+# =====================================================================================
+# shrink
+# =====================================================================================
+
+SHRINK_SIZE = 16 * MiB  # four L2 tables of 4 MiB (crashkit's CS and TABLE_SIZE)
+
+
+async def _prepare_shrink(img: QedImage, store: MemoryStore) -> None:
+    for i, (offset, length) in enumerate(
+        [
+            (0, 64 * 1024),
+            (5 * MiB - 3000, 9000),
+            (6 * MiB, 3 * CS),
+            (9 * MiB, CS),
+            (13 * MiB, 2 * CS),
+        ]
+    ):
+        await img.write(offset, pattern(300 + i, length))
+    await img.write_zeroes(7 * MiB, 4 * CS)
+    await img.write(200 * 1024, pattern(400, 5000))  # allocated after the tail's tables
+
+
+def _shrink_case(backing: bytes | None, new: int) -> tuple[OrderedCrashStore, bytes, bytes | None]:
+    async def build() -> tuple[OrderedCrashStore, bytes]:
+        w = await Workload.create(
+            "shrink.qed",
+            SHRINK_SIZE,
+            backing=backing,
+            prepare=_prepare_shrink,
+            store_class=OrderedCrashStore,
+        )
+        result = await resize_image(w.img, new, shrink=True, force=True)
+        stats = result.stats
+        assert stats.clusters_moved + stats.tables_moved > 0 and stats.truncated_bytes > 0
+        assert w.img.size == new
+        assert await w.img.read(0, new) == w.baseline[:new]
+        assert isinstance(w.crash, OrderedCrashStore)
+        return w.crash, w.baseline
+
+    crash, baseline = run(build())
+    return crash, baseline, backing
+
+
+def _shrink_sweep(with_backing: bool, qemu: Any, tmp_path: Path) -> SweepTotals:
+    old, new = SHRINK_SIZE, 5 * MiB + 512
+    backing = pattern(77, 20 * MiB) if with_backing else None
+    crash, baseline, _ = _shrink_case(backing, new)
+    backings = {"base.raw": lambda: raw_backing("base.raw", backing or b"")}
+    sample = QemuSample(qemu, tmp_path / "q", every=3, extra={"base.raw": backing or b""})
+    totals_ref: list[SweepTotals] = []
+
+    async def judge(states: list[bytes]) -> tuple[list[str], list[str]]:
+        img, report = await recover(states[0], "shrink.qed", backings)
+        corrupt = [f"check: {p.message}" for p in report.problems if p.kind != "leak"]
+        lost: list[str] = []
+        if img.size not in (old, new):
+            corrupt.append(f"recovered size {img.size}")
+            return lost, corrupt
+        why = first_difference(await img.read(0, new), baseline[:new])
+        if why:
+            lost.append(f"kept disk: {why}")
+        if img.size == old:
+            view = (backing or b"")[:old].ljust(old, b"\0")
+            for c in range(new - new % CS, old, CS):
+                got = await img.read(c, min(CS, old - c))
+                if got not in (baseline[c : c + len(got)], view[c : c + len(got)]):
+                    lost.append(f"cut cluster at {c:#x} reads neither old nor unallocated")
+                    break
+        else:
+            await img.resize(old)
+            why = first_difference(await img.read(new, old - new), bytes(old - new), new)
+            if why:
+                lost.append(f"grown again: {why}")
+        if totals_ref:
+            why = sample.offer("shrink.qed", states[0], totals_ref[0])
+            if why:
+                corrupt.append(why)
+        return lost, corrupt
+
+    probe = SweepTotals()
+    totals_ref.append(probe)
+    totals = sweep([crash], judge, torn=True, max_states=8)
+    totals.qemu_checks = probe.qemu_checks
+    return totals
+
+
+@pytest.mark.parametrize("with_backing", [False, True], ids=["alone", "over-raw"])
+def test_every_crash_state_of_a_shrink_keeps_the_disk_that_stays(
+    with_backing: bool, qemu: Any, tmp_path: Path, crash_summary: Record
+) -> None:
+    totals = _shrink_sweep(with_backing, qemu, tmp_path)
+    _report(f"shrink {'over raw' if with_backing else 'alone'}", totals, crash_summary)
+    assert totals.qemu_checks > 0
+
+
+def test_the_shrink_sweep_catches_the_header_written_before_the_entries(
+    qemu: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: a crash between the two leaves the new size with stale
+    entries past it, which a later grow shows again."""
+    original = QedImage.shrink
+
+    async def header_first(self: QedImage, new_size: int) -> None:
+        before = self.header
+        await self._write_header(dataclasses.replace(before, image_size=new_size), flush=True)
+        self.header = before
+        await original(self, new_size)
+
+    monkeypatch.setattr(QedImage, "shrink", header_first)
+    totals = _shrink_sweep(False, qemu, tmp_path)
+    assert totals.lost > 0 and any("grown again" in f for f in totals.failures)

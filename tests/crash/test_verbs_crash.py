@@ -4,6 +4,8 @@ per image it writes) and every crash point is recovered by a read-write open and
 judged: no corruption (check_image, and ``qemu-img check`` on a sample), and the
 guest view the procedure promises to keep is kept in every state:
 
+* commit: the overlay's view (over whatever state of the base) is the view before
+  the commit, in every combination of the two files' states;
 * shrink: the disk that stays ``[0, new size)`` reads as before; the header shows
   the old or the new size; with the old size each cut cluster reads its old content
   or as unallocated; with the new size, growing back reads zeros past it (no stale
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crashkit import CS, MiB, Workload, pattern, run
+from crashkit import CS, TABLE_SIZE, MiB, Workload, pattern, run
 from verbkit import (
     OrderedCrashStore,
     QemuSample,
@@ -31,7 +33,10 @@ from verbkit import (
     sweep,
 )
 
+from qedkit.engine.chain import open_qed
 from qedkit.engine.qed import QedImage
+from qedkit.engine.raw import RawImage
+from qedkit.jobs.commit import Committer
 from qedkit.jobs.resize import resize_image
 from qedkit.store import MemoryStore
 
@@ -155,3 +160,105 @@ def test_the_shrink_sweep_catches_the_header_written_before_the_entries(
     monkeypatch.setattr(QedImage, "shrink", header_first)
     totals = _shrink_sweep(False, qemu, tmp_path)
     assert totals.lost > 0 and any("grown again" in f for f in totals.failures)
+
+
+# =====================================================================================
+# commit
+# =====================================================================================
+
+COMMIT_SIZE = 6 * MiB  # two L2 tables
+
+
+async def _formatted(size: int, backing: str | None = None, raw: bool = False) -> MemoryStore:
+    store = MemoryStore(name="x")
+    await QedImage.format_store(
+        store, size, cluster_size=CS, table_size=TABLE_SIZE, backing_name=backing, backing_raw=raw
+    )
+    return store
+
+
+async def _open(store: Any, backing: Any = None) -> QedImage:
+    header, area = await QedImage.read_header(store)
+    return await open_qed(store, header, area, backing=backing, readonly=False)
+
+
+def _commit_case(base_fmt: str) -> tuple[list[OrderedCrashStore], bytes]:
+    """A base (QED or raw) with data, an overlay over it with partial writes, zero
+    clusters over base data and data in its second table; the commit runs on
+    OrderedCrashStores of both. Returns the stores and the overlay's view before."""
+    base_name = f"base.{base_fmt}"
+
+    async def build() -> tuple[list[OrderedCrashStore], bytes]:
+        if base_fmt == "qed":
+            bstore = await _formatted(COMMIT_SIZE)
+            b = await _open(bstore)
+            await b.write(0, pattern(1, 2 * MiB))
+            await b.write(5 * MiB, pattern(2, 40 * CS))
+            await b.close()
+            base_bytes = bytes(bstore.data)
+        else:
+            base_bytes = pattern(1, 2 * MiB) + bytes(3 * MiB) + pattern(2, MiB)
+        tstore = await _formatted(COMMIT_SIZE, base_name, raw=base_fmt == "raw")
+        top = await _open(tstore, raw_backing(base_name, base_bytes))
+        if base_fmt == "qed":
+            await top.backing.close()  # type: ignore[union-attr]
+            top.backing = await _open(MemoryStore(base_bytes, name=base_name))
+        await top.write(CS + 100, pattern(3, 3 * CS))
+        await top.write_zeroes(8 * CS, 6 * CS)
+        await top.write(3 * MiB, pattern(4, 5 * CS))
+        await top.write(5 * MiB + 7 * CS, pattern(5, 2 * CS + 10))
+        await top.write_zeroes(5 * MiB + 20 * CS + 100, 300)
+        view = await top.read(0, COMMIT_SIZE)
+        await top.close()
+        order: list[int] = []
+        bcrash = OrderedCrashStore(base_bytes, name=base_name, order=order, index=0)
+        tcrash = OrderedCrashStore(bytes(tstore.data), name="top.qed", order=order, index=1)
+        base: Any = (
+            await _open(bcrash)
+            if base_fmt == "qed"
+            else RawImage(bcrash, len(base_bytes), filename=base_name)
+        )
+        top = await _open(tcrash, base)
+        stats = await Committer(top, base).run()
+        assert stats.emptied and stats.tables_dropped == 2 and stats.bytes_zeroed > 0
+        assert await top.read(0, COMMIT_SIZE) == view
+        assert await base.read(0, COMMIT_SIZE) == view
+        # The overlay's log begins after the base's last flush.
+        first_top = order.index(1)
+        assert bcrash.ops[-1].kind == "flush" and order[:first_top].count(0) == len(bcrash.ops)
+        return [bcrash, tcrash], view
+
+    return run(build())
+
+
+@pytest.mark.parametrize("base_fmt", ["qed", "raw"])
+def test_every_crash_state_of_a_commit_keeps_the_overlay_s_view(
+    base_fmt: str, qemu: Any, tmp_path: Path, crash_summary: Record
+) -> None:
+    stores, view = _commit_case(base_fmt)
+    base_name = f"base.{base_fmt}"
+    sample = QemuSample(qemu, tmp_path / "q", every=3)
+    totals = SweepTotals()
+
+    async def judge(states: list[bytes]) -> tuple[list[str], list[str]]:
+        corrupt: list[str] = []
+        if base_fmt == "qed":
+            base, report = await recover(states[0], base_name)
+            corrupt += [f"base: {p.message}" for p in report.problems if p.kind != "leak"]
+            why = sample.offer(base_name, bytes(base.store.data), totals)  # type: ignore[attr-defined]
+            if why:
+                corrupt.append(why)
+        else:
+            base = raw_backing(base_name, states[0])
+        top, report = await recover(states[1], "top.qed", {base_name: lambda: base})
+        corrupt += [f"overlay: {p.message}" for p in report.problems if p.kind != "leak"]
+        why = first_difference(await top.read(0, COMMIT_SIZE), view)
+        (sample.directory / base_name).write_bytes(states[0])  # qemu-img opens it too
+        why2 = sample.offer("top.qed", states[1], totals)
+        if why2:
+            corrupt.append(why2)
+        return ([f"overlay view: {why}"] if why else []), corrupt
+
+    result = sweep(stores, judge, torn=True, max_states=8)
+    result.qemu_checks = totals.qemu_checks
+    _report(f"commit into {base_fmt}", result, crash_summary)

@@ -26,6 +26,7 @@ VALID = {
     "compare": ["x.qed", "y.qed"],
     "measure": ["--size", "1G"],
     "resize": ["x.qed", "+1G"],
+    "commit": ["x.qed"],
     "io": ["-c", "flush", "x.qed"],
     "defrag": ["x.qed"],
     "frag": ["x.qed"],

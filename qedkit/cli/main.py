@@ -41,6 +41,7 @@ VERBS: dict[str, str] = {
     "convert": "copy an image (flattening its chain) into a new one",
     "compare": "check whether two images show the same guest contents",
     "commit": "write an overlay's data into its backing image, then empty it",
+    "rebase": "give an overlay another backing file (safely: its view stays)",
     "resize": "grow or shrink an image",
     "measure": "how large a QED image of some content or size would be",
     "io": "run qemu-io style commands on an image",

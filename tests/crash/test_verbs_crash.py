@@ -6,6 +6,8 @@ guest view the procedure promises to keep is kept in every state:
 
 * commit: the overlay's view (over whatever state of the base) is the view before
   the commit, in every combination of the two files' states;
+* rebase (safe, and flattening): the overlay's view over the backing file its
+  recovered header names (the old or the new one) is the view before;
 * shrink: the disk that stays ``[0, new size)`` reads as before; the header shows
   the old or the new size; with the old size each cut cluster reads its old content
   or as unallocated; with the new size, growing back reads zeros past it (no stale
@@ -37,6 +39,7 @@ from qedkit.engine.chain import open_qed
 from qedkit.engine.qed import QedImage
 from qedkit.engine.raw import RawImage
 from qedkit.jobs.commit import Committer
+from qedkit.jobs.rebase import rebase
 from qedkit.jobs.resize import resize_image
 from qedkit.store import MemoryStore
 
@@ -262,3 +265,60 @@ def test_every_crash_state_of_a_commit_keeps_the_overlay_s_view(
     result = sweep(stores, judge, torn=True, max_states=8)
     result.qemu_checks = totals.qemu_checks
     _report(f"commit into {base_fmt}", result, crash_summary)
+
+
+# =====================================================================================
+# rebase
+# =====================================================================================
+
+REBASE_SIZE = 6 * MiB
+
+
+def _rebase_case(to: str | None) -> tuple[OrderedCrashStore, bytes, dict[str, bytes]]:
+    old = pattern(10, 2 * MiB) + bytes(2 * MiB) + pattern(11, MiB)
+    new = old[:MiB] + pattern(12, MiB) + pattern(13, MiB)  # same, differs, data over zeros
+    files = {"old.raw": old, "new.raw": new}
+
+    async def build() -> tuple[OrderedCrashStore, bytes]:
+        store = await _formatted(REBASE_SIZE, "old.raw", raw=True)
+        top = await _open(store, raw_backing("old.raw", old))
+        await top.write(CS + 100, pattern(14, 2 * CS))
+        await top.write_zeroes(MiB + 4 * CS, 3 * CS)
+        await top.write(3 * MiB + 5, pattern(15, CS))
+        view = await top.read(0, REBASE_SIZE)
+        await top.close()
+        crash = OrderedCrashStore(bytes(store.data), name="top.qed")
+        top = await _open(crash, raw_backing("old.raw", old))
+        target = raw_backing(to, files[to]) if to else None
+        stats = await rebase(top, target, to, raw=True)
+        assert stats.bytes_copied > 0 and (stats.bytes_zeroed > 0) == (to is not None)
+        assert await top.read(0, REBASE_SIZE) == view
+        return crash, view
+
+    crash, view = run(build())
+    return crash, view, files
+
+
+@pytest.mark.parametrize("to", ["new.raw", None], ids=["safe", "flatten"])
+def test_every_crash_state_of_a_rebase_keeps_the_view(
+    to: str | None, qemu: Any, tmp_path: Path, crash_summary: Record
+) -> None:
+    crash, view, files = _rebase_case(to)
+    backings = {name: (lambda n=name: raw_backing(n, files[n])) for name in files}
+    sample = QemuSample(qemu, tmp_path / "q", every=10, extra=files)
+    totals = SweepTotals()
+
+    async def judge(states: list[bytes]) -> tuple[list[str], list[str]]:
+        top, report = await recover(states[0], "top.qed", backings)
+        corrupt = [f"check: {p.message}" for p in report.problems if p.kind != "leak"]
+        if top.backing_filename not in ("old.raw", to):
+            corrupt.append(f"header names {top.backing_filename!r}")
+        why = first_difference(await top.read(0, REBASE_SIZE), view)
+        why2 = sample.offer("top.qed", states[0], totals)
+        if why2:
+            corrupt.append(why2)
+        return ([f"view over {top.backing_filename}: {why}"] if why else []), corrupt
+
+    result = sweep([crash], judge, torn=True, max_states=8)
+    result.qemu_checks = totals.qemu_checks
+    _report(f"rebase {'to new.raw' if to else 'flatten'}", result, crash_summary)

@@ -27,6 +27,7 @@ VALID = {
     "measure": ["--size", "1G"],
     "resize": ["x.qed", "+1G"],
     "commit": ["x.qed"],
+    "rebase": ["-b", "y.qed", "x.qed"],
     "io": ["-c", "flush", "x.qed"],
     "defrag": ["x.qed"],
     "frag": ["x.qed"],

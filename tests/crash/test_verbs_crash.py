@@ -8,6 +8,8 @@ guest view the procedure promises to keep is kept in every state:
   the commit, in every combination of the two files' states;
 * rebase (safe, and flattening): the overlay's view over the backing file its
   recovered header names (the old or the new one) is the view before;
+* amend (cluster size up and down, table size): the recovered image has the old
+  geometry or the new one and reads the view before either way;
 * shrink: the disk that stays ``[0, new size)`` reads as before; the header shows
   the old or the new size; with the old size each cut cluster reads its old content
   or as unallocated; with the new size, growing back reads zeros past it (no stale
@@ -38,6 +40,7 @@ from verbkit import (
 from qedkit.engine.chain import open_qed
 from qedkit.engine.qed import QedImage
 from qedkit.engine.raw import RawImage
+from qedkit.jobs.amend import amend
 from qedkit.jobs.commit import Committer
 from qedkit.jobs.rebase import rebase
 from qedkit.jobs.resize import resize_image
@@ -322,3 +325,81 @@ def test_every_crash_state_of_a_rebase_keeps_the_view(
     result = sweep([crash], judge, torn=True, max_states=8)
     result.qemu_checks = totals.qemu_checks
     _report(f"rebase {'to new.raw' if to else 'flatten'}", result, crash_summary)
+
+
+# =====================================================================================
+# amend
+# =====================================================================================
+
+AMEND_SIZE = 6 * MiB
+AMEND_CASES = {
+    # name: (old cluster size, old table size, new cluster size, new table size, backing)
+    "merge": (4096, 2, 8192, 2, False),
+    "merge-over-raw": (4096, 2, 16384, 2, True),
+    "split": (16384, 2, 4096, 4, False),
+    "tables": (4096, 2, 4096, 4, False),
+}
+
+
+def _amend_case(name: str) -> tuple[OrderedCrashStore, bytes, bytes | None]:
+    cs1, ts1, cs2, ts2, with_backing = AMEND_CASES[name]
+    backing = pattern(50, AMEND_SIZE) if with_backing else None
+
+    async def build() -> tuple[OrderedCrashStore, bytes]:
+        store = MemoryStore(name="img.qed")
+        await QedImage.format_store(
+            store,
+            AMEND_SIZE,
+            cluster_size=cs1,
+            table_size=ts1,
+            backing_name="base.raw" if backing else None,
+            backing_raw=True,
+        )
+        below = raw_backing("base.raw", backing) if backing else None
+        img = await _open(store, below)
+        await img.write(100, pattern(51, 3 * cs1))
+        await img.write(5 * cs1, pattern(52, cs1))  # a lone cluster: merged, copied
+        await img.write_zeroes(16 * cs1, 4 * cs1)
+        await img.write(4 * MiB + 7, pattern(53, 2 * cs1))
+        await img.write(2 * MiB, pattern(54, 8 * cs1))  # contiguous: kept in a merge
+        view = await img.read(0, AMEND_SIZE)
+        await img.close()
+        crash = OrderedCrashStore(bytes(store.data), name="img.qed")
+        below = raw_backing("base.raw", backing) if backing else None
+        img = await _open(crash, below)
+        new, stats = await amend(img, cluster_size=cs2, table_size=ts2)
+        assert (new.geo.cluster_size, new.geo.table_size) == (cs2, ts2)
+        assert await new.read(0, AMEND_SIZE) == view
+        assert stats.truncated_bytes > 0
+        return crash, view
+
+    crash, view = run(build())
+    return crash, view, backing
+
+
+@pytest.mark.parametrize("name", list(AMEND_CASES))
+def test_every_crash_state_of_an_amend_is_the_old_image_or_the_new(
+    name: str, qemu: Any, tmp_path: Path, crash_summary: Record
+) -> None:
+    cs1, ts1, cs2, ts2, _ = AMEND_CASES[name]
+    crash, view, backing = _amend_case(name)
+    files = {"base.raw": backing} if backing else {}
+    backings = {"base.raw": lambda: raw_backing("base.raw", backing or b"")}
+    sample = QemuSample(qemu, tmp_path / "q", every=4, extra=files)
+    totals = SweepTotals()
+
+    async def judge(states: list[bytes]) -> tuple[list[str], list[str]]:
+        img, report = await recover(states[0], "img.qed", backings)
+        corrupt = [f"check: {p.message}" for p in report.problems if p.kind != "leak"]
+        geometry = (img.geo.cluster_size, img.geo.table_size)
+        if geometry not in ((cs1, ts1), (cs2, ts2)):
+            corrupt.append(f"recovered geometry {geometry}")
+        why = first_difference(await img.read(0, AMEND_SIZE), view)
+        why2 = sample.offer("img.qed", states[0], totals)
+        if why2:
+            corrupt.append(why2)
+        return ([f"view with geometry {geometry}: {why}"] if why else []), corrupt
+
+    result = sweep([crash], judge, torn=True, max_states=8, points=150)
+    result.qemu_checks = totals.qemu_checks
+    _report(f"amend {name}", result, crash_summary)

@@ -29,6 +29,7 @@ VALID = {
     "commit": ["x.qed"],
     "rebase": ["-b", "y.qed", "x.qed"],
     "io": ["-c", "flush", "x.qed"],
+    "amend": ["-o", "table_size=8", "x.qed"],
     "bench": ["x.qed"],
     "defrag": ["x.qed"],
     "frag": ["x.qed"],

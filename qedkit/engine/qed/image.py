@@ -522,6 +522,43 @@ class QedImage(QedIO):
             self.alloc.image_size = new_size
             self.alloc.forget_map()  # freed clusters: a new scan knows them
 
+    # ======================================================================
+    # geometry changes (amend)
+    # ======================================================================
+
+    async def switch_header(self, header: Header) -> tuple[ByteStore, BlockImage | None]:
+        """Make the file another image: write ``header`` (another geometry, whose L1
+        and L2 tables and data the caller placed past the end of the file with
+        ``alloc.at_end`` and flushed) as the 64-byte header struct, in one sector
+        write, and flush. The header area past 64 bytes (the backing name) is kept.
+
+        This object describes the old geometry and is done with afterwards: it is
+        closed without another write, and the store (still open) and the backing
+        image are handed back for ``QedImage.open`` on the new header. Every crash
+        state is the old image (with leaked space at its end) or the new one."""
+        self._check_writable()
+        async with self._alloc_lock:
+            if header.needs_check:
+                raise InvalidRequestError(
+                    "a new header must not carry NEED_CHECK", filename=self.filename
+                )
+            await self.store.flush()
+            await self.store.write(0, header.pack())
+            await self.store.flush()
+            self._closed = True
+        backing, self.backing = self.backing, None
+        return self.store, backing
+
+    async def relink_l1(self, offset: int) -> None:
+        """Point the header at a copy of the L1 table at ``offset`` (claimed and
+        written by the caller, engine.qed.move; its bytes are flushed here first):
+        one 64-byte write, flushed. The old copy is free once this returns."""
+        self._check_writable()
+        await self.store.flush()
+        await self._write_header(replace(self.header, l1_table_offset=offset), flush=True)
+        self.tables.l1_table_offset = offset
+        self.alloc.data_start = self.header.data_start
+
     async def info(self) -> ImageInfo:
         name = self.backing_filename
         return ImageInfo(

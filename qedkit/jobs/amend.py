@@ -19,15 +19,16 @@ new image is built where the old one does not look, and one sector write switche
    the backing file for unallocated parts), one whose old clusters are all zero
    clusters (or, without a backing file, zero and unallocated) becomes a zero
    cluster, and an all-unallocated one stays unallocated.
-2. **build** past the end of the file (space reserved with ``alloc.at_end``, aligned
-   to both cluster sizes): the new L1 table, the new L2 tables (L1 order), then the
-   copied data; flushed. Nothing in the old image points there.
+2. **build**: the new L1 table right after the new header (whatever of the old
+   image lay there was moved away first, with the old geometry's crash-safe moves),
+   and past the end of the file (space reserved with ``alloc.at_end``, aligned to
+   both cluster sizes) the new L2 tables (L1 order), then the copied data; flushed.
+   Nothing in the old image points at any of it.
 3. **switch**: the new 64-byte header (new geometry, the new L1's offset, the same
    size, features and backing name) in one sector write, flushed
    (QedImage.switch_header). The old tables and the data that moved are leaks now.
-4. **tidy**, on the image reopened with the new geometry: the L1 moves down right
-   after the header (Mover.move_l1: copy, flush, header, flush), then Mover.compact
-   moves the tables and data from the end into the free slots and truncates.
+4. **tidy**, on the image reopened with the new geometry: Mover.compact moves the
+   tables and data from the end into the free slots and truncates.
 
 A crash before step 3 leaves the old image and leaked space past its end (which a
 later compaction or ``qed check -r leaks`` reclaims); from step 3 on, the new image,
@@ -47,7 +48,7 @@ from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ..engine.qed import Mover, QedImage
+from ..engine.qed import Mover, Planned, QedImage
 from ..errors import InvalidRequestError
 from ..format.geometry import Geometry
 from ..format.header import HEADER_SIZE_BYTES, Feature, Header
@@ -124,6 +125,10 @@ async def _regeometry(img: QedImage, stats: AmendStats, checkpoint: Checkpoint |
     if img.header.needs_check:
         raise InvalidRequestError("the image is in use (NEED_CHECK set)", filename=img.filename)
     new_geo = Geometry(cs2, ts2)
+    # The new L1 goes right after the new header: its bytes must hold nothing of
+    # the old image first.
+    await _clear(img, new_geo.header_bytes, new_geo.header_bytes + new_geo.table_bytes)
+    stats.steps.append("cleared")
     async with img.allocations_paused():
         entries, copies, kept = await _plan(img, new_geo)
         stats.clusters_kept = kept
@@ -135,12 +140,37 @@ async def _regeometry(img: QedImage, stats: AmendStats, checkpoint: Checkpoint |
     )
     stats.steps.append("switched")
     await new.ensure_cluster_map()
-    mover = Mover(new)
-    await mover.move_l1()
-    compacted = await mover.compact()
+    compacted = await Mover(new).compact()
     stats.truncated_bytes = compacted.truncated_bytes
     stats.steps.append("compacted")
     return new
+
+
+async def _clear(img: QedImage, start: int, end: int) -> None:
+    """Move whatever of the old image lies in bytes ``[start, end)`` (the L1, L2
+    tables, data clusters) past ``end``, with the old geometry's crash-safe moves
+    (Mover: copy, flush, repoint, flush)."""
+    cmap = await img.ensure_cluster_map()
+    bits = img.geo.cluster_bits
+    ts = img.geo.table_size
+    mover = Mover(img, spill=end)
+    first, last = start >> bits, -(-end >> bits)
+    l1 = img.tables.l1_table_offset >> bits
+    if l1 < last and first < l1 + ts:
+        await mover.move_l1(mover.free_run(end, ts))
+    for l1_index, offset in enumerate(img.l1_table):
+        at = offset >> bits
+        if offset and at < last and first < at + ts:
+            await mover.move_table(l1_index, mover.free_run(end, ts))
+    plan = [
+        Planned(owner, i << bits, None)
+        for i in range(first, min(last, len(cmap.owner)))
+        if (owner := cmap.get(i)) >= 0
+    ]
+    if plan:
+        moved = await mover.move_data(plan)
+        if len(moved) != len(plan):  # pragma: no cover - offline: nothing changes meanwhile
+            raise InvalidRequestError("the image changed during the amend", filename=img.filename)
 
 
 async def _old_entries(img: QedImage) -> dict[int, int]:
@@ -223,19 +253,19 @@ async def _build(
     per = geo.l2_entries
     tables_used = sorted({j // per for j in entries} | {c.guest // per for c in copies})
     stats.tables_written = len(tables_used)
-    total = (geo.table_size * (1 + len(tables_used)) + len(copies)) * cs2
-    start = -(-img.alloc.file_end // align) * align
-    pad = start - img.alloc.file_end
-    reserve = -(-(pad + total) // cs1)  # old-geometry clusters
-    at = img.alloc.at_end(reserve)
-    assert at + pad == start
-    end = at + reserve * cs1
+    total = (geo.table_size * len(tables_used) + len(copies)) * cs2
+    l1_offset = geo.header_bytes  # cleared of the old image by _clear
+    low = max(img.alloc.file_end, l1_offset + geo.table_bytes)
+    start = -(-low // align) * align
+    reserve = -(-(start + total - img.alloc.file_end) // cs1)  # old-geometry clusters
+    at = img.alloc.at_end(max(reserve, 0))
+    end = at + max(reserve, 0) * cs1
+    assert end >= start + total
     await img.store.truncate(end)  # whole clusters of both sizes: zeros until written
-    l1_offset = start
     table_offsets = {
-        l1_index: start + (1 + n) * geo.table_bytes for n, l1_index in enumerate(tables_used)
+        l1_index: start + n * geo.table_bytes for n, l1_index in enumerate(tables_used)
     }
-    data_at = start + (1 + len(tables_used)) * geo.table_bytes
+    data_at = start + len(tables_used) * geo.table_bytes
     steps = len(copies) + len(tables_used) + 1
     done = 0
     for n, copy in enumerate(copies):
@@ -277,7 +307,7 @@ async def _build(
         backing_filename_offset=old.backing_filename_offset,
         backing_filename_size=old.backing_filename_size,
     )
-    assert HEADER_SIZE_BYTES <= cs2
+    assert cs2 >= HEADER_SIZE_BYTES
     if checkpoint:
         await checkpoint(steps, steps)
     return header

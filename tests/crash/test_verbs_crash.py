@@ -338,6 +338,7 @@ AMEND_CASES = {
     "merge-over-raw": (4096, 2, 16384, 2, True),
     "split": (16384, 2, 4096, 4, False),
     "tables": (4096, 2, 4096, 4, False),
+    "big-tables": (4096, 2, 8192, 8, False),  # new tables larger than the old file's gaps
 }
 
 

@@ -124,3 +124,18 @@ def test_bad_options_are_refused_and_change_nothing(
     res = qed_in_process("amend", "-o", opts, path)
     assert res.returncode == 1 and needle in res.stderr, res.stderr
     assert path.read_bytes() == before
+
+
+def test_tables_larger_than_the_whole_old_file_fit(qemu: Any, tmp_path: Path) -> None:
+    """One data cluster in a small file, amended to 1 MiB tables: the new L2 table
+    lies across the used space after the switch and is moved twice."""
+    path = tmp_path / "small.qed"
+    qemu.img("create", "-f", "qed", path, "64M")
+    qemu.io("-c", "write -P 0x5a 1M 64k", path)
+    ref = tmp_path / "before.raw"
+    qemu.img("convert", "-O", "raw", path, ref)
+    res = qed_in_process("amend", "-o", "cluster_size=128k,table_size=8", path)
+    assert res.returncode == 0, res.stderr
+    qemu.img("compare", "-F", "raw", path, ref)
+    qemu.img("check", path)
+    assert path.stat().st_size == (1 + 8 + 8 + 1) * 128 * 1024

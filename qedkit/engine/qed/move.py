@@ -315,6 +315,12 @@ class Mover:
             ):
                 break
         else:
+            if current < used:
+                # Every window overlaps the table itself (a table lying across
+                # ``used``): move it past everything first, which frees its slots
+                # for the next round (a copy never overlaps its source).
+                await move(self.free_run(max(used, current + ts) << bits, ts))
+                return
             raise JobError(
                 "no room to move an L2 table below the used space", filename=img.filename
             )

@@ -45,10 +45,11 @@ VERBS: dict[str, str] = {
     "resize": "grow or shrink an image",
     "measure": "how large a QED image of some content or size would be",
     "io": "run qemu-io style commands on an image",
-    "amend": "change a QED image's cluster size, table size or backing format in place",
+    "amend": "change a QED image's cluster or table size, or backing format",
     "bench": "time read or write requests through the engine (IOPS, MB/s)",
     "defrag": "pack the clusters in guest order: fast, compact (offline)",
     "frag": "report how fragmented a QED image is (read-only)",
+    "mount": "the guest disk of an image as a file under a FUSE mount",
     "serve": "serve images over NBD",
     "ctl": "send a command to a qed serve control socket",
 }

@@ -33,6 +33,7 @@ VALID = {
     "bench": ["x.qed"],
     "defrag": ["x.qed"],
     "frag": ["x.qed"],
+    "mount": ["x.qed", "mnt"],
     "serve": ["x.qed"],
     "ctl": ["s.sock", "query-status"],
 }

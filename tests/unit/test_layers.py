@@ -1,7 +1,7 @@
 """The import layering of DESIGN.md §2, read from the source with ast.
 
     errors  <- everyone
-    format  <- store <- engine <- jobs <- (nbd, cli, api/aio)
+    format  <- store <- engine <- jobs <- (nbd, fuse, cli, api/aio)
 
 format/ (and nbd/protocol.py, when it exists) is pure: no I/O modules, nothing
 outside the standard library. Imports inside functions count as well.
@@ -26,7 +26,7 @@ IO_MODULES = {
 }  # fmt: skip
 
 # Layer of each qedkit module, by name prefix; the lowest layers first.
-LAYERS = ["errors", "format", "store", "engine", "jobs", "api", "nbd", "cli", "root"]
+LAYERS = ["errors", "format", "store", "engine", "jobs", "api", "nbd", "fuse", "cli", "root"]
 # Which qedkit layers each layer may import (besides itself and errors).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
@@ -36,7 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     "jobs": {"format", "store", "engine"},
     "api": {"format", "store", "engine", "jobs"},  # qedkit.api, qedkit.aio
     "nbd": {"format", "store", "engine", "jobs"},
-    "cli": {"format", "store", "engine", "jobs", "api", "nbd"},  # a client of the API; serves
+    "fuse": {"format", "store", "engine", "jobs"},  # qed mount: serves like nbd
+    "cli": {"format", "store", "engine", "jobs", "api", "nbd", "fuse"},  # a client; serves
     "root": set(LAYERS),  # qedkit/__init__.py and __main__.py re-export
 }
 # The NBD client (store.nbdclient) takes its wire constants from the sans-I/O protocol

@@ -8,7 +8,6 @@ the old image or the new one; ``backing_fmt=raw`` records the backing file as ra
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .common import UsageError, add_format, add_quiet, parse_options, size_option
 
@@ -64,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(img, QedImage):
             raise UsageError(f"{args.filename}: only QED images can be amended")
         show = args.progress and not args.quiet
-        with Progress(
-            show or (sys.stderr.isatty() and args.progress), "amend", unit=" steps"
-        ) as progress:
+        with Progress(show, "amend", unit=" steps") as progress:
 
             async def checkpoint(done: int, total: int) -> None:
                 progress(done, total)

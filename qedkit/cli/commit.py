@@ -7,7 +7,6 @@ keeps the overlay's data. Prints "Image committed."."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .common import UsageError, add_format, add_quiet
 
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         depth = find_in_chain(top, args.base) if args.base is not None else 1
         base = run_sync(reopen_writable(top, depth))
         show = args.progress and not args.quiet
-        with Progress(show or (sys.stderr.isatty() and args.progress)) as progress:
+        with Progress(show) as progress:
 
             async def checkpoint(done: int, total: int) -> None:
                 progress(done, total)

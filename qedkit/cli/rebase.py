@@ -9,7 +9,6 @@ as given, as qemu-img does; a raw one is recorded as raw (no probing)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .common import FORMATS, UsageError, add_format, add_quiet
 
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                 ) from exc
             raw = new.format_name == "raw"
         show = args.progress and not args.quiet
-        with Progress(show or (sys.stderr.isatty() and args.progress)) as progress:
+        with Progress(show) as progress:
 
             async def checkpoint(done: int, total: int) -> None:
                 progress(done, total)

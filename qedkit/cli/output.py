@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # imported for the types only: ``qed ctl`` prints without the
     from ..engine.check import CheckReport
     from ..engine.mapping import MapEntry
     from ..jobs.frag import FragReport
+    from ..jobs.measure import Measurement
 
 # ---- QEMU's JSON key order ---------------------------------------------------
 
@@ -459,3 +460,15 @@ def control_reference_human(reference: dict[str, Any]) -> str:
         lines += _entry(_call(j["type"], j["arguments"]), j["help"], j["arguments"])
     lines.append("SIZE: bytes, with an optional k, M, G or T suffix (binary); N: a number")
     return "\n".join(lines) + "\n"
+
+
+# ---- measure ----------------------------------------------------------------------
+
+
+def measure_json(m: Measurement) -> str:
+    """qemu-img measure's JSON (BlockMeasureInfo)."""
+    return dumps_qemu(qdict_order(m.pairs()))
+
+
+def measure_human(m: Measurement) -> str:
+    return f"required size: {m.required}\nfully allocated size: {m.fully_allocated}"

@@ -56,12 +56,14 @@ def _check_format_name(fmt: str) -> None:
         )
 
 
-def _open_store(path: str, *, readonly: bool, unsafe: bool = False) -> ByteStore:
+def _open_store(
+    path: str, *, readonly: bool, unsafe: bool = False, direct: bool = False
+) -> ByteStore:
     if "://" in path:  # a remote image (store.url): read-only, connected on first read
         from ..store.url import open_url
 
         return open_url(path, readonly=readonly)
-    return FileStore.open(path, readonly=readonly, unsafe=unsafe)
+    return FileStore.open(path, readonly=readonly, unsafe=unsafe, direct=direct)
 
 
 async def probe(store: ByteStore) -> str:
@@ -113,6 +115,7 @@ async def open_image(
     repair: bool = True,
     unsafe_no_flush: bool = False,
     force_share: bool = False,
+    direct: bool = False,
     _depth: int = 0,
     _seen: frozenset[str] = frozenset(),
 ) -> BlockImage:
@@ -121,7 +124,8 @@ async def open_image(
     ``backing_chain=False`` opens the top image alone (reads of unallocated clusters
     then return zeros); ``repair=False`` skips the open-time repair of an image with
     NEED_CHECK set (``qed check`` wants to see it unrepaired); ``unsafe_no_flush``
-    turns flushes of the top image into no-ops (qemu-img's cache=unsafe).
+    turns flushes of the top image into no-ops (qemu-img's cache=unsafe); ``direct``
+    reads and writes the top image's aligned data with O_DIRECT (cache=none).
 
     The image file is locked as QEMU locks it (store.file): a read-write open fails
     with ImageLockedError while anyone else (QEMU included) has it open, a read-only
@@ -136,7 +140,7 @@ async def open_image(
     if _depth > MAX_CHAIN_DEPTH:
         raise BackingFileError(f"backing chain deeper than {MAX_CHAIN_DEPTH} images")
     try:
-        store = _open_store(path, readonly=readonly, unsafe=unsafe_no_flush)
+        store = _open_store(path, readonly=readonly, unsafe=unsafe_no_flush, direct=direct)
     except QedError as exc:
         raise exc.with_filename(path) from exc.__cause__
     try:

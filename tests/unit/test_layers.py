@@ -1,7 +1,7 @@
 """The import layering of DESIGN.md §2, read from the source with ast.
 
     errors  <- everyone
-    format  <- store <- engine <- jobs <- (nbd, cli, api/aio)
+    format  <- store <- engine <- jobs <- (nbd, fuse, cli, api/aio)
     protocol (qedkit.nbd.protocol, the sans-I/O NBD core) <- store and everything above
 
 format/ and the NBD protocol core are pure: no I/O modules, nothing outside the
@@ -27,7 +27,9 @@ IO_MODULES = {
 }  # fmt: skip
 
 # Layer of each qedkit module, by name prefix; the lowest layers first.
-LAYERS = ["errors", "format", "protocol", "store", "engine", "jobs", "api", "nbd", "cli", "root"]
+LAYERS = [
+    "errors", "format", "protocol", "store", "engine", "jobs", "api", "nbd", "fuse", "cli", "root",
+]  # fmt: skip
 # Which qedkit layers each layer may import (besides itself and errors).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
@@ -38,7 +40,8 @@ ALLOWED: dict[str, set[str]] = {
     "jobs": {"format", "protocol", "store", "engine"},
     "api": {"format", "protocol", "store", "engine", "jobs"},  # qedkit.api, qedkit.aio
     "nbd": {"format", "protocol", "store", "engine", "jobs"},
-    "cli": {"format", "protocol", "store", "engine", "jobs", "api", "nbd"},  # serves too
+    "fuse": {"format", "protocol", "store", "engine", "jobs"},  # qed mount: serves like nbd
+    "cli": {"format", "protocol", "store", "engine", "jobs", "api", "nbd", "fuse"},
     "root": set(LAYERS),  # qedkit/__init__.py and __main__.py re-export
 }
 PROTOCOL = "qedkit.nbd.protocol"

@@ -472,6 +472,93 @@ class QedImage(QedIO):
         await self._write_header(replace(self.header, image_size=new_size), flush=True)
         self.alloc.image_size = new_size
 
+    async def shrink(self, new_size: int) -> None:
+        """Cut the image to ``new_size`` bytes.
+
+        Order (each step durable before the next):
+
+        1. the cut tail's entries become 0: entries past the new last cluster in
+           the table that straddles the new end (sector writes), and every table
+           whose span lies wholly past it is unlinked (its L1 entry 0);
+        2. the header gets the new size (one sector write).
+
+        The clusters and tables nothing references any more are leaks (space, never
+        data) until the caller reclaims them (jobs.resize compacts with Mover).
+        A crash after step 1 leaves the old size with a tail that reads as
+        unallocated (the part of the disk that stays is intact). The
+        entries go before the header so that no state has the new size with stale
+        entries past it, which a later grow would show again. A cluster cut in two
+        by the new end keeps its entry; a later grow zeroes its tail (``resize``).
+        Nothing here checks that the tail held no data: callers decide that.
+        """
+        self._check_writable()
+        old = self.size
+        if new_size % SECTOR_SIZE or not 0 <= new_size <= old:
+            raise InvalidRequestError(
+                f"invalid size {new_size} for a shrink from {old} bytes: must be a "
+                "multiple of 512 and not larger",
+                filename=self.filename,
+            )
+        geo = self.geo
+        cut = geo.round_up(new_size)  # first guest byte of the first cluster that goes
+        if new_size == old:
+            return
+        async with self._alloc_lock:
+            await self.store.flush()
+            first_table = -(-cut // geo.l2_span)  # first table wholly past the cut
+            for l1_index in range(first_table, len(self.tables.l1)):
+                if self.tables.l1[l1_index]:
+                    await self.tables.unlink(l1_index)
+            if cut % geo.l2_span:
+                l1_index = cut // geo.l2_span
+                table = await self.get_l2(l1_index)
+                if table is not None:
+                    start = geo.l2_index(cut)
+                    updates = {i: 0 for i in range(start, geo.l2_entries) if table[i]}
+                    if updates:
+                        await self.tables.write_entries(l1_index, table, updates)
+            await self.store.flush()
+            await self._write_header(replace(self.header, image_size=new_size), flush=True)
+            self.alloc.image_size = new_size
+            self.alloc.forget_map()  # freed clusters: a new scan knows them
+
+    # ======================================================================
+    # geometry changes (amend)
+    # ======================================================================
+
+    async def switch_header(self, header: Header) -> tuple[ByteStore, BlockImage | None]:
+        """Make the file another image: write ``header`` (another geometry, whose L1
+        and L2 tables and data the caller placed past the end of the file with
+        ``alloc.at_end`` and flushed) as the 64-byte header struct, in one sector
+        write, and flush. The header area past 64 bytes (the backing name) is kept.
+
+        This object describes the old geometry and is done with afterwards: it is
+        closed without another write, and the store (still open) and the backing
+        image are handed back for ``QedImage.open`` on the new header. Every crash
+        state is the old image (with leaked space at its end) or the new one."""
+        self._check_writable()
+        async with self._alloc_lock:
+            if header.needs_check:
+                raise InvalidRequestError(
+                    "a new header must not carry NEED_CHECK", filename=self.filename
+                )
+            await self.store.flush()
+            await self.store.write(0, header.pack())
+            await self.store.flush()
+            self._closed = True
+        backing, self.backing = self.backing, None
+        return self.store, backing
+
+    async def relink_l1(self, offset: int) -> None:
+        """Point the header at a copy of the L1 table at ``offset`` (claimed and
+        written by the caller, engine.qed.move; its bytes are flushed here first):
+        one 64-byte write, flushed. The old copy is free once this returns."""
+        self._check_writable()
+        await self.store.flush()
+        await self._write_header(replace(self.header, l1_table_offset=offset), flush=True)
+        self.tables.l1_table_offset = offset
+        self.alloc.data_start = self.header.data_start
+
     async def info(self) -> ImageInfo:
         name = self.backing_filename
         return ImageInfo(

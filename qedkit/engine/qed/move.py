@@ -21,14 +21,16 @@ shares one flush pair. If a move fails midway the cluster map may be wrong, so i
 is dropped (the next user rescans).
 
 This is the one mechanism behind defragmentation (jobs.defrag plans, this moves),
-leak compaction in repair (engine.check) and the final compaction of a defrag:
+leak compaction in repair (engine.check), the L1 move of a geometry change
+(jobs.amend: the new L1 is built past the end, then moves down after the header),
+and the final compaction of a defrag, a shrink and an amend:
 ``compact`` moves the clusters past the end of the used space into the free slots
 below it, then ``truncate`` cuts the file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -148,6 +150,31 @@ class Mover:
         alloc.release(old, ts)
         return dst
 
+    async def move_l1(self, dst: int | None = None) -> int:
+        """Move the L1 table to ``dst`` (default: the first free run of
+        ``table_size`` clusters after the header): claim, copy, flush, point the
+        header at the copy (QedImage.relink_l1: one 64-byte write, flushed), then
+        release the old slots. Returns where it went. Allocations are paused
+        throughout (an L1 update must not land in the copy being abandoned)."""
+        img = self.img
+        alloc = img.alloc
+        ts = img.geo.table_size
+        old = img.tables.l1_table_offset
+        async with img.allocations_paused():
+            if dst is None:
+                dst = alloc.free_run(img.geo.header_bytes, ts)
+            if dst == old:
+                return old
+            alloc.claim(dst, ts, META)
+            try:
+                await img.store.copy_range(old, dst, img.geo.table_bytes)
+                await img.relink_l1(dst)
+            except BaseException:
+                alloc.forget_map()
+                raise
+        alloc.release(old, ts)
+        return dst
+
     async def zero_data(self, candidates: Sequence[tuple[int, int]]) -> int:
         """Turn data clusters that hold only zeros into zero clusters (entry 1, as
         ``qemu-img convert`` and copy-on-read make them), freeing their slots.
@@ -232,6 +259,11 @@ class Mover:
                 ),
                 key=lambda l1_index: -img.l1_table[l1_index],
             )
+            l1_at = img.tables.l1_table_offset >> bits
+            if l1_at + ts > used:  # the L1 table too (a geometry change built it last)
+                await self._lower(l1_at, used, self.move_l1, placed)
+                stats.tables_moved += 1
+                continue
             if tables:
                 await self._lower_table(tables[0], used, placed)
                 stats.tables_moved += 1
@@ -253,16 +285,35 @@ class Mover:
 
     async def _lower_table(self, l1_index: int, used: int, placed: set[int]) -> None:
         """Move the table of ``l1_index`` (some of it at or past cluster ``used``) to
-        ``table_size`` slots below ``used``: a free run if there is one, else the
-        window nearest the top holding only data and free slots (not the table
-        itself), emptied first (its data moves past ``used``).
+        ``table_size`` slots below ``used`` (see ``_lower``); once it is there it is
+        ``placed`` and never evicted again, so every table settles in a few rounds."""
+        img = self.img
+
+        async def move(dst: int) -> int:
+            return await self.move_table(l1_index, dst)
+
+        current = img.l1_table[l1_index] >> img.geo.cluster_bits
+        if await self._lower(current, used, move, placed):
+            placed.add(l1_index)
+
+    async def _lower(
+        self,
+        current: int,
+        used: int,
+        move: Callable[[int], Awaitable[int]],
+        placed: set[int],
+    ) -> bool:
+        """Move a table now at cluster ``current`` (some of it at or past cluster
+        ``used``) with ``move(dst)`` to ``table_size`` slots below ``used``; True when
+        it got there. A free run if there is one, else the window nearest the top
+        holding only data and free slots (not the table itself), emptied first (its
+        data moves past ``used``).
 
         On a sparse image (data, table, data, table ...) no such window exists. Then
         the table, once it lies wholly past ``used`` (a table straddling it first
-        moves out of the way), takes the window nearest the top that holds neither
-        the header, the L1 table nor a table in ``placed``: its data and its tables
-        move past ``used`` first. Each success adds ``l1_index`` to ``placed``; a
-        placed table is never evicted, so every table settles in a few rounds."""
+        moves out of the way: a copy never overlaps its source), takes the window
+        nearest the top that holds neither the header, the L1 table nor a table in
+        ``placed``: its data and its tables move past ``used`` first."""
         img = self.img
         cmap = img.alloc.cluster_map
         assert cmap is not None
@@ -270,13 +321,11 @@ class Mover:
         ts = img.geo.table_size
         owner = cmap.owner
         l1 = img.l1_table
-        current = l1[l1_index] >> bits
         start = img.geo.header_size
         run = cmap.first_free_run(start, ts)
         if run + ts <= used:
-            await self.move_table(l1_index, run << bits)
-            placed.add(l1_index)
-            return
+            await move(run << bits)
+            return True
 
         def top_window(fits: Callable[[range], bool]) -> range | None:
             for window in range(used - ts, start - 1, -1):
@@ -295,8 +344,8 @@ class Mover:
         if slots is None:
             if current < used:
                 # It straddles ``used``: the windows near the top overlap it.
-                await self.move_table(l1_index, self.free_run(used << bits, ts))
-                return
+                await move(self.free_run(max(used, current + ts) << bits, ts))
+                return False
             for other, offset in enumerate(l1):
                 if offset and other not in placed:
                     for k in range(ts):
@@ -309,11 +358,11 @@ class Mover:
         evict = [Planned(owner[i], i << bits, None) for i in slots if owner[i] >= 0]
         moved = await self.move_data(evict, spill=used << bits)
         if len(moved) != len(evict):
-            return  # something changed under us: the next round looks again
+            return False  # something changed under us: the next round looks again
         for other in sorted({table_at[i] for i in slots if i in table_at}):
             await self.move_table(other, self.free_run(used << bits, ts))
-        await self.move_table(l1_index, slots.start << bits)
-        placed.add(l1_index)
+        await move(slots.start << bits)
+        return True
 
     def free_run(self, start: int, count: int) -> int:
         """The first ``count`` free clusters at or after ``start`` (not claimed)."""

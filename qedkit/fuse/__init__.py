@@ -1,0 +1,1 @@
+"""The guest disk of an image as one file under a FUSE mount (``qed mount``)."""

@@ -20,8 +20,11 @@ never overwritten while a durable entry still points to it. A batch of data move
 shares one flush pair. If a move fails midway the cluster map may be wrong, so it
 is dropped (the next user rescans).
 
-This is the one mechanism behind defragmentation (jobs.defrag plans, this moves),
-leak compaction in repair (engine.check) and the final compaction of a defrag:
+The L1 table moves the same way (``move_l1``: copy, flush, the header repointed in
+one sector write, flush, release). This is the one mechanism behind
+defragmentation (jobs.defrag plans, this moves), leak compaction in repair
+(engine.check), the reclaim step of the in-place qcow2 conversion (jobs.inplace)
+and the final compaction of a defrag:
 ``compact`` moves the clusters past the end of the used space into the free slots
 below it, then ``truncate`` cuts the file.
 """
@@ -147,6 +150,24 @@ class Mover:
                 raise
         alloc.release(old, ts)
         return dst
+
+    async def move_l1(self, dst: int) -> int:
+        """Move the L1 table to ``dst`` (its ``table_size`` clusters must be free and
+        must not overlap the current table): claimed, written, flushed, the header
+        repointed, flushed (``QedImage.relocate_l1``), then the old clusters are
+        released. Returns the old offset."""
+        img = self.img
+        alloc = img.alloc
+        ts = img.geo.table_size
+        async with img.allocations_paused():
+            alloc.claim(dst, ts, META)
+            try:
+                old = await img.relocate_l1(dst)
+            except BaseException:
+                alloc.forget_map()
+                raise
+        alloc.release(old, ts)
+        return old
 
     async def zero_data(self, candidates: Sequence[tuple[int, int]]) -> int:
         """Turn data clusters that hold only zeros into zero clusters (entry 1, as

@@ -524,9 +524,7 @@ class InPlaceConverter:
         walker.stats.l2_tables = len(plan.spans)
         walker.count_unallocated()
         if walker.stats != plan.stats:
-            raise JobError(
-                "the image changed between planning and writing", filename=self.filename
-            )
+            raise JobError("the image changed between planning and writing", filename=self.filename)
         self._l1_at = l1_at
         await checkpoint(total + 1, total + 1)
         return l1_at

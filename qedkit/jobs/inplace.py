@@ -99,7 +99,7 @@ WRITE_BATCH = 8 * MiB  # appended clusters and tables written per pwritev
 Checkpoint = Callable[[int, int], Awaitable[None]]
 
 
-async def _no_checkpoint(done: int, total: int) -> None:
+async def no_checkpoint(done: int, total: int) -> None:
     return None
 
 
@@ -345,7 +345,7 @@ class InPlaceConverter:
     # plan
     # ======================================================================
 
-    async def plan(self, checkpoint: Checkpoint = _no_checkpoint) -> ConversionPlan:
+    async def plan(self, checkpoint: Checkpoint = no_checkpoint) -> ConversionPlan:
         """Validate everything and decide every cluster; writes nothing. Raises
         UnsupportedFeatureError (what the conversion refuses, naming the feature),
         CorruptImageError (an entry it cannot honour), InvalidRequestError."""
@@ -450,7 +450,7 @@ class InPlaceConverter:
     # write (past the end of the file only)
     # ======================================================================
 
-    async def write_tables(self, checkpoint: Checkpoint = _no_checkpoint) -> int:
+    async def write_tables(self, checkpoint: Checkpoint = no_checkpoint) -> int:
         """Append the copied clusters, the L2 tables and the L1 table, then flush;
         returns the L1 table's offset. The file stays the qcow2 image; on any error
         it is cut back to its planned length (failure guarantee)."""
@@ -594,7 +594,7 @@ class InPlaceConverter:
     # all steps
     # ======================================================================
 
-    async def run(self, checkpoint: Checkpoint = _no_checkpoint) -> ConversionReport:
+    async def run(self, checkpoint: Checkpoint = no_checkpoint) -> ConversionReport:
         """Plan (if not done yet), write, switch, reclaim. Progress: planning, writing
         and reclaiming each report their own ``(done, total)``."""
         started = time.monotonic()
@@ -606,7 +606,7 @@ class InPlaceConverter:
             plan=plan,
             reclaim=stats,
             bytes_written=self.bytes_written,
-            bytes_moved=_moved_bytes(img, stats),
+            bytes_moved=moved_bytes(img, stats),
             file_size_after=await img.store.size(),
             allocated_after=await img.store.allocated_bytes(),
             seconds=time.monotonic() - started,
@@ -620,7 +620,7 @@ class InPlaceConverter:
             await self.src.close()
 
 
-def _moved_bytes(img: QedImage, stats: ReclaimStats) -> int:
+def moved_bytes(img: QedImage, stats: ReclaimStats) -> int:
     geo = img.geo
     return stats.clusters_moved * geo.cluster_size + stats.tables_moved * geo.table_bytes
 
@@ -808,7 +808,7 @@ def _piece(run: q.Run, start: int, end: int) -> _Piece:
 
 
 async def reclaim(
-    img: QedImage, mode: Reclaim = Reclaim.COMPACT, checkpoint: Checkpoint = _no_checkpoint
+    img: QedImage, mode: Reclaim = Reclaim.COMPACT, checkpoint: Checkpoint = no_checkpoint
 ) -> ReclaimStats:
     """Put the L1 table at cluster 1 (QEMU's layout), then compact (or punch) the free
     space every QED checker would call leaked. Crash-safe at every step (engine.qed
@@ -900,7 +900,7 @@ async def convert_file(
     dry_run: bool = False,
     discard_snapshots: bool = False,
     reclaim_mode: Reclaim = Reclaim.COMPACT,
-    checkpoint: Checkpoint = _no_checkpoint,
+    checkpoint: Checkpoint = no_checkpoint,
 ) -> ConversionPlan | ConversionReport | None:
     """Convert the qcow2 image ``path`` to QED in place (``qed convert --in-place``).
 
@@ -936,7 +936,7 @@ async def convert_file(
                 plan=None,
                 reclaim=stats,
                 bytes_written=0,
-                bytes_moved=_moved_bytes(img, stats),
+                bytes_moved=moved_bytes(img, stats),
                 file_size_after=await img.store.size(),
                 allocated_after=await img.store.allocated_bytes(),
                 seconds=time.monotonic() - started,
@@ -962,7 +962,7 @@ async def convert_file(
             plan=plan,
             reclaim=stats,
             bytes_written=converter.bytes_written,
-            bytes_moved=_moved_bytes(qed, stats),
+            bytes_moved=moved_bytes(qed, stats),
             file_size_after=await qed.store.size(),
             allocated_after=await qed.store.allocated_bytes(),
             seconds=time.monotonic() - started,

@@ -74,15 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--convert-qcow2",
-        nargs="?",
-        const="now",
         choices=("now", "job"),
         metavar="WHEN",
         help="serve qcow2 IMAGEs read-write while making them QED in the same file: the "
-        "conversion (a convert-to-qed job) starts at once (now, the default), or when "
-        "'job-start type=convert-to-qed' asks (job; needs --control). Until it switches "
-        "the file to QED, writes into clusters that stay in place go through and the others "
-        "wait",
+        "conversion (a convert-to-qed job) starts at once (now), or when 'job-start "
+        "type=convert-to-qed' asks (job; needs --control). Until it switches the file to "
+        "QED, writes into clusters that stay in place go through and the others wait",
     )
     p.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM); TLS is then required")
     p.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")

@@ -68,6 +68,7 @@ unreferenced space); after it, a valid QED image with the same guest data.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import time
@@ -450,10 +451,12 @@ class InPlaceConverter:
     # write (past the end of the file only)
     # ======================================================================
 
-    async def write_tables(self, checkpoint: Checkpoint = no_checkpoint) -> int:
+    async def write_tables(self, checkpoint: Checkpoint = no_checkpoint, *, rate: int = 0) -> int:
         """Append the copied clusters, the L2 tables and the L1 table, then flush;
-        returns the L1 table's offset. The file stays the qcow2 image; on any error
-        it is cut back to its planned length (failure guarantee)."""
+        returns the L1 table's offset. ``rate`` (bytes per second, 0: no limit) paces
+        the copies (a served image's clients keep the rest of the disk's bandwidth).
+        The file stays the qcow2 image; on any error it is cut back to its planned
+        length (failure guarantee)."""
         plan = self.planned
         store = self.src.store
         if store.readonly:
@@ -468,14 +471,14 @@ class InPlaceConverter:
                 filename=self.filename,
             )
         try:
-            return await self._append(plan, checkpoint)
+            return await self._append(plan, checkpoint, rate)
         except BaseException:
             # the first error is the one to report
             with contextlib.suppress(Exception):
                 await store.truncate(plan.file_size)
             raise
 
-    async def _append(self, plan: ConversionPlan, checkpoint: Checkpoint) -> int:
+    async def _append(self, plan: ConversionPlan, checkpoint: Checkpoint, rate: int) -> int:
         src = self.src
         store = src.store
         geo = plan.geometry
@@ -507,6 +510,8 @@ class InPlaceConverter:
             pending, pending_at, pending_bytes = [], cursor, 0
 
         total = len(plan.spans)
+        started = time.monotonic()
+        copied = 0
         for done, s in enumerate(plan.spans):
             span = await walker.span(s)
             base = s * geo.l2_entries
@@ -516,6 +521,13 @@ class InPlaceConverter:
                 n = min(cs, plan.image_size - (g << geo.cluster_bits))
                 await src.readinto(g << geo.cluster_bits, memoryview(buf)[:n])
                 span.table[index] = await put(buf)
+                copied += cs
+                if rate:
+                    ahead = copied / rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                # a served image's requests get their turn between two copies
+                await checkpoint(done, total + 1)
             l1[s] = await put(pack_table(span.table))
             await checkpoint(done + 1, total + 1)
         l1_at = await put(pack_table(l1))

@@ -49,6 +49,7 @@ from ..engine.qcow2 import Qcow2Image
 from ..engine.qed import QedImage
 from ..errors import InvalidRequestError, JobError, StoreError, UnsupportedFeatureError
 from ..format import qcow2 as q
+from ..format.sizes import parse_size
 from ..store.base import Buffer
 from .base import Argument, Job
 from .inplace import (
@@ -84,6 +85,9 @@ class LiveConversion(BlockImage):
         self._switching = False
         self._failed: str | None = None
         self._converting = False
+        # Requests before the switch: written in place at once, or held for it.
+        self.in_place_writes = 0
+        self.held_requests = 0
 
     @classmethod
     async def prepare(cls, src: Qcow2Image) -> LiveConversion:
@@ -137,6 +141,8 @@ class LiveConversion(BlockImage):
 
     async def _target(self) -> QedImage:
         """The QED image, once there is one (a held request waits here)."""
+        if self.qed is None:
+            self.held_requests += 1
         while self.qed is None:
             if self._failed is not None:
                 raise StoreError(self._failed, filename=self.filename)
@@ -207,6 +213,7 @@ class LiveConversion(BlockImage):
         view = memoryview(data).cast("B")
         self._check_range(offset, len(view))
         if self.qed is None and self._in_place(offset, len(view)) and self._enter():
+            self.in_place_writes += 1
             try:
                 await self._through(offset, len(view), view)
             finally:
@@ -217,6 +224,7 @@ class LiveConversion(BlockImage):
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         self._check_range(offset, length)
         if self.qed is None and self._in_place(offset, length) and self._enter():
+            self.in_place_writes += 1
             try:
                 await self._through(offset, length, None)
             finally:
@@ -268,9 +276,14 @@ class LiveConversion(BlockImage):
     # ======================================================================
 
     async def convert(
-        self, checkpoint: Checkpoint = no_checkpoint, mode: Reclaim = Reclaim.COMPACT
+        self,
+        checkpoint: Checkpoint = no_checkpoint,
+        mode: Reclaim = Reclaim.COMPACT,
+        *,
+        rate: int = 0,
     ) -> ConversionReport:
-        """Write the QED tables, switch (see the module docstring), reclaim. Before
+        """Write the QED tables (copies paced at ``rate`` bytes per second, 0: no
+        limit), switch (see the module docstring), reclaim. Before
         the header write an error or a cancellation leaves the served qcow2 image as
         it was (the appended bytes cut away); if the header write itself fails, the
         image stops serving (requests fail) since which format is on disk is
@@ -285,7 +298,7 @@ class LiveConversion(BlockImage):
         self._converting = True
         conv = self.converter
         try:
-            await conv.write_tables(checkpoint)
+            await conv.write_tables(checkpoint, rate=rate)
             self._switching = True
             try:
                 await self._idle.wait()  # every request in qcow2 mode has finished
@@ -328,6 +341,7 @@ class ConvertToQedJob(Job):
     type = "convert-to-qed"
     summary = "make a served qcow2 image (qed serve --convert-qcow2) QED in the same file"
     argument_spec = (
+        Argument("rate", "size", "bytes copied per second at most (default 0: no limit)"),
         Argument(
             "reclaim",
             "compact|punch",
@@ -349,7 +363,11 @@ class ConvertToQedJob(Job):
             raise InvalidRequestError(
                 f"convert-to-qed: reclaim must be compact or punch, not {mode!r}"
             )
-        return {"reclaim": mode}
+        try:
+            rate = parse_size(str(arguments.get("rate", 0) or 0))
+        except ValueError as exc:
+            raise InvalidRequestError(f"convert-to-qed: {exc}") from None
+        return {"reclaim": mode, "rate": rate}
 
     async def work(self) -> dict[str, Any]:
         image = self.image
@@ -360,6 +378,12 @@ class ConvertToQedJob(Job):
                 f"{image.filename}: only a qcow2 image served with 'qed serve "
                 "--convert-qcow2' converts while served"
             )
-        report = await image.convert(self.checkpoint, Reclaim(self.options["reclaim"]))
+        report = await image.convert(
+            self.checkpoint, Reclaim(self.options["reclaim"]), rate=self.options["rate"]
+        )
         await self.checkpoint(1, 1)
-        return report.as_dict()
+        return {
+            **report.as_dict(),
+            "in-place-writes": image.in_place_writes,
+            "held-requests": image.held_requests,
+        }

@@ -192,6 +192,10 @@ class ConversionPlan:
     # Per QED L1 index: a bitmap of the guest clusters whose data stays in place
     # (the live export writes those in place before the switch).
     reused_guest: dict[int, bytearray] = field(repr=False, default_factory=dict)
+    # Reused host clusters that qcow2 metadata or compressed data also occupies (a
+    # damaged image; harmless offline, refused by the live export, whose in-place
+    # writes would change them before the switch).
+    overlaps: int = 0
 
     @property
     def cluster_size(self) -> int:
@@ -438,6 +442,7 @@ class InPlaceConverter:
             snapshots_discarded=snapshots,
             bitmaps_discarded=bitmaps,
             reused_guest=reused_guest,
+            overlaps=await walker.overlaps(),
         )
         return self._plan
 
@@ -661,6 +666,7 @@ class _Walker:
         # the file rounded up to a QED cluster: every data cluster must lie below it
         self.file_end = (file_size + self.cs - 1) & ~(self.cs - 1)
         self.seen = _Bitset(self.file_end >> self.bits)
+        self.compressed = _Bitset(self.file_end >> self.bits)  # touched by compressed data
 
     def spans(self) -> list[int]:
         """QED L1 indexes whose span holds an allocated qcow2 L2 table."""
@@ -672,6 +678,15 @@ class _Walker:
                 hi = min(lo + qspan, self.size) - 1
                 out.update(range(lo // self.geo.l2_span, hi // self.geo.l2_span + 1))
         return sorted(out)
+
+    async def overlaps(self) -> int:
+        """Reused host clusters also holding qcow2 metadata or compressed data."""
+        meta = await self.src.metadata_clusters()
+        marks = {h >> self.bits for h in meta.all() if h < self.file_end}
+        seen, compressed = self.seen.data, self.compressed.data
+        count = sum(1 for i in marks if seen[i >> 3] >> (i & 7) & 1)
+        count += sum(bin(a & b).count("1") for a, b in zip(seen, compressed, strict=True))
+        return count
 
     def append_at(self) -> int:
         """Where appending starts: past the file and past every compressed cluster's
@@ -743,6 +758,9 @@ class _Walker:
                     field="l2_entry",
                 )
             self.compressed_end = max(self.compressed_end, desc.host_end)
+            last = min(desc.host_end, self.file_end) - 1
+            for i in range(desc.host_offset >> self.bits, (last >> self.bits) + 1):
+                self.compressed.test_and_set(i)
 
     # ---- decisions ---------------------------------------------------------------------
 

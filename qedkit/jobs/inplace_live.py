@@ -47,7 +47,13 @@ from typing import Any
 from ..engine.base import BlockImage, Extent, ImageInfo
 from ..engine.qcow2 import Qcow2Image
 from ..engine.qed import QedImage
-from ..errors import InvalidRequestError, JobError, StoreError, UnsupportedFeatureError
+from ..errors import (
+    CorruptImageError,
+    InvalidRequestError,
+    JobError,
+    StoreError,
+    UnsupportedFeatureError,
+)
 from ..format import qcow2 as q
 from ..format.sizes import parse_size
 from ..store.base import Buffer
@@ -107,7 +113,15 @@ class LiveConversion(BlockImage):
                 offset=q.FIELD_OFFSETS["nb_snapshots"],
             )
         converter = InPlaceConverter(src)
-        await converter.plan()
+        plan = await converter.plan()
+        shared = plan.stats.copy_reasons.get("shared", 0)
+        if shared or plan.overlaps:
+            raise CorruptImageError(
+                f"{shared + plan.overlaps} data clusters share their host cluster with other "
+                "data, compressed clusters or metadata, so writing them in place would change "
+                "those too; repair the image (qemu-img check -r all) or convert it offline",
+                filename=src.filename,
+            )
         return cls(src, converter)
 
     @property

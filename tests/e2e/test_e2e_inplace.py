@@ -146,9 +146,9 @@ def test_a_convert_to_qed_job_while_qemu_io_writes_equals_the_shadow(
         assert isinstance(result, dict)
         assert result["reused-clusters"] > 0 and result["copied-clusters"] >= 256
         # writes went through in place while the job copied, others were held for it
-        assert result["in-place-writes"] >= 20 and result["held-requests"] >= 1, (
-            {k: result[k] for k in ("in-place-writes", "held-requests", "seconds")}
-        )
+        assert result["in-place-writes"] >= 20 and result["held-requests"] >= 1, {
+            k: result[k] for k in ("in-place-writes", "held-requests", "seconds")
+        }
         print(
             f"\njob: {result['seconds']} s, in place {result['in-place-writes']}, "
             f"held {result['held-requests']}"

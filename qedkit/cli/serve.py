@@ -142,7 +142,7 @@ async def _open(args: argparse.Namespace, path: str) -> Any:
     from ..engine.qcow2 import Qcow2Image
     from ..jobs.inplace_live import LiveConversion
 
-    if not args.convert_qcow2 or args.readonly:
+    if not args.convert_qcow2:
         return await open_image(path, fmt=args.format, readonly=args.readonly)
     image = await open_for_conversion(path, fmt=args.format)
     if not isinstance(image, Qcow2Image):
@@ -206,6 +206,8 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | Non
             raise QedError(
                 f"cannot load the TLS certificate: {exc}", filename=args.tls_cert
             ) from exc
+    if args.convert_qcow2 and args.readonly:
+        raise QedError("--convert-qcow2 serves images read-write: it does not go with -r")
     served: list[ServedImage] = []
     try:
         for name, path in zip(_export_names(args), args.images, strict=True):

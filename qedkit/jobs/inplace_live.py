@@ -259,8 +259,9 @@ class LiveConversion(BlockImage):
             finally:
                 self._leave()
             return
-        if self.qed is not None:
-            await self.qed.flush()
+        # during the switch: the QED image's flush (after the switch's own) covers
+        # every write completed before this flush
+        await (await self._target()).flush()
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         if self._enter():

@@ -83,6 +83,7 @@ from ..errors import (
     CorruptImageError,
     InvalidRequestError,
     JobError,
+    QedError,
     UnsupportedFeatureError,
 )
 from ..format import qcow2 as q
@@ -195,7 +196,7 @@ class ConversionPlan:
     # Reused host clusters that qcow2 metadata or compressed data also occupies (a
     # damaged image; harmless offline, refused by the live export, whose in-place
     # writes would change them before the switch).
-    overlaps: int = 0
+    overlaps: int | None = 0
 
     @property
     def cluster_size(self) -> int:
@@ -679,14 +680,18 @@ class _Walker:
                 out.update(range(lo // self.geo.l2_span, hi // self.geo.l2_span + 1))
         return sorted(out)
 
-    async def overlaps(self) -> int:
-        """Reused host clusters also holding qcow2 metadata or compressed data."""
-        meta = await self.src.metadata_clusters()
+    async def overlaps(self) -> int | None:
+        """Reused host clusters also holding qcow2 metadata or compressed data (None
+        when the metadata cannot be listed: a damaged snapshot table, say)."""
+        try:
+            meta = await self.src.metadata_clusters()
+        except QedError:
+            return None
         marks = {h >> self.bits for h in meta.all() if h < self.file_end}
         seen, compressed = self.seen.data, self.compressed.data
         count = sum(1 for i in marks if seen[i >> 3] >> (i & 7) & 1)
-        count += sum(bin(a & b).count("1") for a, b in zip(seen, compressed, strict=True))
-        return count
+        both = int.from_bytes(seen, "little") & int.from_bytes(compressed, "little")
+        return count + both.bit_count()
 
     def append_at(self) -> int:
         """Where appending starts: past the file and past every compressed cluster's

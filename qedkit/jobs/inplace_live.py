@@ -115,6 +115,12 @@ class LiveConversion(BlockImage):
         converter = InPlaceConverter(src)
         plan = await converter.plan()
         shared = plan.stats.copy_reasons.get("shared", 0)
+        if plan.overlaps is None:
+            raise CorruptImageError(
+                "the qcow2 metadata cannot be listed, so in-place writes cannot be known "
+                "not to hit it; convert the image offline",
+                filename=src.filename,
+            )
         if shared or plan.overlaps:
             raise CorruptImageError(
                 f"{shared + plan.overlaps} data clusters share their host cluster with other "

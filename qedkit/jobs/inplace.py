@@ -97,6 +97,9 @@ MIN_QED_CLUSTER = 4 * KiB  # QED's minimum cluster size
 MAX_QED_CLUSTER = 2 * MiB  # QEMU's qcow2 maximum: tables stay at most 32 MiB
 TABLE_SIZES = (2, 4, 8, 16)  # never 1: QEMU cannot open table_size 1 images
 WRITE_BATCH = 8 * MiB  # appended clusters and tables written per pwritev
+# Compactions at most per reclaim (more than one only when a served image's guest
+# allocated while the first ran).
+MAX_COMPACTIONS = 8
 
 Checkpoint = Callable[[int, int], Awaitable[None]]
 
@@ -590,7 +593,9 @@ class InPlaceConverter:
 
     async def switch(self) -> QedImage:
         """Write the QED header sector, flush, and open the file as QED (over the same
-        store and backing image, which the qcow2 driver then no longer owns)."""
+        store and backing image, which the qcow2 driver then no longer owns). If the
+        write or the flush fails, the file is either image (as after a power loss:
+        both are valid and hold the same data); open it again to know which."""
         l1_at = self._l1_at
         if l1_at is None:
             raise JobError("switch before the tables were written", filename=self.filename)
@@ -847,24 +852,37 @@ async def reclaim(
 ) -> ReclaimStats:
     """Put the L1 table at cluster 1 (QEMU's layout), then compact (or punch) the free
     space every QED checker would call leaked. Crash-safe at every step (engine.qed
-    Mover); a QED image stays valid throughout. Also finishes an interrupted
-    conversion."""
+    Mover); on error or a crash the image is a valid QED image with the same data,
+    with leaks at worst. Also finishes an interrupted conversion."""
     stats = ReclaimStats(mode=mode.value)
     await img.ensure_cluster_map()
     await _l1_to_cluster_one(img, stats)
     mover = Mover(img)
     await checkpoint(0, 1)
     if mode is Reclaim.COMPACT:
-        compacted = await mover.compact()
-        stats.clusters_moved += compacted.clusters_moved
-        stats.tables_moved += compacted.tables_moved
-        stats.truncated_bytes = compacted.truncated_bytes
+        # A served image's guest may allocate (at the end of the file) while the
+        # moves free slots below it: compact again until no free slot is left.
+        for _ in range(MAX_COMPACTIONS):
+            compacted = await mover.compact()
+            stats.clusters_moved += compacted.clusters_moved
+            stats.tables_moved += compacted.tables_moved
+            stats.truncated_bytes += compacted.truncated_bytes
+            if not _free_slots(img):
+                break
     else:
         stats.truncated_bytes = await mover.truncate()
         stats.punched_bytes = await mover.punch_free()
     await img.flush()
     await checkpoint(1, 1)
     return stats
+
+
+def _free_slots(img: QedImage) -> bool:
+    """Any cluster inside the file that nothing references (a leak to checkers)."""
+    cmap = img.alloc.cluster_map
+    assert cmap is not None
+    end = min(len(cmap.owner), img.alloc.file_end >> img.geo.cluster_bits)
+    return FREE in cmap.owner[img.geo.header_size : end]
 
 
 async def _l1_to_cluster_one(img: QedImage, stats: ReclaimStats) -> None:

@@ -75,7 +75,7 @@ def add_force_share(p: argparse.ArgumentParser, what: str = "the image") -> None
     )
 
 
-def add_output(p: argparse.ArgumentParser) -> None:
+def add_output(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument(
         "--output", choices=("human", "json"), default="human", help="output format (default human)"
     )

@@ -1,6 +1,10 @@
 """``qed convert [-f FMT] [-O FMT] [-o OPTIONS] [-p] [-q] [-t CACHE] [-U] SRC DST``:
 copy an image, its backing chain flattened, into a new one (jobs.convert).
 
+``qed convert --in-place [--dry-run] [--discard-snapshots] [--reclaim compact|punch]
+[--output human|json] [-f qcow2] [-p] [-q] IMAGE``: make a qcow2 image a QED image in
+the same file, its data clusters left where they are (jobs.inplace).
+
 A target that is the source file itself (the same path, a symbolic or hard link to
 it) is refused before anything is opened: creating the target would truncate the
 source.
@@ -16,6 +20,7 @@ from .common import (
     UsageError,
     add_force_share,
     add_format,
+    add_output,
     add_quiet,
     geometry,
     parse_options,
@@ -48,14 +53,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="target cache mode: unsafe (default, as qemu-img: no flush) "
         "or writeback (flush at the end)",
     )
+    inplace = p.add_argument_group("in-place conversion (qcow2 -> QED in the same file)")
+    inplace.add_argument(
+        "--in-place",
+        action="store_true",
+        help="make the qcow2 image SRC a QED image in the same file: data clusters stay "
+        "where they are, compressed and partly allocated clusters are copied, the qcow2 "
+        "metadata is reclaimed; crash-safe at every step (DST is not given)",
+    )
+    inplace.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --in-place: report what would be reused and copied, write nothing",
+    )
+    inplace.add_argument(
+        "--discard-snapshots",
+        action="store_true",
+        help="with --in-place: convert an image with internal snapshots or persistent "
+        "bitmaps, which QED cannot hold (they are lost)",
+    )
+    inplace.add_argument(
+        "--reclaim",
+        choices=("compact", "punch"),
+        default="compact",
+        help="with --in-place: compact (default) moves clusters into the space the qcow2 "
+        "metadata held and truncates, so the image checks clean; punch only punches that "
+        "space (no data moves, but checkers report it as leaked clusters)",
+    )
+    add_output(inplace)
     p.add_argument("source", metavar="SRC")
-    p.add_argument("target", metavar="DST")
+    p.add_argument("target", metavar="DST", nargs="?")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..jobs.convert import convert
     from .progress import Progress
 
+    if args.in_place:
+        return run_in_place(args)
+    for flag, given in (
+        ("--dry-run", args.dry_run),
+        ("--discard-snapshots", args.discard_snapshots),
+        ("--reclaim", args.reclaim != "compact"),
+        ("--output", args.output != "human"),
+    ):
+        if given:
+            raise UsageError(f"{flag} goes with --in-place")
+    if args.target is None:
+        raise UsageError("a target DST is needed (or --in-place for SRC itself)")
     opts = parse_options(args.options)
     if "help" in opts:
         print_create_options()
@@ -78,6 +123,50 @@ def run(args: argparse.Namespace) -> int:
             force_share=args.force_share,
             progress=progress,
         )
+    return 0
+
+
+def run_in_place(args: argparse.Namespace) -> int:
+    """``--in-place``: jobs.inplace.convert_file, its report printed (cli.output)."""
+    from ..engine.sync import run as run_sync
+    from ..jobs.inplace import Reclaim, convert_file
+    from .output import inplace_human, inplace_json
+    from .progress import Progress
+
+    if args.target is not None:
+        raise UsageError("--in-place converts SRC itself: no DST")
+    if args.output_format not in (None, "qed") or args.options:
+        raise UsageError("--in-place makes a QED image; -O and -o do not apply")
+    if args.format not in (None, "qcow2", "qed"):
+        raise UsageError(f"--in-place converts qcow2 images, not {args.format}")
+    show = (args.progress or (sys.stderr.isatty() and not args.quiet)) and not args.dry_run
+    with Progress(show, "convert --in-place", unit="%") as progress:
+
+        async def checkpoint(done: int, total: int) -> None:
+            progress(done, total)
+
+        result = run_sync(
+            convert_file(
+                args.source,
+                fmt=args.format,
+                dry_run=args.dry_run,
+                discard_snapshots=args.discard_snapshots,
+                reclaim_mode=Reclaim(args.reclaim),
+                checkpoint=checkpoint,
+            )
+        )
+    if result is None:
+        if not args.quiet:
+            print(
+                f"{args.source}: already a QED image; without --dry-run the reclaim of an "
+                "interrupted conversion is finished"
+            )
+        return 0
+    report = result.as_dict()
+    if args.output == "json":
+        print(inplace_json(report))
+    elif not args.quiet:
+        sys.stdout.write(inplace_human(report, dry_run=args.dry_run))
     return 0
 
 

@@ -396,6 +396,66 @@ def frag_human(report: FragReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- qed convert --in-place ----------------------------------------------------------
+
+
+def _clusters(n: int, cluster_size: int) -> str:
+    return f"{n} cluster{'' if n == 1 else 's'} ({size_to_str(n * cluster_size)})"
+
+
+def inplace_json(report: dict[str, object]) -> str:
+    """``qed convert --in-place --output=json`` (dry run or real run): the report's
+    kebab-case keys (jobs.inplace ``ConversionPlan.as_dict``, ``ConversionReport``)."""
+    return json.dumps(report, indent=4)
+
+
+def inplace_human(report: dict[str, Any], *, dry_run: bool) -> str:
+    """The same figures for people: what is reused, copied, written, reclaimed."""
+    lines: list[str] = []
+    if "cluster-size" in report:
+        cs = int(report["cluster-size"])
+        reasons = report["copied-by-reason"]
+        why = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+        head = "would convert" if dry_run else "converted"
+        lines += [
+            f"{report['filename']}: {head} qcow2 v{report['qcow2-version']} "
+            f"({size_to_str(int(report['qcow2-cluster-size']))} clusters) to QED in place "
+            f"(cluster_size {cs}, table_size {report['table-size']})",
+            f"  reused in place: {_clusters(int(report['reused-clusters']), cs)}",
+            f"  copied:          {_clusters(int(report['copied-clusters']), cs)}"
+            + (f": {why}" if why else ""),
+            f"  zero clusters:   {report['zero-clusters']}; unallocated: "
+            f"{report['unallocated-clusters']}",
+            f"  new tables:      L1 and {report['l2-tables']} L2 "
+            f"({size_to_str(int(report['table-bytes']))})",
+            f"  reclaimable:     {size_to_str(int(report['reclaimable-bytes']))} of qcow2 "
+            "metadata and unused clusters",
+        ]
+        dropped = []
+        if report["snapshots-discarded"]:
+            dropped.append(f"{report['snapshots-discarded']} snapshots")
+        if report["bitmaps-discarded"]:
+            dropped.append(f"{report['bitmaps-discarded']} bitmaps")
+        if dropped:
+            lines.append(f"  discarded:       {' and '.join(dropped)}")
+        if dry_run:
+            lines.append(f"  would write:     {size_to_str(int(report['bytes-to-write']))}")
+    elif report.get("resumed"):
+        lines.append(f"{report.get('filename', '')}: already QED; finished the reclaim")
+    if not dry_run:
+        moved = int(report["bytes-moved"])
+        lines += [
+            f"  written:         {size_to_str(int(report['bytes-written']))} before the "
+            f"switch, {size_to_str(moved)} moved by the reclaim ({report['reclaim']}: "
+            f"{report['clusters-moved']} clusters, {report['tables-moved']} tables)",
+            f"  file:            {size_to_str(int(report.get('file-size-before', 0)))} -> "
+            f"{size_to_str(int(report['file-size-after']))}, allocated "
+            f"{size_to_str(int(report.get('allocated-before', 0)))} -> "
+            f"{size_to_str(int(report['allocated-after']))} ({report['seconds']} s)",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 # ---- qed ctl ----------------------------------------------------------------------
 
 

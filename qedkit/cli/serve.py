@@ -79,6 +79,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("end", "home"),
         help="where new clusters go (home: raw-like layout); recorded in the image",
     )
+    p.add_argument(
+        "--convert-qcow2",
+        choices=("now", "job"),
+        metavar="WHEN",
+        help="serve qcow2 IMAGEs read-write while making them QED in the same file: the "
+        "conversion (a convert-to-qed job) starts at once (now), or when 'job-start "
+        "type=convert-to-qed' asks (job; needs --control). Until it switches the file to "
+        "QED, writes into clusters that stay in place go through and the others wait",
+    )
     p.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM); TLS is then required")
     p.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
     p.add_argument(
@@ -133,8 +142,59 @@ def _unlink_socket(args: argparse.Namespace) -> None:
             os.unlink(args.socket)
 
 
+async def _open(args: argparse.Namespace, path: str) -> Any:
+    """One IMAGE: as open_image opens it, or, with --convert-qcow2, a qcow2 image as a
+    live conversion (planned, refused before serving if it cannot be converted)."""
+    from ..engine.chain import open_for_conversion, open_image
+    from ..engine.qcow2 import Qcow2Image
+    from ..jobs.inplace_live import LiveConversion
+
+    if not args.convert_qcow2:
+        return await open_image(path, fmt=args.format, readonly=args.readonly)
+    image = await open_for_conversion(path, fmt=args.format)
+    if not isinstance(image, Qcow2Image):
+        return image
+    try:
+        return await LiveConversion.prepare(image)
+    except BaseException:
+        await image.close()
+        raise
+
+
+def _start_conversions(
+    args: argparse.Namespace, server: Any, served: list[Any], control: Any
+) -> None:
+    """Serve the QED image itself once a live conversion switched, fail held writes
+    when the server stops, and start the convert-to-qed jobs (--convert-qcow2=now)."""
+    from ..jobs.base import JobManager
+    from ..jobs.inplace_live import ConvertToQedJob, LiveConversion
+
+    live = [s for s in served if isinstance(s.image, LiveConversion)]
+    if not live:
+        return
+    if args.convert_qcow2 == "job" and control is None:
+        raise QedError("--convert-qcow2=job needs --control (the job is started there)")
+    for s in live:
+        s.image.on_switch.append(lambda img, s=s: setattr(s, "image", img))
+
+        async def release(image: LiveConversion = s.image) -> None:
+            image.release_held()
+
+        server.on_stopping.append(release)
+    if args.convert_qcow2 != "now":
+        return
+    if control is not None:
+        jobs = control.jobs
+    else:
+        log = logging.getLogger("qedkit.jobs")
+        jobs = JobManager(lambda event, data: log.info("%s %s", event, data))
+        jobs.register(ConvertToQedJob)
+        server.on_stopping.insert(0, jobs.cancel_all)
+    for s in live:
+        jobs.start(ConvertToQedJob.type, s.name, s.image, {})
+
+
 async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | None) -> int:
-    from ..engine.chain import open_image
     from ..engine.qed import QedImage
     from ..nbd.control import ControlServer
     from ..nbd.server import DEFAULT_CONNECTION_WAIT, NbdServer, ServedImage
@@ -153,10 +213,12 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | Non
             raise QedError(
                 f"cannot load the TLS certificate: {exc}", filename=args.tls_cert
             ) from exc
+    if args.convert_qcow2 and args.readonly:
+        raise QedError("--convert-qcow2 serves images read-write: it does not go with -r")
     served: list[ServedImage] = []
     try:
         for name, path in zip(_export_names(args), args.images, strict=True):
-            image = await open_image(path, fmt=args.format, readonly=args.readonly)
+            image = await _open(args, path)
             if args.allocation and not args.readonly:
                 if not isinstance(image, QedImage):
                     raise QedError(f"{path}: --allocation needs a QED image")
@@ -173,9 +235,11 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | Non
             ssl_context=ssl_context,
         )
         await server.listen_socket(sock)
+        control = None
         if args.control:
             control = ControlServer(server, args.control)
             await control.start()
+        _start_conversions(args, server, served, control)
     except BaseException:
         for s in served:
             with contextlib.suppress(QedError):

@@ -116,6 +116,7 @@ async def open_image(
     unsafe_no_flush: bool = False,
     force_share: bool = False,
     direct: bool = False,
+    _rewrite_qcow2: bool = False,
     _depth: int = 0,
     _seen: frozenset[str] = frozenset(),
 ) -> BlockImage:
@@ -153,7 +154,7 @@ async def open_image(
             return await RawImage.open(store, filename=path)
         chain = _Chain(path, backing_chain, cache_budget, _depth, _seen | {real})
         if fmt == "qcow2":
-            meta = await Qcow2Image.read_metadata(store, readonly=readonly)
+            meta = await Qcow2Image.read_metadata(store, readonly=readonly or _rewrite_qcow2)
             backing = await chain.open(meta.backing_filename, meta.backing_format)
             return await chain.attach(
                 backing,
@@ -184,6 +185,20 @@ async def open_image(
     except BaseException:
         await store.close()
         raise
+
+
+async def open_for_conversion(
+    path: str, *, fmt: str | None = None, cache_budget: int = DEFAULT_BUDGET
+) -> BlockImage:
+    """Open ``path`` for an in-place conversion (jobs.inplace): read-write and locked
+    as any writer is. A qcow2 image comes back as the (read-only) qcow2 driver over
+    that writable store: the converter writes past the end of the file and then the
+    header sector itself, the driver never writes. Any other format opens as
+    ``open_image`` opens it read-write (a QED image whose conversion was interrupted
+    after the header switch is resumed from there)."""
+    return await open_image(
+        path, fmt=fmt, readonly=False, cache_budget=cache_budget, _rewrite_qcow2=True
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -165,8 +165,8 @@ class Qcow2Image(BlockImage):
         meta.check_readable()
         if not readonly:
             raise ReadOnlyError(
-                "qcow2 images can only be opened read-only for now (qemu-img convert "
-                "-O qed makes a writable copy)",
+                "qcow2 images open read-only in qedkit (qed convert --in-place makes it "
+                "QED in the same file; qed serve --convert-qcow2 does that while serving it)",
                 filename=store.name,
             )
         return meta

@@ -35,6 +35,7 @@ from ..errors import InvalidRequestError, QedError
 from ..jobs.base import Argument, Job, JobManager
 from ..jobs.check import CheckJob, ScrubJob
 from ..jobs.defrag import DefragJob, Defragmenter
+from ..jobs.inplace_live import ConvertToQedJob
 from ..version import __version__
 from .server import NbdServer, ServedImage, claim_unix_path
 
@@ -100,7 +101,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("quit", "_quit", "stop the server: finish requests in flight, flush, exit"),
 )
 
-JOB_TYPES: tuple[type[Job], ...] = (CheckJob, ScrubJob, DefragJob)
+JOB_TYPES: tuple[type[Job], ...] = (CheckJob, ScrubJob, DefragJob, ConvertToQedJob)
 
 
 def describe(job_types: Iterable[type[Job]] = JOB_TYPES) -> dict[str, Any]:
@@ -311,11 +312,13 @@ class ControlServer:
             raise CommandError("InvalidArgument", 'missing "type"')
         served = self._served(arguments)
         extra = {k: v for k, v in arguments.items() if k not in ("type", "export", "id")}
-        if job_type == DefragJob.type and any(
+        if job_type in (DefragJob.type, ConvertToQedJob.type) and any(
             j.export == served.name and j.type == job_type and not j.status.finished
             for j in self.jobs.jobs.values()
         ):
-            raise CommandError("GenericError", "a defrag job is already running on this export")
+            raise CommandError(
+                "GenericError", f"a {job_type} job is already running on this export"
+            )
         job_id = arguments.get("id")
         job = self.jobs.start(
             job_type, served.name, served.image, extra, str(job_id) if job_id else None

@@ -32,7 +32,12 @@ def test_help_and_query_commands_return_the_code_s_tables(
     finally:
         client.close()
     assert [c["name"] for c in reference["commands"]] == [c.name for c in COMMANDS]
-    assert [j["type"] for j in reference["job-types"]] == ["check", "scrub", "defrag"]
+    assert [j["type"] for j in reference["job-types"]] == [
+        "check",
+        "scrub",
+        "defrag",
+        "convert-to-qed",
+    ]
     defrag = reference["job-types"][2]
     assert [a["name"] for a in defrag["arguments"]] == [
         "rate",
@@ -78,6 +83,7 @@ def test_qed_ctl_help_prints_commands_and_job_types(
         "  defrag [rate=SIZE] [idle=N] [batch=N] [layout=packed|identity] [zero-detect=on|off]",
         "  scrub [rate=SIZE]   read every data cluster, report what cannot be read",
         "  defrag [export=EXPORT] [clusters=N] [--until-done]",
+        "  convert-to-qed [rate=SIZE] [reclaim=compact|punch]",
     ):
         assert line in human.splitlines(), human
     as_json = run(qed_argv("ctl", "--output=json", sock, "query-commands"), 30).ok().stdout

@@ -522,8 +522,8 @@ def test_serve_without_read_only_is_refused_cleanly(
     )
     assert proc.returncode == 1
     assert proc.stderr == (
-        f"qed: {path}: qcow2 images can only be opened read-only for now "
-        "(qemu-img convert -O qed makes a writable copy)\n"
+        f"qed: {path}: qcow2 images open read-only in qedkit (qed convert --in-place makes "
+        "it QED in the same file; qed serve --convert-qcow2 does that while serving it)\n"
     )
     assert not (tmp_path / "s.sock").exists()
 

@@ -158,4 +158,5 @@ def test_a_read_write_open_is_refused_with_the_remedy(tmp_path: Path) -> None:
     path = build(tmp_path / "rw.qcow2", [])
     with pytest.raises(ReadOnlyError) as info:
         qedkit.open(str(path))
-    assert "read-only for now (qemu-img convert -O qed makes a writable copy)" in str(info.value)
+    assert "qed convert --in-place makes it QED in the same file" in str(info.value)
+    assert "qed serve --convert-qcow2" in str(info.value)

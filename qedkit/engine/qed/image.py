@@ -330,6 +330,21 @@ class QedImage(QedIO):
         await self.store.flush()
         await self._write_header(self.header.with_features(clear=Feature.NEED_CHECK), flush=True)
 
+    async def relocate_l1(self, dst: int) -> int:
+        """Move the L1 table to ``dst`` (``table_size`` clusters claimed by the caller,
+        not overlapping the current table): write it whole there, flush, rewrite the
+        64-byte header with the new offset (one write inside sector 0, which a power
+        loss cannot tear), flush. Until that header write is durable the old header
+        points at the old, intact copy. Returns the old offset, free once this returns.
+        The data area (``data_start``) follows the table. Caller excludes allocations."""
+        self._check_writable()
+        old = self.header.l1_table_offset
+        await self.tables.copy_l1(dst)
+        await self._write_header(replace(self.header, l1_table_offset=dst), flush=True)
+        self.tables.use_l1_at(dst)
+        self.alloc.data_start = self.header.data_start
+        return old
+
     async def set_home_allocation(self, enabled: bool) -> None:
         """Turn the home allocation policy on or off, recorded in the header (an
         autoclear bit: it lasts until QEMU writes the image, see format.header)."""
@@ -548,16 +563,6 @@ class QedImage(QedIO):
             self._closed = True
         backing, self.backing = self.backing, None
         return self.store, backing
-
-    async def relink_l1(self, offset: int) -> None:
-        """Point the header at a copy of the L1 table at ``offset`` (claimed and
-        written by the caller, engine.qed.move; its bytes are flushed here first):
-        one 64-byte write, flushed. The old copy is free once this returns."""
-        self._check_writable()
-        await self.store.flush()
-        await self._write_header(replace(self.header, l1_table_offset=offset), flush=True)
-        self.tables.l1_table_offset = offset
-        self.alloc.data_start = self.header.data_start
 
     async def info(self) -> ImageInfo:
         name = self.backing_filename

@@ -20,10 +20,12 @@ never overwritten while a durable entry still points to it. A batch of data move
 shares one flush pair. If a move fails midway the cluster map may be wrong, so it
 is dropped (the next user rescans).
 
-This is the one mechanism behind defragmentation (jobs.defrag plans, this moves),
-leak compaction in repair (engine.check), the L1 move of a geometry change
-(jobs.amend: the new L1 is built past the end, then moves down after the header),
-and the final compaction of a defrag, a shrink and an amend:
+The L1 table moves the same way (``move_l1``: written whole at its new place,
+flushed, the header repointed in one sector write, flushed, then released). This is
+the one mechanism behind defragmentation (jobs.defrag plans, this moves), leak
+compaction in repair (engine.check), the reclaim step of the in-place qcow2
+conversion (jobs.inplace), the L1 move of a geometry change (jobs.amend) and the
+final compaction of a defrag, a shrink and an amend:
 ``compact`` moves the clusters past the end of the used space into the free slots
 below it, then ``truncate`` cuts the file.
 """
@@ -152,23 +154,22 @@ class Mover:
 
     async def move_l1(self, dst: int | None = None) -> int:
         """Move the L1 table to ``dst`` (default: the first free run of
-        ``table_size`` clusters after the header): claim, copy, flush, point the
-        header at the copy (QedImage.relink_l1: one 64-byte write, flushed), then
-        release the old slots. Returns where it went. Allocations are paused
-        throughout (an L1 update must not land in the copy being abandoned)."""
+        ``table_size`` clusters after the header; it must not overlap the current
+        table): claimed, written, flushed, the header repointed, flushed
+        (``QedImage.relocate_l1``), then the old clusters are released. Allocations
+        are paused throughout (an L1 update must not land in the copy being
+        abandoned). Returns where it went."""
         img = self.img
         alloc = img.alloc
         ts = img.geo.table_size
-        old = img.tables.l1_table_offset
         async with img.allocations_paused():
             if dst is None:
                 dst = alloc.free_run(img.geo.header_bytes, ts)
-            if dst == old:
-                return old
+            if dst == img.tables.l1_table_offset:
+                return dst
             alloc.claim(dst, ts, META)
             try:
-                await img.store.copy_range(old, dst, img.geo.table_bytes)
-                await img.relink_l1(dst)
+                old = await img.relocate_l1(dst)
             except BaseException:
                 alloc.forget_map()
                 raise

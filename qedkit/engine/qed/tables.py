@@ -18,7 +18,9 @@ Write ordering:
   the data it points to;
 * a new L2 table is written whole and flushed before the L1 entry that links it;
 * a moved table is copied and flushed, then linked, then flushed, so that the old
-  copy may be reused once ``relocate`` returns.
+  copy may be reused once ``relocate`` returns;
+* a moved L1 table is written whole at its new place and flushed (``copy_l1``)
+  before the header that points at it is rewritten (engine.qed.image owns that).
 
 An L1 entry is validated against the allocator's ``file_end`` before its table is
 read (an invalid one is a CorruptImageError naming the entry's offset).
@@ -168,6 +170,17 @@ class Tables:
         self.cache.forget(old)
         self.cache.store(dst, table)
         return old
+
+    async def copy_l1(self, dst: int) -> None:
+        """Write the whole L1 table at ``dst`` (claimed by the caller, not overlapping
+        the current table) and flush; the header still points at the old copy, which
+        stays intact. ``use_l1_at`` follows once the header points at ``dst``."""
+        await self.store.write(dst, pack_table(self.l1))
+        await self.store.flush()
+
+    def use_l1_at(self, offset: int) -> None:
+        """The header now points at the L1 copy at ``offset``: later L1 writes go there."""
+        self.l1_table_offset = offset
 
     async def unlink(self, l1_index: int) -> int:
         """Drop the L2 table of ``l1_index`` (it maps nothing): the L1 entry becomes 0,

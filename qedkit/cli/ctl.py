@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import socket
 import sys
+import time
 from typing import Any
 
 from ..errors import QedError
@@ -187,6 +189,37 @@ def run(args: argparse.Namespace) -> int:
         ) from None
 
 
+QUIT_WAIT = 60.0  # seconds `qed ctl quit` waits for the server to be gone
+
+
+def _wait_gone(client: ControlClient, pid: int | None) -> None:
+    """After ``quit``: close this control connection (the server waits for its control
+    clients before it exits) and return once the server process is gone, as a script
+    that starts the next server on the same socket right after expects. A server on
+    another machine, or not ours to signal, is not waited for; one that lingers past
+    QUIT_WAIT is an error."""
+    client.close()
+    deadline = time.monotonic() + QUIT_WAIT
+    while pid is not None and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        if _zombie(pid):
+            return  # exited; its parent has not reaped it yet
+        time.sleep(0.01)
+    if pid is not None:
+        raise QedError(f"the server (pid {pid}) did not exit within {QUIT_WAIT:.0f} s")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import output
 
@@ -197,7 +230,10 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             client.close()
     try:
+        pid = client.execute("query-status").get("pid") if args.command == "quit" else None
         result = client.execute(args.command, _parse_arguments(args.arguments))
+        if args.command == "quit":
+            _wait_gone(client, pid)
         if args.output == "json":
             print(json.dumps(result, indent=4))
         elif args.command in ("help", "query-commands"):

@@ -319,3 +319,18 @@ def test_quit_stops_the_server_cleanly(serve: ServerFactory, disk: Disk, qemu: Q
     client.close()
     assert server.control is not None and not server.control.exists()
     server.finish(qemu, shadow)
+
+
+def test_ctl_quit_returns_once_the_server_is_gone(
+    serve: ServerFactory, disk: Callable[..., tuple[Path, Any]], qemu: Qemu
+) -> None:
+    """A script that runs `qed ctl SOCK quit` and then starts the next server on the
+    same socket must find the socket free and the image unlocked."""
+    image, _ = disk(4 * MiB)
+    server = serve(image, control=True)
+    assert server.control is not None
+    run(qed_argv("ctl", str(server.control), "quit"), 60).ok()
+    assert server.proc.poll() is not None, "qed ctl quit returned while the server ran"
+    assert server.sock is not None and not server.sock.exists()
+    again = serve(image, control=True)  # same image: the lock is free
+    assert again.proc.poll() is None

@@ -42,6 +42,7 @@ VERBS: dict[str, str] = {
     "io": "run qemu-io style commands on an image",
     "defrag": "pack the clusters in guest order: fast, compact (offline)",
     "frag": "report how fragmented a QED image is (read-only)",
+    "stream": "copy the backing file in, then drop the link (offline)",
     "serve": "serve images over NBD",
     "ctl": "send a command to a qed serve control socket",
 }

@@ -68,6 +68,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--control", metavar="PATH", help="control socket (JSON lines) for jobs and queries"
     )
     p.add_argument(
+        "--copy-on-read",
+        dest="copy_on_read",
+        action="store_true",
+        help="every export copies the clusters its clients read from the backing chain "
+        "into the image (not with -r)",
+    )
+    p.add_argument(
         "--allocation",
         choices=("end", "home"),
         help="where new clusters go (home: raw-like layout); recorded in the image",
@@ -146,10 +153,14 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | Non
             raise QedError(
                 f"cannot load the TLS certificate: {exc}", filename=args.tls_cert
             ) from exc
+    if args.copy_on_read and args.readonly:
+        raise QedError("--copy-on-read writes the images: it cannot be combined with -r")
     served: list[ServedImage] = []
     try:
         for name, path in zip(_export_names(args), args.images, strict=True):
-            image = await open_image(path, fmt=args.format, readonly=args.readonly)
+            image = await open_image(
+                path, fmt=args.format, readonly=args.readonly, copy_on_read=args.copy_on_read
+            )
             if args.allocation and not args.readonly:
                 if not isinstance(image, QedImage):
                     raise QedError(f"{path}: --allocation needs a QED image")

@@ -35,6 +35,7 @@ from ..errors import InvalidRequestError, QedError
 from ..jobs.base import Argument, Job, JobManager
 from ..jobs.check import CheckJob, ScrubJob
 from ..jobs.defrag import DefragJob, Defragmenter
+from ..jobs.stream import StreamJob
 from ..version import __version__
 from .server import NbdServer, ServedImage, claim_unix_path
 
@@ -100,7 +101,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("quit", "_quit", "stop the server: finish requests in flight, flush, exit"),
 )
 
-JOB_TYPES: tuple[type[Job], ...] = (CheckJob, ScrubJob, DefragJob)
+JOB_TYPES: tuple[type[Job], ...] = (CheckJob, ScrubJob, DefragJob, StreamJob)
+# Job types of which one at a time may run on an export.
+ONE_PER_EXPORT = (DefragJob.type, StreamJob.type)
 
 
 def describe(job_types: Iterable[type[Job]] = JOB_TYPES) -> dict[str, Any]:
@@ -256,6 +259,7 @@ class ControlServer:
                 "format": s.image.format_name,
                 "size": s.image.size,
                 "readonly": s.readonly,
+                "copy-on-read": bool(getattr(s.image, "copy_on_read", False)),
                 "connections": s.stats.connections,
                 "requests": s.stats.requests,
                 "errors": s.stats.errors,
@@ -310,11 +314,13 @@ class ControlServer:
             raise CommandError("InvalidArgument", 'missing "type"')
         served = self._served(arguments)
         extra = {k: v for k, v in arguments.items() if k not in ("type", "export", "id")}
-        if job_type == DefragJob.type and any(
+        if job_type in ONE_PER_EXPORT and any(
             j.export == served.name and j.type == job_type and not j.status.finished
             for j in self.jobs.jobs.values()
         ):
-            raise CommandError("GenericError", "a defrag job is already running on this export")
+            raise CommandError(
+                "GenericError", f"a {job_type} job is already running on this export"
+            )
         job_id = arguments.get("id")
         job = self.jobs.start(
             job_type, served.name, served.image, extra, str(job_id) if job_id else None

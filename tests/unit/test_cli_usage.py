@@ -26,6 +26,7 @@ VALID = {
     "io": ["-c", "flush", "x.qed"],
     "defrag": ["x.qed"],
     "frag": ["x.qed"],
+    "stream": ["x.qed"],
     "serve": ["x.qed"],
     "ctl": ["s.sock", "query-status"],
 }

@@ -41,12 +41,15 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.qed import QedImage
     from ..engine.sync import run as run_sync
     from ..jobs.stream import DEFAULT_CHUNK, Streamer
+    from ..store.file import FileStore
     from .progress import Progress
 
     img = run_sync(open_image(args.filename, fmt=args.format))
     try:
         if not isinstance(img, QedImage):
             raise UsageError(f"{args.filename}: only QED images have a backing file to stream")
+        if isinstance(img.store, FileStore):
+            img.store.offload = True  # flushes on a thread: the next step goes on meanwhile
         streamer = Streamer(img, chunk=args.chunk or DEFAULT_CHUNK, rate=args.rate)
         show = args.progress or (sys.stderr.isatty() and not args.quiet)
         with Progress(show, "stream", eta=True) as progress:

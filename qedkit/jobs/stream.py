@@ -16,15 +16,17 @@ and zero entries (QEMU's block-stream also copies only what the layers below
 allocate). An HTTP base has no map: all of it is data, and its all-zero clusters
 become zero clusters as they are copied.
 
-*Copy.* The plan is walked in steps of ``chunk`` bytes (4 MiB by default). Each step
-is ``QedImage.copy_up``: the step is read from the backing image with no lock held,
-then, under the allocation lock, the clusters that are still unallocated are written
-as one allocating write (data whole, flushed, then the L2 entries; all-zero
-clusters as zero clusters). Guest I/O goes on meanwhile: reads and in-place writes
-never wait, and a write that reaches a cluster of the step first wins, because the
-step skips every cluster that is no longer unallocated when it holds the lock. No
-write ever waits for the network; an allocating write waits at most for one step's
-local write and flush.
+*Copy.* The plan is walked in steps of ``chunk`` bytes (4 MiB by default), two in
+flight (the next one is read and written while the last one flushes). Each step is
+``QedImage.copy_up``: read from the backing image with no lock held; then, under the
+allocation lock, the clusters still unallocated get new clusters holding the data
+(all-zero ones become zero clusters) and writes to exactly those clusters stall;
+the data is flushed with the lock released; under the lock again the L2 entries are
+written and the stall ends. Guest I/O goes on meanwhile: reads and in-place writes
+never wait, a write that reaches a cluster of the step first wins (the step skips
+every cluster that is no longer unallocated when it holds the lock), and a write to
+a cluster whose copy is being flushed waits for that flush only. No write ever waits
+for the network.
 
 *Drop.* When a fresh plan finds nothing left (the guest can never make a cluster
 unallocated again, so nothing can reappear), ``QedImage.drop_backing_file`` flushes,
@@ -50,6 +52,7 @@ import asyncio
 import contextlib
 import mmap
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +68,9 @@ from .base import Argument, Job
 # spread over 64 clusters, and a guest's allocating write waits at most for one
 # step's local write and flush.
 DEFAULT_CHUNK = 4 * 1024 * 1024
+# Steps in flight: the next step reads (and writes its data) while the last one
+# flushes, which FileStore does on a thread when offloading (qed serve, qed stream).
+PIPELINE = 2
 # Passes over fresh plans before giving up: the second finds nothing unless the
 # backing chain changed its map under us.
 MAX_PASSES = 3
@@ -193,8 +199,14 @@ class Streamer:
                 await checkpoint(stats.bytes_done, stats.bytes_total)
                 self._paused += time.monotonic() - t
 
-        buf = _buffer(self.chunk)
-        view = memoryview(buf)
+        bufs = [_buffer(self.chunk) for _ in range(PIPELINE)]
+        views = [memoryview(b) for b in bufs]
+        steps: deque[asyncio.Task[Filled]] = deque()
+        turn = 0
+
+        async def oldest() -> None:
+            stats.add(await steps.popleft())
+
         try:
             while img.backing is not None:
                 ranges = await plan(img)
@@ -212,21 +224,31 @@ class Streamer:
                     while pos < b:
                         await check()
                         n = min(self.chunk, b - pos)
-                        filled = await img.copy_up(pos, n, view)
-                        stats.add(filled)
+                        if len(steps) == PIPELINE:
+                            await oldest()  # its buffer is the one to use next
+                        steps.append(asyncio.ensure_future(img.copy_up(pos, n, views[turn])))
+                        turn = (turn + 1) % PIPELINE
                         stats.bytes_read += n
                         stats.bytes_done += n
                         pos += n
                         await self._throttle(check)
+                while steps:
+                    await oldest()
             await check()
             if img.backing is not None:
                 await img.drop_backing_file()
             stats.done = True
         finally:
+            # Steps under way finish (a step is never abandoned half done); their
+            # errors, after the first, are not news.
+            while steps:
+                with contextlib.suppress(Exception):
+                    await oldest()
             stats.seconds = self.active_seconds()
-            view.release()
-            with contextlib.suppress(BufferError):
-                buf.close()
+            for view, buf in zip(views, bufs, strict=True):
+                view.release()
+                with contextlib.suppress(BufferError):
+                    buf.close()
         return stats
 
     async def _throttle(self, check: Callable[[], Awaitable[None]]) -> None:

@@ -192,17 +192,36 @@ def test_a_fill_is_dropped_when_the_backing_image_changed_meanwhile() -> None:
     run(go())
 
 
-def test_a_fill_leaves_stalled_clusters_alone() -> None:
+def test_a_fill_waits_for_a_stall_on_its_clusters_and_stalls_writes_while_it_flushes() -> None:
+    """A stalled cluster is being changed by someone else (a mover, another fill): the
+    fill waits for it. A fill's own clusters stall guest writes only between its data
+    write and its L2 entries (while the data is flushed with the lock released)."""
     base = base_bytes(MiB)
 
     async def go() -> None:
         img = await overlay(base, MiB)
         async with img.allocations_paused():
             release = await img.stall_writes([1])
-        filled = await img.copy_up(0, 3 * CS)
+        task = asyncio.ensure_future(img.copy_up(0, 3 * CS))
+        await asyncio.sleep(0.01)
+        assert not task.done()  # waits for cluster 1
+        assert (await kinds(img))[:3] == [UNALLOCATED] * 3
         release()
-        assert (filled.data_clusters, filled.skipped_clusters) == (2, 1)
-        assert (await kinds(img))[:3] == [DATA, UNALLOCATED, DATA]
+        filled = await task
+        assert (filled.data_clusters, filled.skipped_clusters) == (3, 0)
+        assert (await kinds(img))[:3] == [DATA] * 3
+        assert img.stalled_clusters == []  # every stall released
+        # while a fill flushes, its clusters stall; others do not
+        seen: list[list[int]] = []
+        real_flush = img.store.flush
+
+        async def flush() -> None:
+            seen.append(img.stalled_clusters)
+            await real_flush()
+
+        img.store.flush = flush  # type: ignore[method-assign]
+        await img.copy_up(8 * CS, 2 * CS)
+        assert seen == [[8, 9]]
         await img.close()
 
     run(go())
@@ -254,3 +273,41 @@ def test_the_synchronous_api_copies_on_read(tmp_path: Path) -> None:
         (6 * CS, CS, False, True),
         (8 * CS, CS, False, True),
     ]
+
+
+def test_writes_to_clusters_of_a_fill_wait_only_while_it_flushes() -> None:
+    base = base_bytes(MiB)
+
+    async def go() -> None:
+        img = await overlay(base, MiB)
+        real_flush = img.store.flush
+        held = asyncio.Event()
+        flushing = asyncio.Event()
+        calls = 0
+
+        async def flush() -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                flushing.set()
+                await held.wait()
+            await real_flush()
+
+        img.store.flush = flush  # type: ignore[method-assign]
+        fill = asyncio.ensure_future(img.copy_up(8 * CS, 2 * CS))
+        await flushing.wait()  # the fill's data is written, its entries are not
+        stalled = asyncio.ensure_future(img.write(8 * CS + 100, b"\x99" * 10))
+        await img.write(13 * CS + 5, b"\x88" * 10)  # another cluster: not held up
+        await asyncio.sleep(0.01)
+        assert not stalled.done()  # cluster 8 waits for the fill's entries
+        held.set()
+        filled = await fill
+        await stalled
+        assert filled.data_clusters == 2
+        want = bytearray(base[8 * CS : 9 * CS])
+        want[100:110] = b"\x99" * 10
+        assert await img.read(8 * CS, CS) == want  # the write landed on the copy
+        assert await img.read(13 * CS + 5, 10) == b"\x88" * 10
+        await img.close()
+
+    run(go())

@@ -55,7 +55,7 @@ from __future__ import annotations
 import asyncio
 from array import array
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...errors import InvalidRequestError, ReadOnlyError
 from ...format.header import Header
@@ -85,6 +85,21 @@ def is_zero(view: memoryview) -> bool:
             return False
         pos += k
     return True
+
+
+@dataclass(slots=True)
+class _NewClusters:
+    """What the first half of an allocating write placed (engine-internal)."""
+
+    updates: dict[int, int] = field(default_factory=dict)  # L2 index -> new entry
+    placed: bool = False  # data clusters were written (a flush must precede the entries)
+    reused: bool = False  # some of them in reused slots inside the file
+    data: int = 0
+    zero: int = 0
+    skipped: int = 0
+
+    def filled(self) -> Filled:
+        return Filled(self.data, self.zero, self.skipped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,21 +335,48 @@ class QedIO(QedLookup):
         return await self._fill(offset, view, backing)
 
     async def _fill(self, offset: int, data: memoryview, source: BlockImage) -> Filled:
-        """Commit a fill read from ``source``: under the allocation lock, piece by
-        piece (one L2 span), write the clusters still unallocated. Nothing is written
-        once ``source`` is no longer the backing image (it changed meanwhile)."""
+        """Commit a fill read from ``source``, piece by piece (one L2 span): under the
+        allocation lock, the clusters still unallocated get new clusters holding the
+        data, and writes to them stall; the data is flushed with the lock released
+        (other allocations go on); under the lock again, the L2 entries are written
+        and the stall ends. A fill waits for stalls on its clusters first (another
+        fill, a mover). Nothing is linked once ``source`` is no longer the backing
+        image (it changed meanwhile; the clusters written for it leak: space, never
+        data)."""
         span = self.geo.l2_span
+        bits = self._cluster_bits
         done = Filled()
         pos, end = offset, offset + len(data)
         while pos < end:
             l1_index = pos // span
             piece_end = min(end, (l1_index + 1) * span)
-            async with self._alloc_lock:
-                if self.backing is not source:
-                    skipped = -(-(end - pos) >> self._cluster_bits)
-                    return done + Filled(skipped_clusters=skipped)
-                piece = data[pos - offset : piece_end - offset]
-                done += await self._allocating_write(l1_index, pos, piece, fill=True)
+            piece = data[pos - offset : piece_end - offset]
+            while True:
+                await self._wait_unstalled(pos, piece_end)
+                async with self._alloc_lock:
+                    if self._stall_for(pos, piece_end) is not None:
+                        continue
+                    if self.backing is not source:
+                        return done + Filled(skipped_clusters=-(-(end - pos) >> bits))
+                    new = await self._place_clusters(l1_index, pos, piece, fill=True)
+                    release = None
+                    if new.placed:
+                        base = l1_index * self.geo.l2_entries
+                        release = await self.stall_writes(base + i for i in new.updates)
+                    elif new.updates:  # zero clusters only: nothing to flush first
+                        await self._link_clusters(l1_index, new)
+                break
+            if release is not None:
+                try:
+                    await self.store.flush()  # the data before the entries
+                    async with self._alloc_lock:
+                        if self.backing is source:
+                            await self._link_clusters(l1_index, new, flushed=True)
+                        else:
+                            new = _NewClusters(skipped=new.skipped + len(new.updates))
+                finally:
+                    release()
+            done += new.filled()
             pos = piece_end
         return done
 
@@ -407,26 +449,31 @@ class QedIO(QedLookup):
             self._end_write(token)
         return _WRITTEN
 
-    async def _allocating_write(
-        self, l1_index: int, pos: int, data: memoryview, *, fill: bool = False
-    ) -> Filled:
+    async def _allocating_write(self, l1_index: int, pos: int, data: memoryview) -> None:
         """Write ``data`` at ``pos`` (inside one L2 span), allocating clusters for the
         unallocated and zero clusters it touches. Caller holds ``_alloc_lock`` and
-        checked that no cluster of the range is stalled.
+        checked that no cluster of the range is stalled."""
+        new = await self._place_clusters(l1_index, pos, data)
+        await self._link_clusters(l1_index, new)
 
-        ``fill`` (copy-on-read; ``data`` cluster aligned): write only the clusters
-        that are unallocated and not stalled, all-zero ones as zero clusters; the
+    async def _place_clusters(
+        self, l1_index: int, pos: int, data: memoryview, *, fill: bool = False
+    ) -> _NewClusters:
+        """The first half of an allocating write: allocated clusters of the range are
+        written in place, the others get new clusters written whole (copy-on-write
+        head, data, tail); returns the L2 entries to write. Caller holds the lock.
+
+        ``fill`` (copy-on-read; ``data`` cluster aligned): only clusters that are
+        unallocated and not stalled are written, all-zero ones as zero clusters; the
         others are left as they are (the guest got there first)."""
         geo = self.geo
         bits = geo.cluster_bits
         table = await self.get_l2(l1_index)
-        updates: dict[int, int] = {}
-        reused = placed = False
-        data_clusters = zero_clusters = skipped = 0
+        new = _NewClusters()
         for run in self.table_runs(table, l1_index, pos, pos + len(data)):
             chunk = data[run.start - pos : run.start - pos + run.length]
             if fill and run.kind is not UNALLOCATED:
-                skipped += (geo.round_up(run.end) - run.start) >> bits
+                new.skipped += (geo.round_up(run.end) - run.start) >> bits
                 continue
             if run.kind is DATA:
                 assert run.host_offset is not None
@@ -439,33 +486,39 @@ class QedIO(QedLookup):
                 count = (stop - first) >> bits
                 index = geo.l2_index(first)
                 if what == _PIECE_SKIP:
-                    skipped += count
+                    new.skipped += count
                     continue
                 await self._mark_need_check()
                 if what == _PIECE_ZERO:
                     for k in range(count):
-                        updates[index + k] = L2_ZERO_CLUSTER
-                    zero_clusters += count
+                        new.updates[index + k] = L2_ZERO_CLUSTER
+                    new.zero += count
                     continue
                 host, in_file = await self.alloc.place_data(
                     self.tables.source(), first >> bits, count
                 )
-                reused = reused or in_file
-                placed = True
+                new.reused = new.reused or in_file
+                new.placed = True
                 head = await self._cow_fill(first, start, run.kind)
                 tail = await self._cow_fill(end, stop, run.kind)
                 await self.store.writev(host, [head, piece, tail])
                 for k in range(count):
-                    updates[index + k] = host + (k << bits)
-                data_clusters += count
-        if updates:
-            # Data before the entries that point to it, where a lost data write could
-            # otherwise show something else than the cluster's old content: backing
-            # data (hidden by a hole), or stale bytes of a reused slot.
-            if placed and (self._has_backing or reused):
-                await self.store.flush()
-            await self._update_l2(l1_index, table, updates)
-        return Filled(data_clusters, zero_clusters, skipped)
+                    new.updates[index + k] = host + (k << bits)
+                new.data += count
+        return new
+
+    async def _link_clusters(
+        self, l1_index: int, new: _NewClusters, *, flushed: bool = False
+    ) -> None:
+        """The second half: make the entries of ``_place_clusters`` durable, after a
+        flush where a lost data write could otherwise show something else than the
+        cluster's old content (backing data hidden by a hole, or stale bytes of a
+        reused slot), unless the caller ``flushed`` since. Caller holds the lock."""
+        if not new.updates:
+            return
+        if new.placed and not flushed and (self._has_backing or new.reused):
+            await self.store.flush()
+        await self._update_l2(l1_index, await self.get_l2(l1_index), new.updates)
 
     def _fill_pieces(
         self, run: Extent, chunk: memoryview

@@ -27,15 +27,16 @@ that makes a power loss harmless:
 *Copy-on-read* (``copy_on_read``, ``copy_up``): clusters read from the backing chain
 are written into this image, whole (QEMU aligns copy-on-read to the cluster), as
 zero clusters where they hold only zeros (QEMU issues write-zeroes for them). A fill
-is an allocating write of its own: the bytes are read from the backing image first,
-with no lock held (that read may be a network round trip); then, under the
-allocation lock, the lookup is redone and only clusters that are *still*
-unallocated (and not stalled) are written, through the same path and in the same
-order as any allocating write (data, flush, L2 entry). A guest write that reached
-a cluster while its fill was being read therefore wins: it allocated the cluster
-under the lock first, and the fill skips it; a write that comes after the fill is
-an in-place write over it. A fill also commits only if the backing image it read
-from is still this image's backing image (a backing change in between drops it).
+is an allocating write cut in its two halves (``_place_clusters``, ``_link_clusters``):
+the bytes are read from the backing image first, with no lock held (that read may
+be a network round trip); under the allocation lock the lookup is redone, and only
+the clusters that are *still* unallocated get new clusters holding the data, while
+writes to exactly those clusters stall; the data is flushed with the lock released;
+under the lock again the L2 entries are written and the stall ends. A guest write
+that reached a cluster while its fill was being read therefore wins (it allocated
+the cluster under the lock first, and the fill skips it); one that arrives during the
+flush waits for that cluster only, then lands in place on the copy. A fill commits
+only if the backing image it read from is still this image's backing image.
 
 *Per-cluster write stalls* let a job move or fill clusters while the guest runs:
 ``stall_writes`` makes writes to exactly those guest clusters wait (reads and other

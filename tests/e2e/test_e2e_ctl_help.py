@@ -32,7 +32,7 @@ def test_help_and_query_commands_return_the_code_s_tables(
     finally:
         client.close()
     assert [c["name"] for c in reference["commands"]] == [c.name for c in COMMANDS]
-    assert [j["type"] for j in reference["job-types"]] == ["check", "scrub", "defrag"]
+    assert [j["type"] for j in reference["job-types"]] == ["check", "scrub", "defrag", "stream"]
     defrag = reference["job-types"][2]
     assert [a["name"] for a in defrag["arguments"]] == [
         "rate",
@@ -41,6 +41,8 @@ def test_help_and_query_commands_return_the_code_s_tables(
         "layout",
         "zero-detect",
     ]
+    stream = reference["job-types"][3]
+    assert [a["name"] for a in stream["arguments"]] == ["rate", "chunk"]
     server.finish(qemu, shadow)
 
 

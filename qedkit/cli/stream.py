@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=size_type,
         default=None,
         metavar="SIZE",
-        help="bytes copied per step (default 4M; rounded up to whole clusters)",
+        help="bytes copied per step (default 2M; rounded up to whole clusters)",
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress and an ETA")
     add_quiet(p)

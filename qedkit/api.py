@@ -223,6 +223,7 @@ def open(
     cache_budget: int = DEFAULT_BUDGET,
     auto_repair: bool = True,
     force_share: bool = False,
+    copy_on_read: bool = False,
 ) -> Image:
     """Open an image; ``format`` is probed when None. A read-write open of an image
     whose NEED_CHECK flag is set repairs it first (unless ``auto_repair=False``);
@@ -230,7 +231,9 @@ def open(
     closed (unallocated clusters then read as zeros). The file is locked as QEMU
     locks images (ImageLockedError while another process writes it, or while anyone
     has it open when opening for writing); ``force_share=True`` reads it anyway, like
-    qemu-img's -U."""
+    qemu-img's -U. ``copy_on_read=True`` (a read-write open; qemu-io's -C) copies
+    every cluster a read takes from the backing chain into the image: whole
+    clusters, all-zero ones as zero clusters (docs/DESIGN.md, copy-on-read)."""
     return Image(
         run(
             open_image(
@@ -241,6 +244,7 @@ def open(
                 cache_budget=cache_budget,
                 repair=auto_repair,
                 force_share=force_share,
+                copy_on_read=copy_on_read,
             )
         )
     )

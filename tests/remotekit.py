@@ -8,7 +8,11 @@
 * :class:`Nginx`, Debian's nginx in the foreground with a temporary configuration (a
   free port on 127.0.0.1, a temporary root; every file it writes stays in its
   directory), always stopped;
-* :func:`qemu_nbd`, qemu-nbd exporting an image on a unix socket or a TCP port.
+* :func:`qemu_nbd`, qemu-nbd exporting an image on a unix socket or a TCP port, and
+  :func:`nbdkit`, nbdkit's file plugin on a unix socket;
+* the nginx *site* of the end-to-end tests (:class:`Site`: an 8 MiB raw base and a
+  "stripes" image; the ``site`` fixture of tests/e2e/conftest.py starts it) and
+  :func:`make_overlay` (``qed create -b URL``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qedtest import require_tool
+from qedtest import qed, require_tool
 
 from qedkit.store.remote import RemoteSource
 
@@ -434,6 +438,68 @@ def _answers(url: str) -> bool:
         except OSError:
             return False
         return True
+
+
+@contextlib.contextmanager
+def nbdkit(image: Path, workdir: Path) -> Iterator[str]:
+    """nbdkit's file plugin exporting ``image`` read-only on a unix socket."""
+    binary = require_tool("nbdkit")
+    sock = workdir / f"nbdkit-{image.name}.sock"
+    proc = subprocess.Popen(
+        [binary, "-f", "-r", "-U", str(sock), "file", str(image)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
+            time.sleep(0.02)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# ---- the site of the end-to-end tests -------------------------------------------------
+
+BASE_SIZE = 8 * MiB
+STRIPE = 64 * KiB  # the stripes image: stripe i is filled with byte stripe_byte(i)
+
+
+def stripe_byte(i: int) -> int:
+    return (i * 37 + 11) % 255 + 1  # never 0: a zero read shows
+
+
+@dataclass
+class Site:
+    """The files nginx serves (base.raw, stripes.raw), and the running nginx."""
+
+    root: Path
+    base: bytes  # base.raw
+    nginx: Nginx
+
+
+@contextlib.contextmanager
+def site(work: Path) -> Iterator[Site]:
+    """nginx serving a new site under ``work`` (see the module docstring)."""
+    root = work / "root"
+    root.mkdir()
+    base = pattern(BASE_SIZE, seed=11)
+    (root / "base.raw").write_bytes(base)
+    stripes = b"".join(bytes([stripe_byte(i)]) * STRIPE for i in range(BASE_SIZE // STRIPE))
+    (root / "stripes.raw").write_bytes(stripes)
+    with nginx(work, root) as server:
+        yield Site(root, base, server)
+
+
+def make_overlay(tmp_path: Path, backing: str, fmt: str = "raw", name: str = "top.qed") -> Path:
+    """``qed create -b BACKING -F FMT`` in ``tmp_path``."""
+    overlay = tmp_path / name
+    result = qed("create", "-f", "qed", "-b", backing, "-F", fmt, overlay)
+    assert result.returncode == 0, result.stderr
+    return overlay
 
 
 # ---- a source in memory, and qedkit's own NBD server in a thread ------------------------

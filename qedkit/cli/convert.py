@@ -1,5 +1,8 @@
-"""``qed convert [-f FMT] [-O FMT] [-o OPTIONS] [-p] [-q] [-t CACHE] [-U] SRC DST``:
-copy an image, its backing chain flattened, into a new one (jobs.convert).
+"""``qed convert [-f FMT] [-O FMT] [-o OPTIONS] [-p] [-q] [-t CACHE] [-U]
+[--copy-on-read] SRC DST``: copy an image, its backing chain flattened, into a new one
+(jobs.convert). ``--copy-on-read`` opens the source read-write and copies what the
+conversion reads from its backing chain into it (a remote base is then fetched once
+for both: the target and the source's overlay).
 
 ``qed convert --in-place [--dry-run] [--discard-snapshots] [--reclaim compact|punch]
 [--output human|json] [-f qcow2] [-p] [-q] IMAGE``: make a qcow2 image a QED image in
@@ -44,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     add_force_share(p, "the source")
+    p.add_argument(
+        "--copy-on-read",
+        dest="copy_on_read",
+        action="store_true",
+        help="copy the clusters read from the source's backing chain into the source "
+        "(opens it read-write; not with -U)",
+    )
     add_quiet(p)
     p.add_argument(
         "-t",
@@ -108,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     cluster_size, table_size = geometry(opts)
     if args.cache not in CACHE_MODES:
         raise UsageError(f"invalid cache mode {args.cache!r}")
+    if args.copy_on_read and args.force_share:
+        raise UsageError("--copy-on-read writes the source: it cannot be combined with -U")
     if same_file(args.source, args.target):
         raise UsageError(f"{args.target}: source and target are the same file")
     show = args.progress or (sys.stderr.isatty() and not args.quiet)
@@ -121,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             table_size=table_size,
             flush=args.cache != "unsafe",
             force_share=args.force_share,
+            copy_on_read=args.copy_on_read,
             progress=progress,
         )
     return 0

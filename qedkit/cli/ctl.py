@@ -8,8 +8,10 @@ arguments are parsed intermixed.
 
 ``qed ctl SOCKET help`` lists the server's commands and job types with their
 arguments; ``qed ctl --help`` lists the same from this installation's code (it
-imports nbd.control for that, only when the help is printed). ``defrag`` is
-the one command of the client's own: defrag-step, repeated with --until-done.
+imports nbd.control for that, only when the help is printed). Two commands are the
+client's own: ``defrag`` (defrag-step, repeated with --until-done) and ``stream``
+(job-start type=stream; with --until-done it follows the job's progress and ETA
+until the job ends, and exits 0 only if it concluded).
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ from .common import UsageError
 
 INTERMIXED = True  # main parses KEY=VALUE arguments and options in any order
 CLIENT_DEFRAG = (
-    "client command:\n"
+    "client commands:\n"
     "  defrag [export=EXPORT] [clusters=N] [--until-done]\n"
     "                      defrag-step, printing each move; --until-done: until no\n"
     "                      candidate is left\n"
+    "  stream [export=EXPORT] [rate=SIZE] [chunk=SIZE] [--until-done]\n"
+    "                      job-start type=stream; --until-done: follow its progress\n"
+    "                      and ETA until it ends\n"
 )
 
 
@@ -56,7 +61,7 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--until-done",
         action="store_true",
-        help="with 'defrag': step until nothing is left to move",
+        help="with 'defrag': step until nothing is left to move; with 'stream': until the job ends",
     )
     c.add_argument("socket", metavar="SOCKET", help="the --control socket of qed serve")
     c.add_argument("command", metavar="COMMAND", help="e.g. help, query-status, job-start, defrag")
@@ -177,6 +182,53 @@ def _ctl_defrag(client: ControlClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _ctl_stream(client: ControlClient, args: argparse.Namespace) -> int:
+    """``qed ctl SOCKET stream [--until-done] [export=NAME] [rate=R] [chunk=C]``: start
+    a stream job; with --until-done, print its progress (with the ETA) until it ends."""
+    from . import output
+    from .progress import format_eta
+
+    arguments = {"type": "stream", **_parse_arguments(args.arguments)}
+    job_id = client.execute("job-start", arguments)["id"]
+    if not args.until_done:
+        if args.output == "json":
+            print(json.dumps({"id": job_id}, indent=4))
+        else:
+            print(f"started job {job_id}")
+        return 0
+    while True:
+        event = client.next_event()
+        data = event.get("data", {})
+        if data.get("id") != job_id:
+            continue
+        if event["event"] == "JOB_PROGRESS":
+            if args.output == "human":
+                total = data["total"] or 1
+                rate = data.get("bytes-per-second") or 0
+                print(
+                    f"stream: {100.0 * data['current'] / total:.1f}% "
+                    f"({data['current']}/{data['total']} bytes, {rate / 1e6:.1f} MB/s), "
+                    f"ETA {format_eta(data.get('eta-seconds'))}"
+                )
+                sys.stdout.flush()
+            continue
+        if event["event"] != "JOB_STATUS_CHANGE" or data["status"] not in (
+            "concluded",
+            "failed",
+            "cancelled",
+        ):
+            continue
+        if args.output == "json":
+            print(json.dumps({"id": job_id, "status": data["status"], **data}, indent=4))
+        else:
+            print(f"status: {data['status']}")
+            if data.get("result") is not None:
+                print(output.ctl_human(data["result"]))
+        if data.get("error"):
+            print(f"qed: {args.socket}: job {job_id} failed: {data['error']}", file=sys.stderr)
+        return 0 if data["status"] == "concluded" else 1
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
@@ -224,9 +276,11 @@ def _run(args: argparse.Namespace) -> int:
     from . import output
 
     client = ControlClient(args.socket)
-    if args.command == "defrag":
+    if args.command in ("defrag", "stream"):
         try:
-            return _ctl_defrag(client, args)
+            if args.command == "defrag":
+                return _ctl_defrag(client, args)
+            return _ctl_stream(client, args)
         finally:
             client.close()
     try:

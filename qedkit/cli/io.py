@@ -1,5 +1,6 @@
-"""``qed io [-f FMT] [-r [-U]] -c CMD [-c CMD ...] FILE``: the subset of qemu-io that
-scripts and tests need.
+"""``qed io [-f FMT] [-r [-U]] [-C] -c CMD [-c CMD ...] FILE``: the subset of qemu-io
+that scripts and tests need. ``-C`` is qemu-io's copy-on-read: every cluster a read
+takes from the backing chain is copied into the image.
 
 Commands (numbers take k/M/G/T suffixes, binary)::
 
@@ -46,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-r", dest="readonly", action="store_true", help="open read-only")
     add_force_share(p, "the image (with -r)")
     p.add_argument(
+        "-C",
+        dest="copy_on_read",
+        action="store_true",
+        help="copy-on-read: clusters read from the backing chain are copied into the image",
+    )
+    p.add_argument(
         "-c",
         dest="commands",
         action="append",
@@ -60,8 +67,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.force_share and not args.readonly:
         raise UsageError("-U (force share) needs -r: an image in use cannot be written")
+    if args.copy_on_read and args.readonly:
+        raise UsageError("-C (copy-on-read) writes the image: it cannot be combined with -r")
     with api.open(
-        args.filename, readonly=args.readonly, format=args.format, force_share=args.force_share
+        args.filename,
+        readonly=args.readonly,
+        format=args.format,
+        force_share=args.force_share,
+        copy_on_read=args.copy_on_read,
     ) as img:
         return run_script(img, args.commands or [], sys.stdout, sys.stderr)
 

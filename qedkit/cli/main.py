@@ -50,6 +50,7 @@ VERBS: dict[str, str] = {
     "defrag": "pack the clusters in guest order: fast, compact (offline)",
     "frag": "report how fragmented a QED image is (read-only)",
     "mount": "the guest disk of an image as a file under a FUSE mount",
+    "stream": "copy the backing file in, then drop the link (offline)",
     "serve": "serve images over NBD",
     "ctl": "send a command to a qed serve control socket",
 }

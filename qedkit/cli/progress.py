@@ -1,16 +1,22 @@
 """Progress display for long operations: tqdm when it is installed, else a plain
-percentage in qemu-img's style. Shown when stderr is a terminal or ``-p`` is given."""
+percentage in qemu-img's style (with ``eta=True``, followed by the time left at the
+speed so far, as tqdm shows it). Shown when stderr is a terminal or ``-p`` is given."""
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 
 class Progress:
-    def __init__(self, enabled: bool, description: str = "", unit: str = "B") -> None:
+    def __init__(
+        self, enabled: bool, description: str = "", unit: str = "B", *, eta: bool = False
+    ) -> None:
         self.enabled = enabled
+        self._eta = eta
+        self._started = time.monotonic()
         self._unit = unit
         self._bar: Any = None
         self._description = description
@@ -39,7 +45,10 @@ class Progress:
             percent = 100.0 * done / total if total else 100.0
             if percent - self._last >= 1.0 or done == total:
                 self._last = percent
-                sys.stderr.write(f"    ({percent:.2f}/100%)\r")
+                left = ""
+                if self._eta:
+                    left = f" ETA {format_eta(eta(done, total, time.monotonic() - self._started))}"
+                sys.stderr.write(f"    ({percent:.2f}/100%){left}\r")
                 sys.stderr.flush()
         else:
             self._bar.update(done - self._bar.n)
@@ -55,3 +64,18 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def eta(done: int, total: int, elapsed: float) -> float | None:
+    """Seconds left at the speed so far; None before anything was done."""
+    if done <= 0 or elapsed <= 0:
+        return None
+    return max(0.0, (total - done) * elapsed / done)
+
+
+def format_eta(seconds: float | None) -> str:
+    """``H:MM:SS`` (``--:--:--`` when unknown)."""
+    if seconds is None:
+        return "--:--:--"
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

@@ -75,6 +75,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--control", metavar="PATH", help="control socket (JSON lines) for jobs and queries"
     )
     p.add_argument(
+        "--copy-on-read",
+        dest="copy_on_read",
+        action="store_true",
+        help="every export copies the clusters its clients read from the backing chain "
+        "into the image (not with -r)",
+    )
+    p.add_argument(
         "--allocation",
         choices=("end", "home"),
         help="where new clusters go (home: raw-like layout); recorded in the image",
@@ -150,7 +157,9 @@ async def _open(args: argparse.Namespace, path: str) -> Any:
     from ..jobs.inplace_live import LiveConversion
 
     if not args.convert_qcow2:
-        return await open_image(path, fmt=args.format, readonly=args.readonly)
+        return await open_image(
+            path, fmt=args.format, readonly=args.readonly, copy_on_read=args.copy_on_read
+        )
     image = await open_for_conversion(path, fmt=args.format)
     if not isinstance(image, Qcow2Image):
         return image
@@ -215,6 +224,8 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | Non
             ) from exc
     if args.convert_qcow2 and args.readonly:
         raise QedError("--convert-qcow2 serves images read-write: it does not go with -r")
+    if args.copy_on_read and args.readonly:
+        raise QedError("--copy-on-read writes the images: it cannot be combined with -r")
     served: list[ServedImage] = []
     try:
         for name, path in zip(_export_names(args), args.images, strict=True):

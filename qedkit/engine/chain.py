@@ -117,10 +117,16 @@ async def open_image(
     force_share: bool = False,
     direct: bool = False,
     _rewrite_qcow2: bool = False,
+    copy_on_read: bool = False,
     _depth: int = 0,
     _seen: frozenset[str] = frozenset(),
 ) -> BlockImage:
     """Open ``path`` as ``fmt`` (probed when None) with its backing chain.
+
+    ``copy_on_read`` makes reads of clusters the image leaves to its backing chain
+    copy them into it (engine.qed.io; QEMU's copy-on-read): it needs a read-write
+    open (InvalidRequestError before anything is opened otherwise), and does nothing
+    for an image without a backing chain (a raw image).
 
     ``backing_chain=False`` opens the top image alone (reads of unallocated clusters
     then return zeros); ``repair=False`` skips the open-time repair of an image with
@@ -135,6 +141,10 @@ async def open_image(
     """
     if fmt is not None:
         _check_format_name(fmt)
+    if copy_on_read and readonly:
+        raise InvalidRequestError(
+            "copy-on-read writes the image: it cannot be opened read-only", filename=path
+        )
     real = path if "://" in path else os.path.realpath(path)
     if real in _seen:
         raise BackingFileError(f"backing chain loop: {path} is its own backing file")
@@ -165,7 +175,7 @@ async def open_image(
         header, area = await QedImage.read_header(store)
         backing_fmt = "raw" if header.has(Feature.BACKING_FORMAT_NO_PROBE) else None
         backing = await chain.open(header.backing_filename(area), backing_fmt)
-        return await chain.attach(
+        img = await chain.attach(
             backing,
             open_qed(
                 store,
@@ -178,6 +188,8 @@ async def open_image(
                 repair=repair,
             ),
         )
+        img.copy_on_read = copy_on_read
+        return img
     except QedError as exc:
         await store.close()
         exc.with_filename(path)

@@ -153,13 +153,17 @@ class Job:
     async def work(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def progress_data(self) -> dict[str, Any]:
+        """The data of a JOB_PROGRESS event; a job may add to it (an ETA)."""
+        return {"id": self.id, "current": self.current, "total": self.total}
+
     async def checkpoint(self, current: int, total: int) -> None:
         """Report progress; wait while paused; raise JobCancelled when cancelled."""
         self.current, self.total = current, total
         now = time.monotonic()
         if now - self._last_progress >= PROGRESS_INTERVAL:
             self._last_progress = now
-            self._emit("JOB_PROGRESS", {"id": self.id, "current": current, "total": total})
+            self._emit("JOB_PROGRESS", self.progress_data())
         if self._cancel:
             raise JobCancelled
         if not self._resume.is_set():

@@ -162,6 +162,7 @@ def convert(
     table_size: int = DEFAULT_TABLE_SIZE,
     flush: bool = False,
     force_share: bool = False,
+    copy_on_read: bool = False,
     progress: Progress | None = None,
 ) -> ConvertStats:
     """Convert ``src_path`` (with its backing chain) to a new image at ``dst_path``.
@@ -169,9 +170,19 @@ def convert(
     ``flush=False`` is qemu-img convert's default cache mode ("unsafe"): the target
     is written through the page cache and not synced; ``flush=True`` syncs it before
     returning. The target is created (or overwritten) only after the source opened.
-    Blocking (see copy_image).
+    ``copy_on_read`` opens the source read-write with copy-on-read: the clusters the
+    copy reads from its backing chain are copied into it as well. Blocking (see
+    copy_image).
     """
-    src = run(open_image(src_path, fmt=src_format, readonly=True, force_share=force_share))
+    src = run(
+        open_image(
+            src_path,
+            fmt=src_format,
+            readonly=not copy_on_read,
+            force_share=force_share,
+            copy_on_read=copy_on_read,
+        )
+    )
     try:
         run(
             create_image(

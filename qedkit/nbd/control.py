@@ -36,6 +36,7 @@ from ..jobs.base import Argument, Job, JobManager
 from ..jobs.check import CheckJob, ScrubJob
 from ..jobs.defrag import DefragJob, Defragmenter
 from ..jobs.inplace_live import ConvertToQedJob
+from ..jobs.stream import StreamJob
 from ..version import __version__
 from .server import NbdServer, ServedImage, claim_unix_path
 
@@ -101,7 +102,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("quit", "_quit", "stop the server: finish requests in flight, flush, exit"),
 )
 
-JOB_TYPES: tuple[type[Job], ...] = (CheckJob, ScrubJob, DefragJob, ConvertToQedJob)
+JOB_TYPES: tuple[type[Job], ...] = (CheckJob, ScrubJob, DefragJob, StreamJob, ConvertToQedJob)
+# Job types of which one at a time may run on an export.
+ONE_PER_EXPORT = (DefragJob.type, StreamJob.type, ConvertToQedJob.type)
 
 
 def describe(job_types: Iterable[type[Job]] = JOB_TYPES) -> dict[str, Any]:
@@ -133,6 +136,7 @@ class ControlServer:
             self.jobs.activity[served.name] = _counter(served)
         self._defrag: dict[str, Defragmenter] = {}
         self._clients: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # the clients' handlers
         self._listener: asyncio.Server | None = None
         self.commands: dict[str, Handler] = {c.name: getattr(self, c.method) for c in COMMANDS}
         server.on_stopping.append(self.jobs.cancel_all)
@@ -150,12 +154,22 @@ class ControlServer:
         for writer in list(self._clients):
             writer.close()
         self._clients.clear()
+        # Finish the handlers here rather than leave them to the loop's teardown: a
+        # client that resets its connection meanwhile would otherwise leave an
+        # exception nobody retrieves (logged as a traceback at exit).
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
     # ---- wire ------------------------------------------------------------------------
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         self._clients.add(writer)
         greeting = {"QED": {"version": {"qedkit": __version__}, "capabilities": ["jobs", "events"]}}
         self._send(writer, greeting)
@@ -175,6 +189,8 @@ class ControlServer:
         finally:
             self._clients.discard(writer)
             writer.close()
+            if task is not None:
+                self._tasks.discard(task)
 
     async def _execute(self, line: bytes) -> dict[str, Any]:
         try:
@@ -258,6 +274,7 @@ class ControlServer:
                 "format": s.image.format_name,
                 "size": s.image.size,
                 "readonly": s.readonly,
+                "copy-on-read": bool(getattr(s.image, "copy_on_read", False)),
                 "connections": s.stats.connections,
                 "requests": s.stats.requests,
                 "errors": s.stats.errors,
@@ -312,7 +329,7 @@ class ControlServer:
             raise CommandError("InvalidArgument", 'missing "type"')
         served = self._served(arguments)
         extra = {k: v for k, v in arguments.items() if k not in ("type", "export", "id")}
-        if job_type in (DefragJob.type, ConvertToQedJob.type) and any(
+        if job_type in ONE_PER_EXPORT and any(
             j.export == served.name and j.type == job_type and not j.status.finished
             for j in self.jobs.jobs.values()
         ):

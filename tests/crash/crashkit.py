@@ -108,7 +108,7 @@ class GuestOp:
     backing file name after the request.
     """
 
-    kind: str  # write, zero, discard, flush, resize, backing
+    kind: str  # write, zero, discard, flush, resize, backing, cor (a copy-on-read fill)
     offset: int = 0
     length: int = 0
     data: bytes = b""
@@ -269,7 +269,7 @@ class Workload:
         ]
 
     async def _run(self, op: GuestOp, coro: Coroutine[Any, Any, None]) -> GuestOp:
-        track = op.kind in ("write", "zero")
+        track = op.kind in ("write", "zero", "cor", "backing")
         before = await self._unallocated(op.offset, op.stop) if track else []
         op.start = self.crash.position
         await coro
@@ -364,6 +364,54 @@ class Workload:
                 await old.close()
 
         op = await self._run(GuestOp("backing", 0, size, bytes(self.model[:size])), change())
+        await self._check_model(0, size)
+        return op
+
+    async def cor_read(self, offset: int, length: int) -> GuestOp:
+        """A read with copy-on-read: the clusters it touches that read from the backing
+        file are copied in (the guest's view does not change)."""
+        self.img.copy_on_read = True
+        try:
+            op = await self._run(
+                GuestOp("cor", offset, length, bytes(self.model[offset : offset + length])),
+                self._read_expecting(offset, length),
+            )
+        finally:
+            self.img.copy_on_read = False
+        await self._check_model(offset, offset + length)
+        return op
+
+    async def _read_expecting(self, offset: int, length: int) -> None:
+        got = await self.img.read(offset, length)
+        if self.verify and got != self.model[offset : offset + length]:
+            raise AssertionError(f"[{self.name}] a copy-on-read read at {offset:#x} differs")
+
+    async def stream(
+        self, streamer: Any, checkpoint: Callable[[int, int], Awaitable[None]] | None = None
+    ) -> GuestOp:
+        """Run a ``jobs.stream.Streamer`` over the image: fills (the guest's view does
+        not change), then the backing link dropped. ``checkpoint`` may run guest
+        requests between the steps (they are recorded as requests of their own). A
+        run stopped by its checkpoint (JobCancelled) is a fill without a header
+        change (kind "cor"), else the header change makes it a backing change."""
+        size = self.img.size
+        op = GuestOp("backing", 0, size, detail="stream")
+        stopped = False
+
+        async def go() -> None:
+            nonlocal stopped
+            from qedkit.jobs.base import JobCancelled
+
+            try:
+                await streamer.run(checkpoint=checkpoint)
+            except JobCancelled:
+                stopped = True
+            self.backing_name = self.img.backing_filename
+
+        await self._run(op, go())
+        op.data = bytes(self.model[:size])  # after the requests the checkpoint made
+        if stopped:
+            op.kind, op.detail = "cor", "stream, stopped"
         await self._check_model(0, size)
         return op
 

@@ -4,7 +4,8 @@
 stops them in teardown (SIGTERM, then SIGKILL after a timeout; a server that had to be
 killed fails the test). ``disk`` makes a fresh QED image with its raw shadow. Every
 test takes ``qemu``: its final judgement (qemu-img check and compare) needs QEMU, so
-without it the tests skip on a developer machine and fail under CI=true.
+without it the tests skip on a developer machine and fail under CI=true. ``site`` is
+nginx serving the remote tests' raw bases (remotekit.Site), once per test module.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 from e2ekit import MiB, ServerFactory, Shadow
 from qedtest import Qemu, require_tool, run
+from remotekit import Site
+from remotekit import site as start_site
 
 import qedkit
 
@@ -38,6 +41,12 @@ def disk(tmp_path: Path) -> Callable[..., tuple[Path, Shadow]]:
         return path, Shadow(tmp_path / f"{name}.shadow", size)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    with start_site(tmp_path_factory.mktemp("nginx")) as served:
+        yield served
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ def test_help_and_query_commands_return_the_code_s_tables(
         "check",
         "scrub",
         "defrag",
+        "stream",
         "convert-to-qed",
     ]
     defrag = reference["job-types"][2]
@@ -46,6 +47,8 @@ def test_help_and_query_commands_return_the_code_s_tables(
         "layout",
         "zero-detect",
     ]
+    stream = reference["job-types"][3]
+    assert [a["name"] for a in stream["arguments"]] == ["rate", "chunk"]
     server.finish(qemu, shadow)
 
 

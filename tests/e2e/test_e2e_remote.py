@@ -4,7 +4,8 @@ QED overlay; read through the library, the CLI, ``qed serve`` (by qemu-io and
 nbdcopy) and QEMU's own curl and nbd drivers (qemu-img info/compare).
 
 Every tool is required: without one a test skips on a developer machine and fails
-under CI=true (qedtest.require_tool).
+under CI=true (qedtest.require_tool). The nginx site (``site``) is a fixture of
+tests/e2e/conftest.py, shared with test_e2e_stream.py; its helpers are remotekit's.
 """
 
 from __future__ import annotations
@@ -13,57 +14,30 @@ import asyncio
 import contextlib
 import json
 import random
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from e2ekit import ServerFactory, qemu_io, require_tool, run
 from qedtest import Qemu, qed
-from remotekit import KiB, MiB, Nginx, nginx, pattern, qemu_nbd
+from remotekit import (
+    BASE_SIZE,
+    STRIPE,
+    KiB,
+    MiB,
+    Site,
+    make_overlay,
+    nbdkit,
+    nginx,
+    pattern,
+    qemu_nbd,
+    stripe_byte,
+)
 
 import qedkit
 from qedkit.errors import StoreError
 from qedkit.store.remote import RemoteOptions, RemoteStore
 from qedkit.store.url import open_url
-
-BASE_SIZE = 8 * MiB
-STRIPE = 64 * KiB  # the stripes image: stripe i is filled with byte stripe_byte(i)
-
-
-def stripe_byte(i: int) -> int:
-    return (i * 37 + 11) % 255 + 1  # never 0: a zero read shows
-
-
-@dataclass
-class Site:
-    """The files nginx serves, and the running nginx."""
-
-    root: Path
-    base: bytes  # base.raw
-    nginx: Nginx
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    work = tmp_path_factory.mktemp("nginx")
-    root = work / "root"
-    root.mkdir()
-    base = pattern(BASE_SIZE, seed=11)
-    (root / "base.raw").write_bytes(base)
-    stripes = b"".join(bytes([stripe_byte(i)]) * STRIPE for i in range(BASE_SIZE // STRIPE))
-    (root / "stripes.raw").write_bytes(stripes)
-    with nginx(work, root) as server:
-        yield Site(root, base, server)
-
-
-def make_overlay(tmp_path: Path, backing: str, fmt: str = "raw", name: str = "top.qed") -> Path:
-    overlay = tmp_path / name
-    result = qed("create", "-f", "qed", "-b", backing, "-F", fmt, overlay)
-    assert result.returncode == 0, result.stderr
-    return overlay
 
 
 def write_some(overlay: Path, expected: bytearray) -> None:
@@ -85,28 +59,6 @@ def assert_reads_equal(overlay: Path, expected: bytes) -> None:
             offset = rng.randrange(len(expected))
             length = rng.randrange(1, min(300 * KiB, len(expected) - offset) + 1)
             assert img.read(offset, length) == expected[offset : offset + length]
-
-
-@contextlib.contextmanager
-def nbdkit(image: Path, workdir: Path) -> Iterator[str]:
-    """nbdkit's file plugin exporting ``image`` read-only on a unix socket."""
-    binary = require_tool("nbdkit")
-    sock = workdir / f"nbdkit-{image.name}.sock"
-    proc = subprocess.Popen(
-        [binary, "-f", "-r", "-U", str(sock), "file", str(image)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-            time.sleep(0.02)
-        yield f"nbd+unix:///?socket={sock}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 # ---- every kind of remote backing ---------------------------------------------------

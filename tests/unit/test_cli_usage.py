@@ -34,6 +34,7 @@ VALID = {
     "defrag": ["x.qed"],
     "frag": ["x.qed"],
     "mount": ["x.qed", "mnt"],
+    "stream": ["x.qed"],
     "serve": ["x.qed"],
     "ctl": ["s.sock", "query-status"],
 }

@@ -8,8 +8,9 @@ image          open/create, the header and its flags, flush, resize, backing-nam
 tables         the L1 table, the L2 cache, every table write and its ordering
 lookup         guest ranges to runs, block status, host contiguity (the fast path)
 alloc          the end of the file, the cluster map, the placement policy
-io             read, write, write-zeroes, discard, copy-on-write fill, write stalls,
-               and the synchronous fast paths next to the paths they shortcut
+io             read, write, write-zeroes, discard, copy-on-write fill, copy-on-read
+               (copy_up), write stalls, and the synchronous fast paths next to the
+               paths they shortcut
 move           crash-safe moves of clusters and tables (defrag, leak compaction)
 =============  ===================================================================
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from .alloc import FREE, META, Allocator, ClusterMap, LayoutKind, TargetLayout
 from .image import QedImage
-from .io import fill_zero
+from .io import Filled, fill_zero, is_zero
 from .move import CompactStats, Move, Mover, Planned
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Allocator",
     "ClusterMap",
     "CompactStats",
+    "Filled",
     "LayoutKind",
     "Move",
     "Mover",
@@ -37,4 +39,5 @@ __all__ = [
     "QedImage",
     "TargetLayout",
     "fill_zero",
+    "is_zero",
 ]

@@ -430,6 +430,30 @@ class QedImage(QedIO):
         await self._write_header(header, flush=True)
         self.backing_filename = header.backing_filename(self.header_area)
 
+    async def drop_backing_file(self) -> None:
+        """Remove the backing file link from the header and detach the backing image
+        (the last step of streaming, once every cluster that read from the backing
+        chain is in this image: the caller's duty, see jobs.stream).
+
+        As ``set_backing_file(None)``: under the allocation lock, everything written
+        before is flushed (so every fill's L2 entry is durable before the header
+        stops naming the backing file), then the 64-byte header is written in one
+        sector write and flushed. The backing image is detached under the same lock,
+        so the next allocation follows the no-backing rules (NEED_CHECK); it is
+        closed once the reads of it still in flight are done.
+
+        Failure guarantee: if the header write fails the backing image stays
+        attached, and on disk the header is the old one or the new one (one sector
+        write), each consistent with the tables."""
+        self._check_writable()
+        async with self._alloc_lock:
+            await self.store.flush()
+            await self._set_backing_file(None, False)
+            old, self.backing = self.backing, None
+        if old is not None:
+            await self._backing_reads_done()
+            await old.close()
+
     def _backing_name_slot(self, length: int) -> int:
         """Where a new backing name of ``length`` bytes goes: at 64, as QEMU puts it,
         when header and name then fit in the first sector (written at once); else past

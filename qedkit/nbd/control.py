@@ -136,7 +136,7 @@ class ControlServer:
             self.jobs.activity[served.name] = _counter(served)
         self._defrag: dict[str, Defragmenter] = {}
         self._clients: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()  # the clients' handlers
+        self._tasks: dict[asyncio.Task[None], asyncio.StreamReader] = {}  # the handlers
         self._listener: asyncio.Server | None = None
         self.commands: dict[str, Handler] = {c.name: getattr(self, c.method) for c in COMMANDS}
         server.on_stopping.append(self.jobs.cancel_all)
@@ -154,13 +154,15 @@ class ControlServer:
         for writer in list(self._clients):
             writer.close()
         self._clients.clear()
-        # Finish the handlers here rather than leave them to the loop's teardown: a
-        # client that resets its connection meanwhile would otherwise leave an
-        # exception nobody retrieves (logged as a traceback at exit).
+        # Finish the handlers here (an end of input makes each return) rather than
+        # leave them to the loop's teardown: a client that resets its connection
+        # meanwhile would otherwise leave an exception nobody retrieves (logged as a
+        # traceback at exit). Cancelling them instead trips asyncio's own callback.
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
         for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            self._tasks[task].feed_eof()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -169,7 +171,7 @@ class ControlServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)
+            self._tasks[task] = reader
         self._clients.add(writer)
         greeting = {"QED": {"version": {"qedkit": __version__}, "capabilities": ["jobs", "events"]}}
         self._send(writer, greeting)
@@ -190,7 +192,7 @@ class ControlServer:
             self._clients.discard(writer)
             writer.close()
             if task is not None:
-                self._tasks.discard(task)
+                self._tasks.pop(task, None)
 
     async def _execute(self, line: bytes) -> dict[str, Any]:
         try:

@@ -1,6 +1,8 @@
 """``examples/tour`` (README command 1) run end to end, as a smoke test whose figures
 are real: fragmentation after the online defragmentation is 0.00%, every byte the
-qemu-io client wrote reads back, the checks are clean, and no server is left running.
+qemu-io client wrote reads back, the checks are clean, no server is left running, an
+overlay of a base on nginx is streamed and equals the base, and a qemu-made qcow2 image
+converted in place checks clean and equals its original.
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ def test_the_tour_defragments_while_the_client_runs_and_cleans_up(
     assert p.returncode == 0, out + p.stderr
     (summary,) = [line for line in out.splitlines() if line.startswith("summary: ")]
     assert re.match(r"summary: \d+% fragmented -> 0%, sequential read [0-9.]+x faster", summary)
-    assert "0 errors, client never stopped" in summary, summary
+    assert "0 errors, client never stopped, streamed from HTTP, qcow2 converted in place" in (
+        summary
+    ), summary
+    streamed = r"qed stream: \d+ clusters copied .* the backing link dropped; Images are identical"
+    assert re.search(streamed, out), out
+    converted = (
+        r"is QED now, in the same file: \d+ data clusters left in place, \d+ copied; "
+        r"qemu-img check clean, Images are identical"
+    )
+    assert re.search(converted, out), out
     # the figures behind the summary
     before, after = re.findall(r"fragmented ([0-9.]+)% \(as qemu-img check counts\)", out)
     assert float(before) > 50 and float(after) == 0.0, out

@@ -201,12 +201,14 @@ class Churn:
     error: BaseException | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    size: int = SIZE  # of the disk
+    cluster: int = CS  # of the image
 
     def __post_init__(self) -> None:
         taken = set(self.allocated)
         rng = random.Random(self.seed + 1000)
         while len(self.fresh) < 100:
-            c = rng.randrange(SIZE // CS - 3)
+            c = rng.randrange(self.size // self.cluster - 3)
             if c not in taken:
                 taken.add(c)
                 self.fresh.append(c)
@@ -249,12 +251,13 @@ class Churn:
 
     def _one(self, client: RawClient, rng: random.Random) -> None:
         r = rng.random()
+        cs = self.cluster
         if r < 0.45 and rng.random() < 0.3:
-            offset = rng.randrange(SIZE)
+            offset = rng.randrange(self.size)
         else:
             pool = self.allocated if rng.random() < 0.7 else self.fresh
-            offset = rng.choice(pool) * CS + rng.randrange(CS)
-        length = min(SIZE - offset, rng.choice([rng.randrange(1, CS), CS, 2 * CS + 1000]))
+            offset = rng.choice(pool) * cs + rng.randrange(cs)
+        length = min(self.size - offset, rng.choice([rng.randrange(1, cs), cs, 2 * cs + 1000]))
         if r < 0.45:
             got = client.read(offset, length)
             want = bytes(self.shadow[offset : offset + length])
@@ -277,7 +280,7 @@ class Churn:
             assert client.call(CMD_FLUSH).error == 0
             return
         self.shadow[offset : offset + length] = data
-        self.written.update(range(offset // CS, (offset + length - 1) // CS + 1))
+        self.written.update(range(offset // cs, (offset + length - 1) // cs + 1))
         self.writes += 1
 
 
@@ -595,3 +598,69 @@ def test_ctl_defrag_takes_arguments_after_until_done(
     assert "no candidate left" in result.stdout
     stop(server)
     judge(qemu, image, shadow)
+
+
+def _sparse_image(qemu: Qemu, directory: Path, overlay: bool) -> tuple[Path, int]:
+    """The issue's sparse disk: 1 GiB (64 KiB clusters) holding 64 clusters written in a
+    shuffled order by qemu-io below 512 MiB, 1 MiB at 512 MiB, and zero clusters;
+    ``overlay``: over a 256 MiB raw base (partial writes copy the rest from it).
+    Returns the image and the size ``qed convert`` makes of it."""
+    cs = 64 * KiB
+    path = directory / "sparse.qed"
+    extra: list[str | os.PathLike[str]] = []
+    if overlay:
+        (directory / "base.raw").write_bytes(random.Random(7).randbytes(16 * MiB) * 16)
+        extra = ["-b", "base.raw", "-F", "raw"]
+    qemu.img("create", "-f", "qed", *extra, path, "1G", cwd=directory)
+    rng = random.Random(11)
+    commands = []
+    for i, c in enumerate(rng.sample(range(512 * MiB // cs), 64)):
+        if i % 4 == 0:
+            commands.append(f"write -P {i + 1} {c * cs + 512} {cs // 2}")  # partial
+        else:
+            commands.append(f"write -P {i + 1} {c * cs} {cs}")
+    commands.append(f"write -P 0x77 {512 * MiB} {MiB}")
+    commands += [f"write -z {c * cs} {cs}" for c in rng.sample(range(8192, 16384), 16)]
+    args: list[str | os.PathLike[str]] = ["-t", "unsafe", "-f", "qed"]
+    for command in commands:
+        args += ["-c", command]
+    qemu.io(*args, path)
+    converted = directory / "converted.qed"
+    run(qed_argv("convert", "-O", "qed", str(path), str(converted)), 60).ok()
+    size = converted.stat().st_size
+    converted.unlink()
+    return path, size
+
+
+@pytest.mark.parametrize("overlay", [False, True], ids=["fresh", "overlay"])
+def test_online_defrag_of_a_sparse_image_ends_clean_and_compact(
+    overlay: bool,
+    serve: ServerFactory,
+    start_churn: Callable[..., Churn],
+    qemu: Qemu,
+    tmp_path: Path,
+) -> None:
+    """A 1 GiB disk holding 5 MiB, defragmented by the job while a client reads and
+    writes (allocating too): qemu-img check exit 0 (no leaks), the file no larger than
+    a converted copy plus one L2 table and one cluster, identical to the shadow; after a
+    quiet run, one host extent per run."""
+    image, converted = _sparse_image(qemu, tmp_path, overlay)
+    allocated_before = os.stat(image).st_blocks
+    shadow = raw_copy(qemu, image)
+    lay = read_layout(image)
+    server = serve(image, control=True)
+    churn = Churn(server, shadow, sorted(lay.data()), 9, size=len(shadow), cluster=64 * KiB)
+    churn.start()
+    try:
+        churn.wait_requests(50)
+        out = ctl_opts(server, ["--wait"], "job-start", "type=defrag", "id=sparse")
+        assert "status: concluded" in out and "done: true" in out, out
+    finally:
+        churn.stop()
+    defrag_until_done(server)  # quiet: puts what the client allocated last in order
+    stop(server)
+    judge(qemu, image, shadow)  # identical, check exit 0, one extent per run
+    bound = converted + read_layout(image).table_size * 64 * KiB + 64 * KiB
+    grown = len(churn.written - set(lay.data())) * 64 * KiB  # what the client allocated
+    assert image.stat().st_size <= bound + grown, (image.stat().st_size, bound, grown)
+    assert os.stat(image).st_blocks * 512 <= allocated_before * 512 + grown + 128 * KiB

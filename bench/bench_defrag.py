@@ -447,7 +447,8 @@ def main() -> int:
         help="job-start arguments of the online defrag cells, e.g. 'batch=256,rate=50M' "
         f"(default: {' '.join(DEFAULT_MODES)})",
     )
-    ap.add_argument("--sparse-size", type=parse_size, default=parse_size("4G"),
+    ap.add_argument("--sparse-size", type=lambda t: 0 if t == "0" else parse_size(t),
+                    default=parse_size("4G"),
                     help="size of the sparse section's disk (default 4G; 0 skips it)")  # fmt: skip
     ap.add_argument("--sparse-data", type=parse_size, default=parse_size("1G"),
                     help="data in the sparse disk (default 1G)")  # fmt: skip

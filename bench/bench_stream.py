@@ -175,9 +175,7 @@ def main() -> int:
                 raise SystemExit(f"verification failed: {out.stdout}{out.stderr}")
             subprocess.run(["qemu-img", "check", "-q", str(top)], check=True)
             stream = Row("stream -> overlay", "MB/s", "curl -o", "qed stream", goal=">= 0.8")
-            cold = Row(
-                "cold 4 KiB read", "ms", "curl -r 64K", "overlay", higher_is_better=False
-            )
+            cold = Row("cold 4 KiB read", "ms", "curl -r 64K", "overlay", higher_is_better=False)
             cold_cor = Row(
                 "  with copy-on-read", "ms", "curl -r 64K", "overlay -C", higher_is_better=False
             )

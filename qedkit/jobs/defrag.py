@@ -552,37 +552,37 @@ async def _plan(img: QedImage, kind: LayoutKind, zero_detect: bool) -> _Planned:
     return _Planned(target, dropped, zeroed)
 
 
-# Zero detection reads host-contiguous data in pieces of at most this many bytes.
-ZERO_SCAN_BYTES = 4 * 1024 * 1024
+# Zero detection probes the first bytes of every data cluster; only a cluster whose
+# probe reads zeros is read whole. Data rarely begins with 4 KiB of zeros, so this reads
+# about 1/16 of the data of 64 KiB clusters (a full read of a 2 GiB image made the
+# offline defrag 40% slower, measured).
+ZERO_PROBE_BYTES = 4096
+# The table walk yields to the event loop after this many probes (online jobs).
+ZERO_PROBES_PER_YIELD = 256
 
 
 async def _zero_clusters(img: QedImage, l1_index: int, table: array[int]) -> list[tuple[int, int]]:
     """(guest cluster, host offset) of the data clusters of one L2 table that read
-    as zeros, found by reading them (host-contiguous runs at once)."""
+    as zeros: a probe of each cluster's first bytes, then the whole cluster for the
+    ones whose probe is zero."""
     cs = img.geo.cluster_size
-    per_read = max(1, ZERO_SCAN_BYTES // cs)
-    zero = bytes(ZERO_SCAN_BYTES if per_read > 1 else cs)
+    probe = min(cs, ZERO_PROBE_BYTES)
+    zero_probe, zero = bytes(probe), bytes(cs)
     base = l1_index * img.geo.l2_entries
     out: list[tuple[int, int]] = []
-    n, i = len(table), 0
-    while i < n:
-        entry = table[i]
+    probes = 0
+    pread = getattr(img.store, "pread_now", None)  # a local file: no coroutine per probe
+    for index, entry in enumerate(table):
         if entry <= 1:
-            i += 1
             continue
-        j = i + 1
-        while j < n and j - i < per_read and table[j] == entry + (j - i) * cs:
-            j += 1
-        data = await img.store.read(entry, (j - i) * cs)
-        if data == zero[: len(data)] and len(data) == (j - i) * cs:
-            out += [(base + k, entry + (k - i) * cs) for k in range(i, j)]
-        elif j - i > 1:
-            for k in range(i, j):
-                piece = data[(k - i) * cs : (k - i + 1) * cs]
-                if len(piece) == cs and piece == zero[:cs]:
-                    out.append((base + k, entry + (k - i) * cs))
-        i = j
-        await asyncio.sleep(0)
+        probes += 1
+        if probes % ZERO_PROBES_PER_YIELD == 0:
+            await asyncio.sleep(0)
+        head = pread(entry, probe) if pread is not None else await img.store.read(entry, probe)
+        if head != zero_probe:
+            continue
+        if probe == cs or await img.store.read(entry, cs) == zero:
+            out.append((base + index, entry))
     return out
 
 

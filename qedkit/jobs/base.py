@@ -172,6 +172,12 @@ class Job:
                 raise JobCancelled
         await asyncio.sleep(0)  # let guest I/O in between steps
 
+    @property
+    def stopping(self) -> bool:
+        """A pause or a cancel was asked for: the next ``checkpoint`` waits or raises
+        (a job holding something others wait for releases it first)."""
+        return self._cancel or not self._resume.is_set()
+
     async def rest(self, seconds: float) -> None:
         """Wait ``seconds`` (a rate limit's pause) unless the job is cancelled first:
         a cancel (job-cancel, or the server stopping) must not wait out the pause.

@@ -17,16 +17,19 @@ allocate). An HTTP base has no map: all of it is data, and its all-zero clusters
 become zero clusters as they are copied.
 
 *Copy.* The plan is walked in steps of ``chunk`` bytes (2 MiB by default), four in
-flight (the next ones are read and written while the oldest flushes). Each step is
-``QedImage.copy_up``: read from the backing image with no lock held; then, under the
-allocation lock, the clusters still unallocated get new clusters holding the data
-(all-zero ones become zero clusters) and writes to exactly those clusters stall;
-the data is flushed with the lock released; under the lock again the L2 entries are
-written and the stall ends. Guest I/O goes on meanwhile: reads and in-place writes
-never wait, a write that reaches a cluster of the step first wins (the step skips
-every cluster that is no longer unallocated when it holds the lock), and a write to
-a cluster whose copy is being flushed waits for that flush only. No write ever waits
-for the network.
+flight. Each step is ``QedImage.copy_up``: read from the backing image with no lock
+held; then, under the allocation lock, the clusters still unallocated get new
+clusters holding the data (all-zero ones become zero clusters) and writes to exactly
+those clusters stall. The steps' entries wait in a ``FillGroup``: every
+COMMIT_BYTES (or COMMIT_SECONDS, or before a pause) one flush makes the data of all
+of them durable, then their L2 entries are written and the stalls end
+(``commit_fills``). A flush per 2 MiB step cost more than the copy (2 GiB from
+nginx: 303 MB/s; 434 MB/s with groups; 679 MB/s without any flush, which is not
+crash-safe). Guest I/O goes on meanwhile: reads and in-place writes never wait, a
+write that reaches a cluster of a step first wins (the step skips every cluster that
+is no longer unallocated when it holds the lock), and a write to a cluster of a
+pending step waits for that group's commit only (at most COMMIT_SECONDS). No write
+ever waits for the network.
 
 *Drop.* When a fresh plan finds nothing left (the guest can never make a cluster
 unallocated again, so nothing can reappear), ``QedImage.drop_backing_file`` flushes,
@@ -59,7 +62,7 @@ from typing import Any
 
 from ..engine.base import BlockImage, ExtentKind
 from ..engine.mapping import map_chain
-from ..engine.qed import Filled, QedImage
+from ..engine.qed import Filled, FillGroup, QedImage
 from ..errors import InvalidRequestError, JobError, ReadOnlyError
 from ..format.sizes import parse_size
 from .base import Argument, Job
@@ -72,6 +75,10 @@ from .base import Argument, Job
 # 0.71x, 4 of 2 MiB 0.75x (0.69x in another run, against 0.47x for 2 of 4 MiB).
 DEFAULT_CHUNK = 2 * 1024 * 1024
 PIPELINE = 4
+# A group of steps shares one flush: at most this many bytes, or this many seconds
+# since its first step (a guest write to a cluster of a pending step waits that long).
+COMMIT_BYTES = 128 * 1024 * 1024
+COMMIT_SECONDS = 0.5
 # Passes over fresh plans before giving up: the second finds nothing unless the
 # backing chain changed its map under us.
 MAX_PASSES = 3
@@ -153,6 +160,9 @@ class Streamer:
     chunk: int = DEFAULT_CHUNK
     rate: int = 0  # bytes read per second at most; 0: no limit
     stats: StreamStats = field(default_factory=StreamStats)
+    # Asked before every checkpoint: a pause or a cancel is coming (the job's), so
+    # pending fills are committed first and no write stall outlives the step.
+    pausing: Callable[[], bool] = lambda: False
     _active_since: float = 0.0
     _paused: float = 0.0
 
@@ -194,7 +204,19 @@ class Streamer:
         self._active_since = time.monotonic()
         self._paused = 0.0
 
+        group = FillGroup()
+        group_since = 0.0
+
+        async def commit(force: bool = False) -> None:
+            if group and (
+                force
+                or group.bytes >= COMMIT_BYTES
+                or time.monotonic() - group_since >= COMMIT_SECONDS
+            ):
+                stats.add(await img.commit_fills(group))
+
         async def check() -> None:
+            await commit(force=self.pausing())
             if checkpoint is not None:
                 t = time.monotonic()
                 await checkpoint(stats.bytes_done, stats.bytes_total)
@@ -206,7 +228,11 @@ class Streamer:
         turn = 0
 
         async def oldest() -> None:
+            nonlocal group_since
+            had = bool(group)
             stats.add(await steps.popleft())
+            if group and not had:
+                group_since = time.monotonic()
 
         try:
             while img.backing is not None:
@@ -227,7 +253,7 @@ class Streamer:
                         n = min(self.chunk, b - pos)
                         if len(steps) == PIPELINE:
                             await oldest()  # its buffer is the one to use next
-                        steps.append(asyncio.ensure_future(img.copy_up(pos, n, views[turn])))
+                        steps.append(asyncio.ensure_future(img.copy_up(pos, n, views[turn], group)))
                         turn = (turn + 1) % PIPELINE
                         stats.bytes_read += n
                         stats.bytes_done += n
@@ -235,6 +261,7 @@ class Streamer:
                         await self._throttle(check)
                 while steps:
                     await oldest()
+                await commit(force=True)
             await check()
             if img.backing is not None:
                 await img.drop_backing_file()
@@ -245,6 +272,7 @@ class Streamer:
             while steps:
                 with contextlib.suppress(Exception):
                     await oldest()
+            await commit(force=True)  # what was copied stays copied; the stalls end
             stats.seconds = self.active_seconds()
             for view, buf in zip(views, bufs, strict=True):
                 view.release()
@@ -314,7 +342,12 @@ class StreamJob(Job):
             raise JobError(f"{image.filename}: only QED images have a backing file to stream")
         if image.readonly:
             raise JobError(f"{image.filename}: the export is read-only")
-        self.streamer = Streamer(image, chunk=self.options["chunk"], rate=self.options["rate"])
+        self.streamer = Streamer(
+            image,
+            chunk=self.options["chunk"],
+            rate=self.options["rate"],
+            pausing=lambda: self.stopping,
+        )
         stats = await self.streamer.run(checkpoint=self.checkpoint)
         return stats.as_dict()
 

@@ -318,3 +318,44 @@ def test_a_cancelled_job_leaves_the_link_and_a_consistent_image() -> None:
         await img.close()
 
     run(go())
+
+
+def test_steps_share_a_flush_and_no_stall_outlives_a_pause() -> None:
+    """The steps' entries wait in a group for one flush (not one per step); when a
+    pause is coming, the group is committed first, so that no guest write to a copied
+    cluster waits for the pause to end."""
+    base = base_bytes(2 * MiB)
+
+    async def go() -> None:
+        img = await overlay(base, 2 * MiB, cor=False)
+        flushes = 0
+        real_flush = img.store.flush
+
+        async def counting_flush() -> None:
+            nonlocal flushes
+            flushes += 1
+            await real_flush()
+
+        img.store.flush = counting_flush  # type: ignore[method-assign]
+        steps = 2 * MiB // (2 * CS)
+        stats = await Streamer(img, chunk=2 * CS).run()
+        assert stats.done
+        assert flushes <= 4, f"{flushes} flushes for {steps} steps"  # group, drop
+
+        img2 = await overlay(base, 2 * MiB, cor=False)
+        pausing = False
+        seen: list[list[int]] = []
+
+        async def checkpoint(done: int, total: int) -> None:
+            nonlocal pausing
+            if pausing:
+                seen.append(img2.stalled_clusters)  # what a paused job would hold
+            pausing = done >= total // 2
+
+        await Streamer(img2, chunk=2 * CS, pausing=lambda: pausing).run(checkpoint)
+        assert seen and all(s == [] for s in seen), seen[:3]
+        await expect_standalone(img2, base)
+        await img.close()
+        await img2.close()
+
+    run(go())

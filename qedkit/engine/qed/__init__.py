@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .alloc import FREE, META, Allocator, ClusterMap, LayoutKind, TargetLayout
 from .image import QedImage
-from .io import Filled, fill_zero, is_zero
+from .io import Filled, FillGroup, fill_zero, is_zero
 from .move import CompactStats, Move, Mover, Planned
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "Allocator",
     "ClusterMap",
     "CompactStats",
+    "FillGroup",
     "Filled",
     "LayoutKind",
     "Move",

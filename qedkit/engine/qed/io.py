@@ -103,6 +103,30 @@ class _NewClusters:
         return Filled(self.data, self.zero, self.skipped)
 
 
+@dataclass(slots=True)
+class _PendingLink:
+    """A fill whose data is written but not yet linked (``FillGroup``)."""
+
+    l1_index: int
+    new: _NewClusters
+    release: Callable[[], None]  # ends the write stall on its clusters
+    source: BlockImage  # the backing image it was read from
+
+
+@dataclass
+class FillGroup:
+    """Fills whose data is written, waiting for one shared flush before their L2
+    entries are written (``QedImage.commit_fills``). The stream job groups its steps
+    so that 2 GiB cost a few flushes instead of one per step; writes to the clusters
+    of a pending fill wait until the group is committed, so commit before pausing."""
+
+    pending: list[_PendingLink] = field(default_factory=list)
+    bytes: int = 0
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+
 @dataclass(frozen=True, slots=True)
 class Filled:
     """What a copy-on-read fill did, in clusters: written with data, made zero
@@ -299,7 +323,11 @@ class QedIO(QedLookup):
         await self._fill(first, view, backing)
 
     async def copy_up(
-        self, offset: int, length: int, buf: memoryview | bytearray | None = None
+        self,
+        offset: int,
+        length: int,
+        buf: memoryview | bytearray | None = None,
+        group: FillGroup | None = None,
     ) -> Filled:
         """Copy ``[offset, offset + length)`` from the backing chain into this image
         (the stream job's step; copy-on-read does the same for what a guest reads).
@@ -310,7 +338,8 @@ class QedIO(QedLookup):
         of the range that are still unallocated are written into this image (all-zero
         ones become zero clusters), and the others are left alone: see the module
         docstring for why a guest write racing the copy wins. Without a backing image
-        nothing is read or written.
+        nothing is read or written. With ``group``, the data is written and the
+        entries wait in the group for ``commit_fills`` (one flush for many steps).
 
         Failure guarantee: a failed read of the backing image writes nothing; a
         failed write leaves every cluster either unallocated or complete (clusters
@@ -333,9 +362,37 @@ class QedIO(QedLookup):
         if len(view) < length:
             raise InvalidRequestError(f"copy_up buffer of {len(view)} bytes < {length}")
         await self._read_backing(offset, view)
-        return await self._fill(offset, view, backing)
+        return await self._fill(offset, view, backing, group)
 
-    async def _fill(self, offset: int, data: memoryview, source: BlockImage) -> Filled:
+    async def commit_fills(self, group: FillGroup) -> Filled:
+        """Make the pending fills of ``group`` durable: one flush (their data), then
+        their L2 entries, then their write stalls end. Returns the clusters that were
+        skipped after all (the backing image changed meanwhile: they leak, space,
+        never data). The group is empty afterwards, also when this fails."""
+        pending, group.pending, group.bytes = group.pending, [], 0
+        if not pending:
+            return Filled()
+        skipped = 0
+        try:
+            await self.store.flush()  # the data before the entries
+            async with self._alloc_lock:
+                for p in pending:
+                    if self.backing is p.source:
+                        await self._link_clusters(p.l1_index, p.new, flushed=True)
+                    else:
+                        skipped += len(p.new.updates)
+        finally:
+            for p in pending:
+                p.release()
+        return Filled(-skipped, 0, skipped) if skipped else Filled()
+
+    async def _fill(
+        self,
+        offset: int,
+        data: memoryview,
+        source: BlockImage,
+        group: FillGroup | None = None,
+    ) -> Filled:
         """Commit a fill read from ``source``, piece by piece (one L2 span): under the
         allocation lock, the clusters still unallocated get new clusters holding the
         data, and writes to them stall; the data is flushed with the lock released
@@ -367,7 +424,10 @@ class QedIO(QedLookup):
                     elif new.updates:  # zero clusters only: nothing to flush first
                         await self._link_clusters(l1_index, new)
                 break
-            if release is not None:
+            if release is not None and group is not None:
+                group.pending.append(_PendingLink(l1_index, new, release, source))
+                group.bytes += piece_end - pos
+            elif release is not None:
                 try:
                     await self.store.flush()  # the data before the entries
                     async with self._alloc_lock:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidRequestError, ReadOnlyError
 from ..store.base import Buffer, ByteStore
+from .names import full_backing_filename
 
 
 class ExtentKind(enum.Enum):
@@ -166,6 +167,32 @@ class BlockImage(ABC):
     def _check_writable(self) -> None:
         if self.readonly:
             raise ReadOnlyError("image is open read-only", filename=self.filename)
+
+    async def _info(
+        self,
+        *,
+        backing_filename: str | None = None,
+        backing_format: str | None = None,
+        dirty: bool = False,
+        format_specific: tuple[tuple[str, object], ...] = (),
+        snapshots: tuple[SnapshotInfo, ...] = (),
+    ) -> ImageInfo:
+        """``info()`` from what every driver knows (file, format, sizes, cluster size)
+        and what the driver says: the backing name (resolved here) and the rest."""
+        name = backing_filename
+        return ImageInfo(
+            filename=self.filename,
+            format=self.format_name,
+            virtual_size=self.size,
+            actual_size=await self.store.allocated_bytes(),
+            cluster_size=self.cluster_size,
+            backing_filename=name,
+            full_backing_filename=full_backing_filename(self.filename, name) if name else None,
+            backing_format=backing_format if name else None,
+            dirty=dirty,
+            format_specific=format_specific,
+            snapshots=snapshots,
+        )
 
     def chain(self) -> list[BlockImage]:
         """This image and its backing images, top first."""

@@ -52,7 +52,6 @@ from ..format.qcow2 import CompressedDescriptor, Metadata, Run, SubclusterType
 from ..store.base import Buffer, ByteStore
 from .base import BlockImage, Extent, ExtentKind, ImageInfo, SnapshotInfo
 from .l2cache import DEFAULT_BUDGET, L2Cache, StaleLoad
-from .names import full_backing_filename
 
 # The first read of a probe: the whole header and, usually, its extensions and the
 # backing name; cluster 0 is read whole only when it is larger and they are past it.
@@ -583,16 +582,9 @@ class Qcow2Image(BlockImage):
         return tuple(pairs)
 
     async def info(self) -> ImageInfo:
-        name = self.backing_filename
-        return ImageInfo(
-            filename=self.filename,
-            format="qcow2",
-            virtual_size=self.size,
-            actual_size=await self.store.allocated_bytes(),
-            cluster_size=self.geo.cluster_size,
-            backing_filename=name,
-            full_backing_filename=full_backing_filename(self.filename, name) if name else None,
-            backing_format=self.meta.backing_format if name else None,
+        return await self._info(
+            backing_filename=self.backing_filename,
+            backing_format=self.meta.backing_format,
             dirty=self.header.dirty,
             format_specific=await self.format_specific(),
             snapshots=tuple(

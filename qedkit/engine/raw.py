@@ -96,12 +96,7 @@ class RawImage(BlockImage):
         self._size = new_size
 
     async def info(self) -> ImageInfo:
-        return ImageInfo(
-            filename=self.filename,
-            format="raw",
-            virtual_size=self.size,
-            actual_size=await self.store.allocated_bytes(),
-        )
+        return await self._info()
 
     async def close(self) -> None:
         try:

@@ -51,7 +51,6 @@ from ...format.tables import unpack_table
 from ...store.base import ByteStore
 from ..base import BlockImage, Extent, ImageInfo
 from ..l2cache import DEFAULT_BUDGET, L2Cache
-from ..names import full_backing_filename
 from .alloc import Allocator, ClusterMap
 from .io import QedIO
 from .tables import Tables
@@ -589,18 +588,10 @@ class QedImage(QedIO):
         return self.store, backing
 
     async def info(self) -> ImageInfo:
-        name = self.backing_filename
-        return ImageInfo(
-            filename=self.filename,
-            format="qed",
-            virtual_size=self.size,
-            actual_size=await self.store.allocated_bytes(),
-            cluster_size=self.geo.cluster_size,
-            backing_filename=name,
-            full_backing_filename=full_backing_filename(self.filename, name) if name else None,
-            backing_format="raw"
-            if name and self.header.has(Feature.BACKING_FORMAT_NO_PROBE)
-            else None,
+        no_probe = self.header.has(Feature.BACKING_FORMAT_NO_PROBE)
+        return await self._info(
+            backing_filename=self.backing_filename,
+            backing_format="raw" if no_probe else None,
             dirty=self.header.needs_check,
         )
 

@@ -41,7 +41,7 @@ import os
 import tarfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import QedError, StoreError
@@ -124,6 +124,39 @@ class LostFoundTar(LostFound):
         orphans: Sequence[Orphan],
         read: Reader,
     ) -> SavedRun:
+        with self._appending() as tar:
+            now = self.clock()
+            run = _new_run_name(tar, now)
+            entries = []
+            total = 0
+            for orphan in orphans:
+                data = await read(orphan.offset, orphan.length)
+                member = f"{run}/cluster-{orphan.offset:#010x}.bin"
+                _add(tar, member, data, now)
+                entries.append(
+                    {
+                        "member": member,
+                        "offset": orphan.offset,
+                        "size": len(data),
+                        "why": orphan.why,
+                    }
+                )
+                total += len(data)
+            index = {
+                "image": image,
+                "run": run,
+                "cluster-size": cluster_size,
+                "found": list(found),
+                "clusters": entries,
+            }
+            _add(tar, f"{run}/index.json", json.dumps(index, indent=2).encode() + b"\n", now)
+            return SavedRun(self.filename, run, len(entries), total)
+
+    @contextlib.contextmanager
+    def _appending(self) -> Iterator[tarfile.TarFile]:
+        """The archive, opened (created when missing) for one run to be appended;
+        closed and made durable when the block ends, put back as it was (``_undo``)
+        when it raises."""
         path = self.filename
         created = False
         try:
@@ -149,53 +182,16 @@ class LostFoundTar(LostFound):
                 ) from exc
             start = tar.offset
             try:
-                saved = await self._append(tar, image, cluster_size, found, orphans, read)
+                yield tar
                 tar.close()
                 os.fsync(fd)
                 if created:
                     _fsync_directory(path)
-                return saved
             except BaseException as exc:
                 self._undo(fd, created, start, old_size)
                 if isinstance(exc, OSError | QedError):
                     raise self._error("cannot save leaked clusters", exc) from exc
                 raise
-
-    async def _append(
-        self,
-        tar: tarfile.TarFile,
-        image: str,
-        cluster_size: int,
-        found: Sequence[str],
-        orphans: Sequence[Orphan],
-        read: Reader,
-    ) -> SavedRun:
-        now = self.clock()
-        base = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-        taken = {name.split("/", 1)[0] for name in tar.getnames()}
-        run, n = base, 1
-        while run in taken:
-            n += 1
-            run = f"{base}-{n}"
-        entries = []
-        total = 0
-        for orphan in orphans:
-            data = await read(orphan.offset, orphan.length)
-            member = f"{run}/cluster-{orphan.offset:#010x}.bin"
-            _add(tar, member, data, now)
-            entries.append(
-                {"member": member, "offset": orphan.offset, "size": len(data), "why": orphan.why}
-            )
-            total += len(data)
-        index = {
-            "image": image,
-            "run": run,
-            "cluster-size": cluster_size,
-            "found": list(found),
-            "clusters": entries,
-        }
-        _add(tar, f"{run}/index.json", json.dumps(index, indent=2).encode() + b"\n", now)
-        return SavedRun(self.filename, run, len(entries), total)
 
     def _undo(self, fd: int, created: bool, start: int, old: int) -> None:
         """Put the archive back as it was: a new one removed; an old one cut back to
@@ -211,6 +207,17 @@ class LostFoundTar(LostFound):
             os.fsync(fd)
         except OSError:
             pass  # the saved error is the one to report
+
+
+def _new_run_name(tar: tarfile.TarFile, now: float) -> str:
+    """The run's directory: the UTC time, with ``-2``, ``-3`` ... if the archive has it."""
+    base = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    taken = {name.split("/", 1)[0] for name in tar.getnames()}
+    run, n = base, 1
+    while run in taken:
+        n += 1
+        run = f"{base}-{n}"
+    return run
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:

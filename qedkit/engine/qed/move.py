@@ -32,11 +32,12 @@ below it, then ``truncate`` cuts the file.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ...errors import JobError
+from ...format.tables import L2_ZERO_CLUSTER
 from .alloc import FREE, META
 
 if TYPE_CHECKING:
@@ -100,8 +101,7 @@ class Mover:
         moves: list[Move] = []
         async with img.allocations_paused():
             for p in plan:
-                table = await img.get_l2(p.guest // geo.l2_entries)
-                if table is None or table[p.guest % geo.l2_entries] != p.src:
+                if await self._entry(p.guest) != p.src:
                     continue  # changed meanwhile
                 dst = p.dst
                 if dst is None:
@@ -115,15 +115,7 @@ class Mover:
             for m in moves:
                 await img.store.copy_range(m.src, m.dst, size)
             await img.store.flush()
-            by_table: dict[int, dict[int, int]] = {}
-            for m in moves:
-                l1_index, index = divmod(m.guest, geo.l2_entries)
-                by_table.setdefault(l1_index, {})[index] = m.dst
-            async with img.allocations_paused():
-                for l1_index, updates in by_table.items():
-                    table = await img.get_l2(l1_index)
-                    assert table is not None
-                    await img.tables.write_entries(l1_index, table, updates)
+            await self._repoint((m.guest, m.dst) for m in moves)
             await img.store.flush()
         except BaseException:
             alloc.forget_map()  # rebuilt by a scan on next use: the safe answer
@@ -138,18 +130,12 @@ class Mover:
         """Move the L2 table of ``l1_index`` to ``dst`` (default: the first free
         slots at or after ``spill``); returns where it went."""
         img = self.img
-        alloc = img.alloc
         ts = img.geo.table_size
         async with img.allocations_paused():
             if dst is None:
-                dst = alloc.free_run(self.spill, ts)
-            alloc.claim(dst, ts, META)
-            try:
-                old = await img.tables.relocate(l1_index, dst)
-            except BaseException:
-                alloc.forget_map()
-                raise
-        alloc.release(old, ts)
+                dst = img.alloc.free_run(self.spill, ts)
+            old = await self._relocate(dst, lambda at: img.tables.relocate(l1_index, at))
+        img.alloc.release(old, ts)
         return dst
 
     async def move_l1(self, dst: int | None = None) -> int:
@@ -160,21 +146,27 @@ class Mover:
         are paused throughout (an L1 update must not land in the copy being
         abandoned). Returns where it went."""
         img = self.img
-        alloc = img.alloc
         ts = img.geo.table_size
         async with img.allocations_paused():
             if dst is None:
-                dst = alloc.free_run(img.geo.header_bytes, ts)
+                dst = img.alloc.free_run(img.geo.header_bytes, ts)
             if dst == img.tables.l1_table_offset:
                 return dst
-            alloc.claim(dst, ts, META)
-            try:
-                old = await img.relocate_l1(dst)
-            except BaseException:
-                alloc.forget_map()
-                raise
-        alloc.release(old, ts)
+            old = await self._relocate(dst, img.relocate_l1)
+        img.alloc.release(old, ts)
         return dst
+
+    async def _relocate(self, dst: int, relocate: Callable[[int], Awaitable[int]]) -> int:
+        """Claim ``table_size`` clusters at ``dst`` and ``relocate(dst)`` a table there
+        (allocations paused by the caller); returns where the table was, for the caller
+        to release once allocations go on. On failure the cluster map is dropped."""
+        alloc = self.img.alloc
+        alloc.claim(dst, self.img.geo.table_size, META)
+        try:
+            return await relocate(dst)
+        except BaseException:
+            alloc.forget_map()
+            raise
 
     async def zero_data(self, candidates: Sequence[tuple[int, int]]) -> int:
         """Turn data clusters that hold only zeros into zero clusters (entry 1, as
@@ -186,14 +178,11 @@ class Mover:
         if not candidates:
             return 0
         img = self.img
-        geo = img.geo
-        size = geo.cluster_size
+        size = img.geo.cluster_size
         async with img.allocations_paused():
-            still: list[tuple[int, int]] = []
-            for guest, host in candidates:
-                table = await img.get_l2(guest // geo.l2_entries)
-                if table is not None and table[guest % geo.l2_entries] == host:
-                    still.append((guest, host))
+            still = [
+                (guest, host) for guest, host in candidates if await self._entry(guest) == host
+            ]
             release = await img.stall_writes([g for g, _ in still])
         zero = bytes(size)
         turned: list[tuple[int, int]] = []
@@ -201,15 +190,7 @@ class Mover:
             for guest, host in still:
                 if await img.store.read(host, size) == zero:
                     turned.append((guest, host))
-            by_table: dict[int, dict[int, int]] = {}
-            for guest, _ in turned:
-                l1_index, index = divmod(guest, geo.l2_entries)
-                by_table.setdefault(l1_index, {})[index] = 1
-            async with img.allocations_paused():
-                for l1_index, updates in by_table.items():
-                    table = await img.get_l2(l1_index)
-                    assert table is not None
-                    await img.tables.write_entries(l1_index, table, updates)
+            await self._repoint((guest, L2_ZERO_CLUSTER) for guest, _ in turned)
             await img.store.flush()
         except BaseException:
             img.alloc.forget_map()
@@ -219,6 +200,27 @@ class Mover:
         for _, host in turned:
             img.alloc.release(host)
         return len(turned)
+
+    async def _entry(self, guest: int) -> int | None:
+        """The L2 entry of guest cluster ``guest`` now; None when it has no L2 table."""
+        img = self.img
+        l1_index, index = divmod(guest, img.geo.l2_entries)
+        table = await img.get_l2(l1_index)
+        return None if table is None else table[index]
+
+    async def _repoint(self, entries: Iterable[tuple[int, int]]) -> None:
+        """Write ``(guest cluster, entry)`` pairs into their L2 tables (which exist),
+        one write per table, with allocations paused."""
+        img = self.img
+        by_table: dict[int, dict[int, int]] = {}
+        for guest, entry in entries:
+            l1_index, index = divmod(guest, img.geo.l2_entries)
+            by_table.setdefault(l1_index, {})[index] = entry
+        async with img.allocations_paused():
+            for l1_index, updates in by_table.items():
+                table = await img.get_l2(l1_index)
+                assert table is not None
+                await img.tables.write_entries(l1_index, table, updates)
 
     async def drop_table(self, l1_index: int) -> None:
         """Unlink an L2 table that maps nothing (every entry 0) and free its clusters."""

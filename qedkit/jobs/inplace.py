@@ -74,7 +74,7 @@ import enum
 import time
 from array import array
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..engine.chain import open_qed
 from ..engine.qcow2 import Qcow2Image
@@ -360,6 +360,50 @@ class InPlaceConverter:
         CorruptImageError (an entry it cannot honour), InvalidRequestError."""
         src = self.src
         h = src.header
+        geo, snapshots, bitmaps = self._check_header()
+        file_size = await src.store.size()
+        allocated = await src.store.allocated_bytes()
+        walker = _Walker(src, geo, file_size)
+        spans = walker.spans()
+        total = len(spans)
+        kept: list[int] = []
+        reused_guest: dict[int, bytearray] = {}
+        for done, s in enumerate(spans):
+            span = await walker.span(s)
+            if any(span.table) or span.copies:
+                kept.append(s)
+                walker.stats.l2_tables += 1
+            if span.reused is not None:
+                reused_guest[s] = span.reused
+            await checkpoint(done + 1, total)
+        walker.count_unallocated()
+        backing = src.backing
+        self._plan = ConversionPlan(
+            filename=self.filename,
+            qcow2_version=h.version,
+            qcow2_cluster_size=h.cluster_size,
+            geometry=geo,
+            image_size=h.size,
+            file_size=file_size,
+            allocated_bytes=allocated,
+            append_at=walker.append_at(),
+            spans=tuple(kept),
+            stats=walker.stats,
+            backing_filename=src.backing_filename,
+            backing_raw=backing is not None and backing.format_name == "raw",
+            snapshots_discarded=snapshots,
+            bitmaps_discarded=bitmaps,
+            reused_guest=reused_guest,
+            overlaps=await walker.overlaps(),
+        )
+        return self._plan
+
+    def _check_header(self) -> tuple[QedGeometry, int, int]:
+        """Refuse, in this order, what the header says cannot be converted (the
+        module docstring's list); returns the QED geometry and the numbers of
+        snapshots and bitmaps the conversion drops."""
+        src = self.src
+        h = src.header
         name = self.filename
         if h.dirty:
             raise UnsupportedFeatureError(
@@ -413,42 +457,7 @@ class InPlaceConverter:
                     field="backing_file_offset",
                     offset=q.FIELD_OFFSETS["backing_file_offset"],
                 )
-        file_size = await src.store.size()
-        allocated = await src.store.allocated_bytes()
-        walker = _Walker(src, geo, file_size)
-        spans = walker.spans()
-        total = len(spans)
-        kept: list[int] = []
-        reused_guest: dict[int, bytearray] = {}
-        for done, s in enumerate(spans):
-            span = await walker.span(s)
-            if any(span.table) or span.copies:
-                kept.append(s)
-                walker.stats.l2_tables += 1
-            if span.reused is not None:
-                reused_guest[s] = span.reused
-            await checkpoint(done + 1, total)
-        walker.count_unallocated()
-        backing = src.backing
-        self._plan = ConversionPlan(
-            filename=name,
-            qcow2_version=h.version,
-            qcow2_cluster_size=h.cluster_size,
-            geometry=geo,
-            image_size=h.size,
-            file_size=file_size,
-            allocated_bytes=allocated,
-            append_at=walker.append_at(),
-            spans=tuple(kept),
-            stats=walker.stats,
-            backing_filename=backing_name,
-            backing_raw=backing is not None and backing.format_name == "raw",
-            snapshots_discarded=snapshots,
-            bitmaps_discarded=bitmaps,
-            reused_guest=reused_guest,
-            overlaps=await walker.overlaps(),
-        )
-        return self._plan
+        return geo, snapshots, bitmaps
 
     @property
     def planned(self) -> ConversionPlan:
@@ -624,15 +633,8 @@ class InPlaceConverter:
         plan = self._plan or await self.plan(checkpoint)
         await self.write_tables(checkpoint)
         img = await self.switch()
-        stats = await reclaim(img, self.reclaim_mode, checkpoint)
-        return ConversionReport(
-            plan=plan,
-            reclaim=stats,
-            bytes_written=self.bytes_written,
-            bytes_moved=moved_bytes(img, stats),
-            file_size_after=await img.store.size(),
-            allocated_after=await img.store.allocated_bytes(),
-            seconds=time.monotonic() - started,
+        return await reclaim_and_report(
+            img, self.reclaim_mode, checkpoint, plan, self.bytes_written, started
         )
 
     async def close(self) -> None:
@@ -643,9 +645,28 @@ class InPlaceConverter:
             await self.src.close()
 
 
-def moved_bytes(img: QedImage, stats: ReclaimStats) -> int:
+async def reclaim_and_report(
+    img: QedImage,
+    mode: Reclaim,
+    checkpoint: Checkpoint,
+    plan: ConversionPlan | None,
+    bytes_written: int,
+    started: float,
+) -> ConversionReport:
+    """The last step of every conversion: ``reclaim``, then the report of a conversion
+    that began at ``started`` (time.monotonic) and wrote ``bytes_written`` bytes before
+    its switch."""
+    stats = await reclaim(img, mode, checkpoint)
     geo = img.geo
-    return stats.clusters_moved * geo.cluster_size + stats.tables_moved * geo.table_bytes
+    return ConversionReport(
+        plan=plan,
+        reclaim=stats,
+        bytes_written=bytes_written,
+        bytes_moved=stats.clusters_moved * geo.cluster_size + stats.tables_moved * geo.table_bytes,
+        file_size_after=await img.store.size(),
+        allocated_after=await img.store.allocated_bytes(),
+        seconds=time.monotonic() - started,
+    )
 
 
 # ==========================================================================================
@@ -984,15 +1005,11 @@ async def convert_file(
         try:
             size_before = await img.store.size()
             allocated_before = await img.store.allocated_bytes()
-            stats = await reclaim(img, reclaim_mode, _phase(checkpoint, 2))
-            return ConversionReport(
-                plan=None,
-                reclaim=stats,
-                bytes_written=0,
-                bytes_moved=moved_bytes(img, stats),
-                file_size_after=await img.store.size(),
-                allocated_after=await img.store.allocated_bytes(),
-                seconds=time.monotonic() - started,
+            report = await reclaim_and_report(
+                img, reclaim_mode, _phase(checkpoint, 2), None, 0, started
+            )
+            return replace(
+                report,
                 resumed=True,
                 file_size_before=size_before,
                 allocated_before=allocated_before,
@@ -1010,15 +1027,8 @@ async def convert_file(
         plan = await converter.plan(_phase(checkpoint, 0))
         await converter.write_tables(_phase(checkpoint, 1))
         qed = await converter.switch()
-        stats = await reclaim(qed, reclaim_mode, _phase(checkpoint, 2))
-        return ConversionReport(
-            plan=plan,
-            reclaim=stats,
-            bytes_written=converter.bytes_written,
-            bytes_moved=moved_bytes(qed, stats),
-            file_size_after=await qed.store.size(),
-            allocated_after=await qed.store.allocated_bytes(),
-            seconds=time.monotonic() - started,
+        return await reclaim_and_report(
+            qed, reclaim_mode, _phase(checkpoint, 2), plan, converter.bytes_written, started
         )
     finally:
         await converter.close()

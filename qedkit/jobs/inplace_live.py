@@ -64,9 +64,8 @@ from .inplace import (
     ConversionReport,
     InPlaceConverter,
     Reclaim,
-    moved_bytes,
     no_checkpoint,
-    reclaim,
+    reclaim_and_report,
 )
 
 
@@ -229,28 +228,29 @@ class LiveConversion(BlockImage):
             else:
                 await self.store.write(run.host_offset, data[run.start - offset : run.end - offset])
 
-    async def write(self, offset: int, data: Buffer) -> None:
-        view = memoryview(data).cast("B")
-        self._check_range(offset, len(view))
-        if self.qed is None and self._in_place(offset, len(view)) and self._enter():
-            self.in_place_writes += 1
-            try:
-                await self._through(offset, len(view), view)
-            finally:
-                self._leave()
-            return
-        await (await self._target()).write(offset, view)
-
-    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
-        self._check_range(offset, length)
+    async def _wrote_in_place(self, offset: int, length: int, data: memoryview | None) -> bool:
+        """Before the switch, write (or zero) a range of reused clusters in place (see
+        ``_through``); False (nothing done) when the range is not all reused or the
+        image is switching: the request goes to the QED image."""
         if self.qed is None and self._in_place(offset, length) and self._enter():
             self.in_place_writes += 1
             try:
-                await self._through(offset, length, None)
+                await self._through(offset, length, data)
             finally:
                 self._leave()
-            return
-        await (await self._target()).write_zeroes(offset, length, unmap=unmap)
+            return True
+        return False
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view))
+        if not await self._wrote_in_place(offset, len(view), view):
+            await (await self._target()).write(offset, view)
+
+    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        self._check_range(offset, length)
+        if not await self._wrote_in_place(offset, length, None):
+            await (await self._target()).write_zeroes(offset, length, unmap=unmap)
 
     async def discard(self, offset: int, length: int) -> None:
         self._check_range(offset, length)
@@ -343,15 +343,8 @@ class LiveConversion(BlockImage):
                 callback(qed)
         finally:
             self._converting = False
-        stats = await reclaim(qed, mode, checkpoint)
-        return ConversionReport(
-            plan=self.plan,
-            reclaim=stats,
-            bytes_written=conv.bytes_written,
-            bytes_moved=moved_bytes(qed, stats),
-            file_size_after=await qed.store.size(),
-            allocated_after=await qed.store.allocated_bytes(),
-            seconds=time.monotonic() - started,
+        return await reclaim_and_report(
+            qed, mode, checkpoint, self.plan, conv.bytes_written, started
         )
 
 

@@ -64,17 +64,13 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.filename}: only QED images can be amended")
         show = args.progress and not args.quiet
         with Progress(show, "amend", unit=" steps") as progress:
-
-            async def checkpoint(done: int, total: int) -> None:
-                progress(done, total)
-
             img, _ = run_sync(
                 amend(
                     img,
                     cluster_size=cluster_size,
                     table_size=table_size,
                     backing_format=backing_format,
-                    checkpoint=checkpoint,
+                    checkpoint=progress.checkpoint,
                 )
             )
     finally:

@@ -43,11 +43,7 @@ def run(args: argparse.Namespace) -> int:
         base = run_sync(reopen_writable(top, depth))
         show = args.progress and not args.quiet
         with Progress(show) as progress:
-
-            async def checkpoint(done: int, total: int) -> None:
-                progress(done, total)
-
-            run_sync(Committer(top, base, depth).run(keep=keep, checkpoint=checkpoint))
+            run_sync(Committer(top, base, depth).run(keep=keep, checkpoint=progress.checkpoint))
     finally:
         run_sync(top.close())
     if not args.quiet:

@@ -97,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..jobs.convert import convert
-    from .progress import Progress
+    from .progress import Progress, shown
 
     if args.in_place:
         return run_in_place(args)
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--copy-on-read writes the source: it cannot be combined with -U")
     if same_file(args.source, args.target):
         raise UsageError(f"{args.target}: source and target are the same file")
-    show = args.progress or (sys.stderr.isatty() and not args.quiet)
+    show = shown(args.progress, args.quiet)
     with Progress(show) as progress:
         convert(
             args.source,
@@ -144,7 +144,7 @@ def run_in_place(args: argparse.Namespace) -> int:
     from ..engine.sync import run as run_sync
     from ..jobs.inplace import Reclaim, convert_file
     from .output import inplace_human, inplace_json
-    from .progress import Progress
+    from .progress import Progress, shown
 
     if args.target is not None:
         raise UsageError("--in-place converts SRC itself: no DST")
@@ -152,12 +152,8 @@ def run_in_place(args: argparse.Namespace) -> int:
         raise UsageError("--in-place makes a QED image; -O and -o do not apply")
     if args.format not in (None, "qcow2", "qed"):
         raise UsageError(f"--in-place converts qcow2 images, not {args.format}")
-    show = (args.progress or (sys.stderr.isatty() and not args.quiet)) and not args.dry_run
+    show = shown(args.progress, args.quiet) and not args.dry_run
     with Progress(show, "convert --in-place", unit="%") as progress:
-
-        async def checkpoint(done: int, total: int) -> None:
-            progress(done, total)
-
         result = run_sync(
             convert_file(
                 args.source,
@@ -165,7 +161,7 @@ def run_in_place(args: argparse.Namespace) -> int:
                 dry_run=args.dry_run,
                 discard_snapshots=args.discard_snapshots,
                 reclaim_mode=Reclaim(args.reclaim),
-                checkpoint=checkpoint,
+                checkpoint=progress.checkpoint,
             )
         )
     if result is None:

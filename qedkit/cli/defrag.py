@@ -5,7 +5,6 @@ first; one with corruptions is refused (repair it with ``qed check -r all``)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .common import UsageError, add_format, add_output, add_quiet
 
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.qed import LayoutKind, QedImage
     from ..engine.sync import run as run_sync
     from ..jobs.defrag import Defragmenter
-    from .progress import Progress
+    from .progress import Progress, shown
 
     img = run_sync(open_image(args.filename, fmt=args.format))
     try:
@@ -57,13 +56,9 @@ def run(args: argparse.Namespace) -> int:
             )
         layout = LayoutKind(args.layout) if args.layout else None
         defrag = run_sync(Defragmenter.create(img, layout=layout, zero_detect=args.zero_detect))
-        show = args.progress or (sys.stderr.isatty() and not args.quiet)
+        show = shown(args.progress, args.quiet)
         with Progress(show, "defrag", unit=" clusters") as progress:
-
-            async def checkpoint(done: int, total: int) -> None:
-                progress(done, total)
-
-            stats = run_sync(defrag.run(checkpoint=checkpoint))
+            stats = run_sync(defrag.run(checkpoint=progress.checkpoint))
     finally:
         run_sync(img.close())
     if args.output == "json":

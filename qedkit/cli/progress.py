@@ -1,12 +1,12 @@
 """Progress display for long operations: tqdm when it is installed, else a plain
 percentage in qemu-img's style (with ``eta=True``, followed by the time left at the
-speed so far, as tqdm shows it). Shown when stderr is a terminal or ``-p`` is given."""
+speed so far, as tqdm shows it). Shown when stderr is a terminal or ``-p`` is given
+(``shown``); commit, rebase, amend and compare show it only with ``-p``."""
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 
@@ -53,17 +53,27 @@ class Progress:
         else:
             self._bar.update(done - self._bar.n)
 
+    async def checkpoint(self, done: int, total: int) -> None:
+        """The ``checkpoint`` coroutine a job's ``run`` reports its progress to."""
+        self(done, total)
+
     def close(self) -> None:
         if self._bar:
             self._bar.close()
         elif self._bar is False:
             sys.stderr.write("\n")
 
-    def __enter__(self) -> Callable[[int, int], None]:
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def shown(progress: bool, quiet: bool) -> bool:
+    """Whether a long verb shows progress: with ``-p``, or when stderr is a terminal
+    and ``-q`` is not given."""
+    return progress or (sys.stderr.isatty() and not quiet)
 
 
 def eta(done: int, total: int, elapsed: float) -> float | None:

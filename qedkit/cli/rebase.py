@@ -57,11 +57,9 @@ def run(args: argparse.Namespace) -> int:
             raw = new.format_name == "raw"
         show = args.progress and not args.quiet
         with Progress(show) as progress:
-
-            async def checkpoint(done: int, total: int) -> None:
-                progress(done, total)
-
-            run_sync(rebase(top, new, name, raw=raw, unsafe=args.unsafe, checkpoint=checkpoint))
+            run_sync(
+                rebase(top, new, name, raw=raw, unsafe=args.unsafe, checkpoint=progress.checkpoint)
+            )
             new = None  # the overlay owns it now
     finally:
         try:

@@ -6,7 +6,6 @@ leaves a consistent image, and running it again goes on where it stopped."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .common import UsageError, add_format, add_output, add_quiet, size_type
 
@@ -42,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.sync import run as run_sync
     from ..jobs.stream import DEFAULT_CHUNK, Streamer
     from ..store.file import FileStore
-    from .progress import Progress
+    from .progress import Progress, shown
 
     img = run_sync(open_image(args.filename, fmt=args.format))
     try:
@@ -51,13 +50,9 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(img.store, FileStore):
             img.store.offload = True  # flushes on a thread: the next step goes on meanwhile
         streamer = Streamer(img, chunk=args.chunk or DEFAULT_CHUNK, rate=args.rate)
-        show = args.progress or (sys.stderr.isatty() and not args.quiet)
+        show = shown(args.progress, args.quiet)
         with Progress(show, "stream", eta=True) as progress:
-
-            async def checkpoint(done: int, total: int) -> None:
-                progress(done, total)
-
-            stats = run_sync(streamer.run(checkpoint=checkpoint))
+            stats = run_sync(streamer.run(checkpoint=progress.checkpoint))
     finally:
         run_sync(img.close())
     if args.output == "json":

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import InvalidRequestError, ReadOnlyError
+from ..errors import InvalidRequestError, QedError, ReadOnlyError
 from ..store.base import Buffer, ByteStore
 from .names import full_backing_filename
 
@@ -125,9 +126,27 @@ class BlockImage(ABC):
     async def write(self, offset: int, data: Buffer) -> None: ...
 
     def write_now(self, offset: int, data: Buffer) -> bool:
-        """Write at once if the driver can without waiting or allocating (allocated
-        clusters of a local file); False (nothing written) means use ``write``."""
+        """Write at once if the driver can without waiting (allocated clusters of a
+        local file; QED also allocates where that needs no flush and no read);
+        False (nothing written) means use ``write``. A QedError means the same (the
+        caller's ``write`` then reports it; space may have leaked)."""
         return False
+
+    async def write_batch(self, writes: Sequence[tuple[int, Buffer]]) -> list[QedError | None]:
+        """Do ``writes`` (offset, data) as ``write`` would, one after the other, and
+        say how each ended: None, or the error it raised (the others still run). A
+        driver may share work between them (QED: consecutive allocating writes
+        share one allocation and one table update). Failure guarantee: each write
+        as ``write``'s."""
+        out: list[QedError | None] = []
+        for offset, data in writes:
+            try:
+                await self.write(offset, data)
+            except QedError as exc:
+                out.append(exc)
+            else:
+                out.append(None)
+        return out
 
     @abstractmethod
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:

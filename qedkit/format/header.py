@@ -134,7 +134,9 @@ class Header:
         return geo.round_up(max(geo.header_bytes, self.l1_table_offset + geo.table_bytes))
 
     def has(self, feature: Feature) -> bool:
-        return bool(self.features & feature)
+        # int(): ``int & IntFlag`` goes through the enum's Python-level __rand__
+        # (~1 us), and allocating writes ask this several times each.
+        return (int(self.features) & int(feature)) != 0
 
     @property
     def has_backing_file(self) -> bool:
@@ -147,7 +149,7 @@ class Header:
         return self.has(Feature.NEED_CHECK)
 
     def with_features(self, set_: int = 0, clear: int = 0) -> Header:
-        return replace(self, features=(self.features | set_) & ~clear)
+        return replace(self, features=int((self.features | set_) & ~clear))
 
     # ---- bytes ---------------------------------------------------------------
 

@@ -403,6 +403,15 @@ class CrashStore(ByteStore):
     async def write(self, offset: int, data: Buffer) -> None:
         self._write("write", offset, bytes(data))
 
+    # The synchronous writes of a local file (FileStore's), so that the engine's
+    # synchronous paths run against the log too.
+
+    def pwrite_now(self, offset: int, data: Buffer) -> None:
+        self._write("pwrite_now", offset, bytes(data))
+
+    def pwritev_now(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        self._write("pwritev_now", offset, b"".join(buffers))
+
     def _write(self, source: str, offset: int, data: bytes) -> None:
         self._check_writable()
         if not data:

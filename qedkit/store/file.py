@@ -262,6 +262,15 @@ class FileStore(ByteStore):
                 if n == sum(len(v) for v in views):
                     return
                 views, offset = [memoryview(b"".join(views))[n:]], offset + n
+        self._pwritev_buffered(offset, views)
+
+    def pwritev_now(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        """Synchronous gathering write through the page cache (hot paths, like
+        pwrite_now)."""
+        self._check_writable()
+        self._pwritev_buffered(offset, [memoryview(b).cast("B") for b in buffers if len(b)])
+
+    def _pwritev_buffered(self, offset: int, views: list[memoryview]) -> None:
         try:
             while views:
                 batch = views[:_IOV_MAX]

@@ -303,6 +303,42 @@ class Workload:
         await self._check_model(offset, offset + len(data))
         return op
 
+    async def write_now(self, offset: int, data: bytes) -> GuestOp:
+        """A write as the NBD server's fast path makes it: ``write_now`` (in place,
+        or a synchronous allocation), else the general path."""
+
+        async def go() -> None:
+            if not self.img.write_now(offset, data):
+                await self.img.write(offset, data)
+
+        op = await self._run(GuestOp("write", offset, len(data), data, detail="now"), go())
+        self.model[offset : offset + len(data)] = data
+        await self._check_model(offset, offset + len(data))
+        return op
+
+    async def write_batch(self, writes: list[tuple[int, bytes]]) -> list[GuestOp]:
+        """Writes handed to the engine together (``write_batch``, the NBD server's
+        gathered writes): one request each, all started with the first store op of
+        the batch and acknowledged at its end."""
+        ops = [GuestOp("write", o, len(d), d, detail="batch") for o, d in writes]
+        before = [await self._unallocated(op.offset, op.stop) for op in ops]
+        start = self.crash.position
+        results = await self.img.write_batch(writes)
+        end = self.crash.position
+        assert results == [None] * len(writes), results
+        for op, was in zip(ops, before, strict=True):
+            op.start, op.end = start, end
+            if was:
+                still = await self._unallocated(op.offset, op.stop)
+                op.claimed = [piece for a, b in was for piece in _subtract(a, b, still)]
+            op.size = self.img.size
+            op.backing = self.backing_name
+            self.ops.append(op)
+            self.model[op.offset : op.stop] = op.data
+        for op in ops:
+            await self._check_model(op.offset, op.stop)
+        return ops
+
     async def zero(self, offset: int, length: int, *, unmap: bool = False) -> GuestOp:
         op = await self._run(
             GuestOp("zero", offset, length, bytes(length), detail="unmap" if unmap else ""),

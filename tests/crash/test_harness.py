@@ -412,11 +412,11 @@ def test_a_failed_allocating_write_leaves_a_checkable_image() -> None:
 
 class _DropsTheDataFlush(CrashStore):
     """A broken disk for the self-test below: it ignores the flush the engine issues
-    between an allocation's data and its L2 entry (DESIGN.md §2, step 3), which the
-    second half of an allocating write (``_link_clusters``) makes."""
+    between an allocation's data and its L2 entry (DESIGN.md §2, step 3), which
+    ``_flush_placed`` makes for a write and a group of them."""
 
     async def flush(self) -> None:
-        if sys._getframe(1).f_code.co_name == "_link_clusters":
+        if sys._getframe(1).f_code.co_name == "_flush_placed":
             return
         await super().flush()
 

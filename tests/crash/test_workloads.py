@@ -288,6 +288,79 @@ async def discard_over_backing() -> Scenario:
     return w.scenario()
 
 
+# =====================================================================================
+# The NBD server's writes: synchronous allocation, gathered writes (group commit)
+# =====================================================================================
+
+
+@workload
+async def alloc_now_fresh() -> Scenario:
+    """``write_now`` allocating at once (no backing file, NEED_CHECK set, table
+    cached) between writes it leaves to the general path."""
+    w = await Workload.create("alloc-now.qed", 6 * MiB)
+    await w.write_now(0, pattern(50, 100))  # NEED_CHECK not set yet, new table: general
+    await w.write_now(5 * CS + 100, pattern(51, 3000))  # at once: zero head and tail
+    await w.write_now(2 * CS, pattern(52, 2 * CS))  # two whole clusters at once
+    await w.zero(7 * CS, CS)  # a zero cluster ...
+    await w.write_now(7 * CS + 10, pattern(53, 50))  # ... allocated at once
+    await w.write_now(L2_SPAN + 10, pattern(54, 200))  # a new table: general
+    await w.write_now(L2_SPAN + 3 * CS, pattern(55, CS))  # at once, second table
+    await w.write_now(2 * CS + 7, pattern(56, 20))  # in place
+    await w.flush()  # clears NEED_CHECK
+    await w.write_now(9 * CS, pattern(57, 10))  # sets it again: general
+    await w.write_now(10 * CS + 4000, pattern(58, 200))  # at once, across two clusters
+    return w.scenario()
+
+
+@workload
+async def write_batch_fresh() -> Scenario:
+    """Gathered allocating writes committed together: one data write, one update
+    per table, a new table inside the group, a write that overlaps the group's
+    clusters (committed after it), in-place writes in between."""
+    w = await Workload.create("batch-fresh.qed", 6 * MiB)
+    await w.write_batch(
+        [
+            (0, pattern(60, 100)),
+            (3 * CS + 5, pattern(61, 5000)),  # two clusters, partial at both ends
+            (CS, pattern(62, CS)),
+            (L2_SPAN + 7, pattern(63, 300)),  # a new table in the group
+            (CS + 100, pattern(64, 50)),  # overlaps a cluster the group allocates
+            (6 * CS, pattern(65, 10)),
+        ]
+    )
+    await w.flush()
+    await w.write_batch(
+        [
+            (8 * CS, pattern(66, CS)),
+            (50, pattern(67, 10)),  # in place: ends the group
+            (9 * CS + 1, pattern(68, 10)),
+            (L2_SPAN + CS, pattern(69, 2 * CS)),
+            (4 * MiB + 3 * CS, pattern(70, 100)),  # a third table, unflushed
+        ]
+    )
+    return w.scenario()
+
+
+@workload
+async def write_batch_over_backing() -> Scenario:
+    """Gathered writes over a backing file: copy-on-write for each, one flush for
+    the group before the entries."""
+    size = 2 * MiB
+    w = await Workload.create("batch-overlay.qed", size, backing=pattern(71, size))
+    await w.write_batch(
+        [
+            (CS + 100, pattern(72, 50)),
+            (4 * CS, pattern(73, CS)),  # whole: no copy
+            (6 * CS - 10, pattern(74, 30)),  # two clusters, copy at both ends
+            (MiB + 7, pattern(75, 10)),
+        ]
+    )
+    await w.zero(10 * CS, CS)
+    await w.flush()
+    await w.write_batch([(10 * CS + 5, pattern(76, 10)), (11 * CS, pattern(77, 10))])
+    return w.scenario()
+
+
 SMALL = list(WORKLOADS)
 
 
@@ -350,6 +423,27 @@ def test_resize_hides_a_longer_backing_file_with_zero_clusters() -> None:
     log = sc.crash.ops[resize.start : resize.end]
     assert [op.kind for op in log[-3:]] == ["flush", "write", "flush"]  # zeros, header
     assert log[-2].offset == 0  # the header
+
+
+def test_the_server_write_workloads_take_the_paths_they_claim() -> None:
+    # alloc_now_fresh: five allocations at once (synchronous writes in the log).
+    sc = scenario("alloc_now_fresh")
+    now = [op for op in sc.crash.ops if op.source == "pwritev_now"]
+    assert len(now) == 5, sc.crash.describe_ops()
+    # write_batch_fresh: the first group's new clusters (guest clusters 0, 3, 4, 1
+    # and the new table's first) are one write at the end of the file; the write
+    # that overlaps them ends the group.
+    sc = scenario("write_batch_fresh")
+    first = next(op for op in sc.ops if op.detail == "batch")
+    log = sc.crash.ops[first.start : first.end]
+    data = [op for op in log if op.source == "writev"]
+    assert len(data[0].data) == 5 * CS, sc.crash.describe_ops(first.start, first.end)
+    # write_batch_over_backing: one flush orders the group's data before its
+    # entries (and the new table has its own), instead of one per write.
+    sc = scenario("write_batch_over_backing")
+    first = next(op for op in sc.ops if op.detail == "batch")
+    flushes = [op for op in sc.crash.ops[first.start : first.end] if op.kind == "flush"]
+    assert len(flushes) == 2, sc.crash.describe_ops(first.start, first.end)
 
 
 def test_backing_change_workloads_change_the_header() -> None:

@@ -343,10 +343,16 @@ class Allocator:
             host = self.outside_home(count)
             cmap.claim_data(host >> bits, count, guest_cluster)
             return host, host < old_end
+        return self.place_at_end(guest_cluster, count), False
+
+    def place_at_end(self, guest_cluster: int, count: int) -> int:
+        """``place_data`` under the end policy (no home allocation), which never
+        waits: ``count`` new clusters at the end of the file, claimed for guest
+        clusters from ``guest_cluster``."""
         host = self.at_end(count)
         if self.cluster_map is not None:
-            self.cluster_map.claim_data(host >> bits, count, guest_cluster)
-        return host, False
+            self.cluster_map.claim_data(host >> self._bits, count, guest_cluster)
+        return host
 
     def place_table(self) -> int:
         """Host offset for a new L2 table, claimed as metadata."""

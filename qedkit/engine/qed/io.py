@@ -38,6 +38,13 @@ the cluster under the lock first, and the fill skips it); one that arrives durin
 flush waits for that cluster only, then lands in place on the copy. A fill commits
 only if the backing image it read from is still this image's backing image.
 
+*Group commit* (``write_batch``): consecutive allocating writes handed over
+together (the NBD server's gathered writes) are placed one by one under one hold of
+the lock and committed as one: NEED_CHECK once, their new clusters in one ``pwritev``
+when they follow each other at the end of the file, one flush where step 3 needs it,
+one update per L2 table. A single write, a group and a fill all go through the same
+two halves (``_place_clusters``, ``_link_clusters``).
+
 *Per-cluster write stalls* let a job move or fill clusters while the guest runs:
 ``stall_writes`` makes writes to exactly those guest clusters wait (reads and other
 writes go on), after draining in-place writes already in the store on them.
@@ -45,7 +52,10 @@ writes go on), after draining in-place writes already in the store on them.
 *Fast paths.* Each synchronous fast path sits next to the general path it
 shortcuts and shares one guard (``_fast_host``): a local store, a request inside the
 image, one host-contiguous run in a cached table, no stall for writes. Anything else
-returns "not now" and the caller takes the coroutine.
+returns "not now" and the caller takes the coroutine. ``write_now`` also allocates
+at once in the case steps 1 and 3 are not needed (``_allocate_now``: no backing
+file, NEED_CHECK already set, end-of-file placement, the lock free, the table
+cached): the same order as the general path, with two synchronous writes.
 
 Failure guarantee: if a request fails, clusters it reserved may be leaked (space,
 never data); tables in memory change only after their on-disk update succeeded.
@@ -55,10 +65,10 @@ from __future__ import annotations
 
 import asyncio
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ...errors import InvalidRequestError, ReadOnlyError
+from ...errors import InvalidRequestError, QedError, ReadOnlyError
 from ...format.header import Header
 from ...format.tables import L2_ZERO_CLUSTER
 from ...store.base import Buffer
@@ -70,6 +80,7 @@ _WRITTEN = object()
 _ALLOCATE = object()
 _STALLED = object()
 _ZEROS = bytes(1 << 20)  # shared source of zero bytes (1 MiB)
+_ZEROS_VIEW = memoryview(_ZEROS)
 # What a piece of a copy-on-read fill becomes (_fill_pieces).
 _PIECE_DATA, _PIECE_ZERO, _PIECE_SKIP = 0, 1, 2
 
@@ -101,6 +112,22 @@ class _NewClusters:
 
     def filled(self) -> Filled:
         return Filled(self.data, self.zero, self.skipped)
+
+
+@dataclass(slots=True)
+class _Segments:
+    """New clusters of a group, gathered for one ``pwritev`` per host-contiguous run
+    (engine-internal): (host offset, buffers) in placement order."""
+
+    runs: list[tuple[int, list[Buffer]]] = field(default_factory=list)
+    end: int = -1  # host offset where the last run ends
+
+    def add(self, host: int, length: int, buffers: list[Buffer]) -> None:
+        if host == self.end:
+            self.runs[-1][1].extend(buffers)
+        else:
+            self.runs.append((host, buffers))
+        self.end = host + length
 
 
 @dataclass(slots=True)
@@ -145,6 +172,11 @@ class Filled:
         )
 
 
+def _zeros(n: int) -> Buffer:
+    """``n`` zero bytes, without a copy up to 1 MiB."""
+    return _ZEROS_VIEW[:n] if n <= len(_ZEROS) else bytes(n)
+
+
 def fill_zero(view: memoryview) -> None:
     """Set every byte of ``view`` to zero without allocating more than 1 MiB."""
     n = len(view)
@@ -162,6 +194,7 @@ class QedIO(QedLookup):
     _alloc_lock: asyncio.Lock
     _pread_now: Callable[[int, int], bytes] | None
     _pwrite_now: Callable[[int, Buffer], None] | None
+    _pwritev_now: Callable[[int, Sequence[Buffer]], None] | None
     _preadinto_now: Callable[[int, memoryview], int] | None
 
     async def _mark_need_check(self) -> None:
@@ -178,6 +211,7 @@ class QedIO(QedLookup):
         store = self.store
         self._pread_now = getattr(store, "pread_now", None)
         self._pwrite_now = getattr(store, "pwrite_now", None)
+        self._pwritev_now = getattr(store, "pwritev_now", None)
         self._preadinto_now = getattr(store, "preadinto_now", None)
         # Per-cluster write stalls (jobs that move clusters): guest cluster index ->
         # a future done when the cluster may be written again. See stall_writes().
@@ -451,8 +485,69 @@ class QedIO(QedLookup):
             return False
         host = self._fast_host(offset, len(data), True)
         if host < 0:
-            return False
+            return self._allocate_now(offset, data)
         pwrite(host, data)
+        return True
+
+    def _allocate_now(self, offset: int, data: Buffer) -> bool:
+        """The synchronous allocating write: ``_allocating_write`` of one write in the
+        case that needs neither a flush nor a read nor a wait, done with two
+        synchronous store writes and no coroutine (an allocating write costs about
+        a third). That case: a local store; no backing file (copy-on-write fills
+        zeros, no flush between data and entry) and the end-of-file placement
+        policy (no reused slot); NEED_CHECK already set by an earlier allocation of
+        this dirty period; no allocating request in progress (the lock is free) and
+        no stall; the range inside one L2 span whose table is cached, every cluster
+        it touches unallocated or a zero cluster. Otherwise False (nothing done).
+
+        Order on disk, as ``_allocating_write``: the new clusters (data and zero
+        fill, one ``pwritev``), then the L2 sectors. Raises StoreError if a write
+        fails (the clusters it reserved are leaked; the table is unchanged)."""
+        pwritev = self._pwritev_now
+        pwrite = self._pwrite_now
+        n = len(data)
+        header = self.header
+        if (
+            pwritev is None
+            or pwrite is None
+            or n <= 0
+            or offset < 0
+            or offset + n > header.image_size
+            or self._stalls
+            or self.readonly
+            or self._alloc_lock.locked()
+            or not header.needs_check
+            or self.backing is not None
+            or header.has_backing_file
+            or self.alloc.home_allocation
+        ):
+            return False
+        end = offset + n
+        l1_index = offset >> self._l1_shift
+        if (end - 1) >> self._l1_shift != l1_index:
+            return False
+        l2_offset = self._l1[l1_index]
+        table = self._cache.get(l2_offset) if l2_offset else None
+        if table is None:
+            return False
+        bits = self._cluster_bits
+        first = offset >> bits
+        count = ((end - 1) >> bits) - first + 1
+        index = first & self._l2_mask
+        for k in range(index, index + count):
+            if table[k] > L2_ZERO_CLUSTER:
+                return False  # allocated (or damaged: the general path says how)
+        host = self.alloc.place_at_end(first, count)
+        buffers: list[Buffer] = [data]
+        head = offset - (first << bits)
+        tail = ((first + count) << bits) - end
+        if head:
+            buffers.insert(0, _zeros(head))
+        if tail:
+            buffers.append(_zeros(tail))
+        pwritev(host, buffers)
+        updates = {index + k: host + (k << bits) for k in range(count)}
+        self.tables.write_entries_now(l1_index, table, updates, pwrite)
         return True
 
     async def write(self, offset: int, data: Buffer) -> None:
@@ -510,6 +605,100 @@ class QedIO(QedLookup):
             self._end_write(token)
         return _WRITTEN
 
+    # ---- group commit --------------------------------------------------------------
+
+    async def write_batch(self, writes: Sequence[tuple[int, Buffer]]) -> list[QedError | None]:
+        """``write`` each of ``writes`` in turn, except that consecutive allocating
+        writes are committed together (``_allocating_writes``). Returns, per write,
+        None or the error it raised (the others still run)."""
+        out: list[QedError | None] = [None] * len(writes)
+        i, n = 0, len(writes)
+        while i < n:
+            offset, data = writes[i]
+            try:
+                if self.contiguous_host(offset, offset + len(data)) < 0:
+                    self._check_writable()
+                    async with self._alloc_lock:
+                        done = await self._allocating_writes(writes, i, out)
+                    if done:
+                        i += done
+                        continue
+                await self.write(offset, data)
+            except QedError as exc:
+                out[i] = exc
+            i += 1
+        return out
+
+    async def _allocating_writes(
+        self, writes: Sequence[tuple[int, Buffer]], start: int, out: list[QedError | None]
+    ) -> int:
+        """The allocating writes from ``writes[start]`` on, as many as can share the
+        work, committed as a group. Caller holds the allocation lock (stalls are set
+        only under it).
+
+        Each write is placed on its own (``_place_clusters``: in place where
+        allocated, new clusters whole), its new clusters gathered rather than
+        written; then, for the whole group, the order of the module docstring:
+        NEED_CHECK once (the first placement sets it), the new clusters in one
+        ``pwritev`` per host-contiguous run, one flush where step 3 needs it, and one
+        update per L2 table touched.
+
+        Returns how many writes the group took (0 when ``writes[start]`` is not one
+        to group: invalid, across an L2 span, stalled, all in place; the caller then
+        writes it alone); their outcomes (None or the error) are set in ``out``. A
+        group ends before a write that is not one to group, or that touches a
+        cluster the group allocates already."""
+        bits = self.geo.cluster_bits
+        span = self.geo.l2_span
+        size = self.header.image_size
+        planned: set[int] = set()  # guest clusters the group allocates
+        group: dict[int, _NewClusters] = {}  # l1 index -> its new entries
+        members: dict[int, list[int]] = {}  # l1 index -> the writes with entries in it
+        segments = _Segments()
+        taken = 0
+        for k in range(start, len(writes)):
+            offset, data = writes[k]
+            view = memoryview(data).cast("B")
+            end = offset + len(view)
+            if not view or offset < 0 or end > size:
+                break
+            l1_index = offset // span
+            if (end - 1) // span != l1_index or self._stall_for(offset, end) is not None:
+                break
+            first, last = offset >> bits, (end - 1) >> bits
+            if taken and not planned.isdisjoint(range(first, last + 1)):
+                break
+            table = await self.get_l2(l1_index)
+            runs = self.table_runs(table, l1_index, offset, end)
+            if all(run.kind is DATA for run in runs):
+                break
+            new = group.setdefault(l1_index, _NewClusters())
+            await self._place_clusters(
+                l1_index, offset, view, runs=runs, new=new, segments=segments
+            )
+            planned.update(range(first, last + 1))
+            members.setdefault(l1_index, []).append(k)
+            taken += 1
+        if not taken:
+            return 0
+        try:
+            for host, buffers in segments.runs:
+                await self.store.writev(host, buffers)
+            await self._flush_placed(*group.values())
+        except QedError as exc:
+            for k in range(start, start + taken):
+                out[k] = exc
+            return taken
+        for l1_index, new in group.items():
+            try:
+                await self._link_clusters(l1_index, new, flushed=True)
+            except QedError as exc:
+                for k in members[l1_index]:
+                    out[k] = exc
+        return taken
+
+    # ---- the allocating write --------------------------------------------------------
+
     async def _allocating_write(self, l1_index: int, pos: int, data: memoryview) -> None:
         """Write ``data`` at ``pos`` (inside one L2 span), allocating clusters for the
         unallocated and zero clusters it touches. Caller holds ``_alloc_lock`` and
@@ -518,7 +707,15 @@ class QedIO(QedLookup):
         await self._link_clusters(l1_index, new)
 
     async def _place_clusters(
-        self, l1_index: int, pos: int, data: memoryview, *, fill: bool = False
+        self,
+        l1_index: int,
+        pos: int,
+        data: memoryview,
+        *,
+        fill: bool = False,
+        runs: list[Extent] | None = None,
+        new: _NewClusters | None = None,
+        segments: _Segments | None = None,
     ) -> _NewClusters:
         """The first half of an allocating write: allocated clusters of the range are
         written in place, the others get new clusters written whole (copy-on-write
@@ -526,12 +723,18 @@ class QedIO(QedLookup):
 
         ``fill`` (copy-on-read; ``data`` cluster aligned): only clusters that are
         unallocated and not stalled are written, all-zero ones as zero clusters; the
-        others are left as they are (the guest got there first)."""
+        others are left as they are (the guest got there first).
+
+        A group (``_allocating_writes``) passes the ``runs`` it looked up, the
+        ``new`` entries it collects for the table, and ``segments``: the new
+        clusters are then gathered there for the group to write, not written."""
         geo = self.geo
         bits = geo.cluster_bits
-        table = await self.get_l2(l1_index)
-        new = _NewClusters()
-        for run in self.table_runs(table, l1_index, pos, pos + len(data)):
+        if runs is None:
+            runs = self.table_runs(await self.get_l2(l1_index), l1_index, pos, pos + len(data))
+        if new is None:
+            new = _NewClusters()
+        for run in runs:
             chunk = data[run.start - pos : run.start - pos + run.length]
             if fill and run.kind is not UNALLOCATED:
                 new.skipped += (geo.round_up(run.end) - run.start) >> bits
@@ -560,9 +763,15 @@ class QedIO(QedLookup):
                 )
                 new.reused = new.reused or in_file
                 new.placed = True
-                head = await self._cow_fill(first, start, run.kind)
-                tail = await self._cow_fill(end, stop, run.kind)
-                await self.store.writev(host, [head, piece, tail])
+                buffers: list[Buffer] = [piece]
+                if first < start:
+                    buffers.insert(0, await self._cow_fill(first, start, run.kind))
+                if end < stop:
+                    buffers.append(await self._cow_fill(end, stop, run.kind))
+                if segments is None:
+                    await self.store.writev(host, buffers)
+                else:
+                    segments.add(host, count << bits, buffers)
                 for k in range(count):
                     new.updates[index + k] = host + (k << bits)
                 new.data += count
@@ -577,9 +786,17 @@ class QedIO(QedLookup):
         reused slot), unless the caller ``flushed`` since. Caller holds the lock."""
         if not new.updates:
             return
-        if new.placed and not flushed and (self._has_backing or new.reused):
-            await self.store.flush()
+        if not flushed:
+            await self._flush_placed(new)
         await self._update_l2(l1_index, await self.get_l2(l1_index), new.updates)
+
+    async def _flush_placed(self, *news: _NewClusters) -> None:
+        """Step 3 of the order: flush the new clusters ``news`` placed before their
+        entries are written, where a lost data write could show something else than
+        the cluster's old content (backing data hidden by a hole, or stale bytes of a
+        reused slot)."""
+        if any(n.placed for n in news) and (self._has_backing or any(n.reused for n in news)):
+            await self.store.flush()
 
     def _fill_pieces(
         self, run: Extent, chunk: memoryview

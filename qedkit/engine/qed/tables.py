@@ -29,11 +29,12 @@ read (an invalid one is a CorruptImageError naming the entry's offset).
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 
 from ...errors import CorruptImageError
 from ...format.geometry import SECTOR_SIZE, Geometry
 from ...format.tables import new_table, pack_table, unpack_table
-from ...store.base import ByteStore
+from ...store.base import Buffer, ByteStore
 from ..l2cache import DEFAULT_BUDGET, L2Cache, StaleLoad
 from .alloc import Allocator, TableSource
 
@@ -61,6 +62,7 @@ class Tables:
         self.alloc = alloc
         self.filename = filename
         self.cache = L2Cache(geo.table_bytes, cache_budget)
+        self._source: TableSource | None = None
 
     def _corrupt(self, message: str, offset: int, field: str) -> CorruptImageError:
         return CorruptImageError(message, filename=self.filename, offset=offset, field=field)
@@ -103,8 +105,13 @@ class Tables:
         )
 
     def source(self) -> TableSource:
-        """The narrow view a cluster-map scan reads."""
+        """The narrow view a cluster-map scan reads (made once: the L1 array and the
+        table offset never change identity)."""
+        if self._source is None:
+            self._source = self._make_source()
+        return self._source
 
+    def _make_source(self) -> TableSource:
         def check_entry(index: int, entry: int, l1_index: int) -> None:
             raise self.invalid_entry(l1_index, index, entry)
 
@@ -123,18 +130,42 @@ class Tables:
         self, l1_index: int, table: array[int], updates: dict[int, int]
     ) -> None:
         """Rewrite the 512-byte sectors of the (cached) L2 table of ``l1_index`` that
-        hold ``updates`` (index -> entry); the table in memory changes only once that
-        write succeeded. No flush. Callers hold the allocation lock."""
-        l2_offset = self.l1[l1_index]
+        hold ``updates`` (index -> entry): one write from the first to the last of
+        them (the sectors between are rewritten unchanged, and each sector alone is
+        old or new after a crash); the table in memory changes only once that write
+        succeeded. No flush. Callers hold the allocation lock."""
+        offset, data = self._sectors(l1_index, table, updates)
+        await self.store.write(offset, data)
+        self._apply(l1_index, table, updates)
+
+    def write_entries_now(
+        self,
+        l1_index: int,
+        table: array[int],
+        updates: dict[int, int],
+        pwrite: Callable[[int, Buffer], None],
+    ) -> None:
+        """``write_entries`` through a synchronous store write (``pwrite_now``), for
+        the synchronous allocation of engine.qed.io."""
+        offset, data = self._sectors(l1_index, table, updates)
+        pwrite(offset, data)
+        self._apply(l1_index, table, updates)
+
+    def _sectors(
+        self, l1_index: int, table: array[int], updates: dict[int, int]
+    ) -> tuple[int, bytes]:
+        """Where to write ``updates`` and the bytes: whole sectors of the table."""
         lo = min(updates) // ENTRIES_PER_SECTOR * ENTRIES_PER_SECTOR
         hi = (max(updates) // ENTRIES_PER_SECTOR + 1) * ENTRIES_PER_SECTOR
         span = array("Q", table[lo:hi])
         for index, entry in updates.items():
             span[index - lo] = entry
-        await self.store.write(l2_offset + 8 * lo, pack_table(span))
+        return self.l1[l1_index] + 8 * lo, pack_table(span)
+
+    def _apply(self, l1_index: int, table: array[int], updates: dict[int, int]) -> None:
         for index, entry in updates.items():
             table[index] = entry
-        self.cache.store(l2_offset, table)
+        self.cache.store(self.l1[l1_index], table)
 
     async def set_l1_entry(self, l1_index: int, value: int) -> None:
         """Rewrite the L1 sector holding ``l1_index`` with ``value`` in it (no flush)."""

@@ -50,7 +50,7 @@ import socket
 import ssl
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -83,6 +83,8 @@ _JOIN_MAX = 64 * 1024
 # What serving a request gave: its reply, and whether the engine failed.
 _Outcome = tuple[list[p.Buffer], bool]
 _Read, _Write = p.Read, p.Write  # tested for every request
+# Requests that change data: kept in order on a connection (_run_in_order).
+_CHANGES = frozenset({p.Write, p.Trim, p.WriteZeroes})
 _STATE_HOLE = int(p.StateFlag.HOLE)
 _STATE_ZERO = int(p.StateFlag.ZERO)
 
@@ -148,6 +150,9 @@ class _Connection(asyncio.Protocol):
         self._payload_bytes = 0
         self._out: list[p.Buffer] = []
         self._out_bytes = 0
+        # The last request that changes data still in flight as a task (None: none);
+        # later ones run after it (_run_in_order), and WRITEs skip the fast path.
+        self._write_chain: asyncio.Task[None] | None = None
         self._gather = False
         self._reading_paused = False
         self._writing_paused = False
@@ -410,7 +415,12 @@ class _Connection(asyncio.Protocol):
         without a coroutine or a task; dispatch the others to the general path, which
         also reports errors. Called with a whole batch from the lane, so that the
         statistics of the requests served here are added once per batch, through the
-        same ``_account`` as the general path's."""
+        same ``_account`` as the general path's.
+
+        Writes that need an allocation are gathered and handed to the engine
+        together (``write_batch``: one allocation, one table update for all); once
+        one is waiting, every later write of the batch joins it, so writes still
+        reach the engine in order, and a READ first sends the gathered writes."""
         served = self.served
         if served is None:  # pragma: no cover - requests come only after the handshake
             raise AssertionError("a request before the handshake")
@@ -419,20 +429,33 @@ class _Connection(asyncio.Protocol):
         conn = self.conn
         writable = not served.readonly
         count = bytes_read = bytes_written = 0
+        gathered: list[p.Write] = []
         try:
             for event in events:
                 if type(event) is _Write:
+                    if (gathered or self._write_chain is not None) and not event.fua:
+                        gathered.append(event)
+                        continue
                     try:
                         done = writable and not event.fua and write_now(event.offset, event.data)
                     except QedError:
                         done = False  # nothing was written
                     if not done:
+                        if writable and not event.fua:
+                            gathered.append(event)
+                            continue
+                        if gathered:
+                            self._dispatch_writes(gathered)
+                            gathered = []
                         self._dispatch(event)
                         continue
                     reply = conn.reply_ok(event.cookie)
                     bytes_written += event.length
                     self._out_bytes += len(reply[0])
                 else:
+                    if gathered:
+                        self._dispatch_writes(gathered)
+                        gathered = []
                     data = None
                     if not self._reading_paused:
                         try:
@@ -449,6 +472,8 @@ class _Connection(asyncio.Protocol):
                 self._out += reply
                 if self._out_bytes >= _OUT_BATCH:
                     self._flush_out()
+            if gathered:
+                self._dispatch_writes(gathered)
         finally:
             if count:
                 self._account(count, bytes_read, bytes_written, 0)
@@ -468,15 +493,90 @@ class _Connection(asyncio.Protocol):
         if isinstance(event, p.Write):
             self._payload_bytes += event.length
         self._update_reading()
+        if type(event) in _CHANGES:
+            self._run_in_order(lambda: self._handle(event), lambda o: self._finished(event, o))
+            return
         done, value = step(self._handle(event))
         if done:
             self._finished(event, value)
             return
-        task = asyncio.get_running_loop().create_task(self._complete(event, value))
+        task = asyncio.get_running_loop().create_task(
+            self._complete(value, lambda o: self._finished(event, o))
+        )
         self._track(task)
 
-    async def _complete(self, event: p.Request, pending: Awaitable[_Outcome]) -> None:
-        self._finished(event, await pending)
+    def _dispatch_writes(self, events: list[p.Write]) -> None:
+        """The general path for several WRITEs at once (``write_batch``), each
+        answered and accounted as ``_dispatch`` would."""
+        if len(events) == 1:
+            self._dispatch(events[0])
+            return
+        for event in events:
+            self._payload_bytes += event.length
+        self._update_reading()
+        self._run_in_order(
+            lambda: self._handle_writes(events), lambda o: self._writes_finished(events, o)
+        )
+
+    def _run_in_order(
+        self, handler: Callable[[], Coroutine[Any, Any, Any]], finish: Callable[[Any], None]
+    ) -> None:
+        """Run a request that changes data (``handler()``, then ``finish`` with its
+        outcome) now, or, while an earlier one of this connection is still in
+        flight (it waits for a flush or a lock), after that one: requests that
+        change data reach the engine in the order the client sent them, so a write
+        over the bytes of an earlier one in flight lands after it."""
+        chain = self._write_chain
+        if chain is None:
+            done, value = step(handler())
+            if done:
+                finish(value)
+                return
+            task = asyncio.get_running_loop().create_task(self._complete(value, finish))
+        else:
+            task = asyncio.get_running_loop().create_task(self._after(chain, handler, finish))
+        self._write_chain = task
+        task.add_done_callback(self._chain_done)
+        self._track(task)
+
+    def _chain_done(self, task: asyncio.Task[None]) -> None:
+        if self._write_chain is task:
+            self._write_chain = None
+
+    async def _after(
+        self,
+        chain: asyncio.Task[None],
+        handler: Callable[[], Coroutine[Any, Any, Any]],
+        finish: Callable[[Any], None],
+    ) -> None:
+        await asyncio.wait([chain])  # its failure is its own (reported there)
+        await self._complete(handler(), finish)
+
+    async def _handle_writes(self, events: list[p.Write]) -> list[_Outcome]:
+        assert self.served is not None
+        conn = self.conn
+        results = await self.served.image.write_batch([(e.offset, e.data) for e in events])
+        outcomes: list[_Outcome] = []
+        for event, exc in zip(events, results, strict=True):
+            if exc is None:
+                outcomes.append((conn.reply_ok(event.cookie), False))
+                continue
+            self._log.warning(
+                "connection %d: write of %d bytes at %d failed: %s",
+                self.ident,
+                event.length,
+                event.offset,
+                exc,
+            )
+            outcomes.append((conn.reply_error(event.cookie, nbd_errno_for(exc), str(exc)), True))
+        return outcomes
+
+    def _writes_finished(self, events: list[p.Write], outcomes: list[_Outcome]) -> None:
+        for event, outcome in zip(events, outcomes, strict=True):
+            self._finished(event, outcome)
+
+    async def _complete(self, pending: Awaitable[Any], finish: Callable[[Any], None]) -> None:
+        finish(await pending)
         # Input may have waited for this request to finish (a full queue).
         if not self.closing and self.transport is not None:
             self._pump()

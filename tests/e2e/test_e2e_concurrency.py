@@ -372,6 +372,71 @@ def test_requests_cut_at_odd_places_are_served_like_whole_ones(
     server.finish(qemu, shadow)
 
 
+@pytest.mark.parametrize("backing", [False, True], ids=["fresh", "overlay"])
+def test_pipelined_allocating_writes_are_committed_together_in_order(
+    backing: bool, serve: ServerFactory, tmp_path: Path, qemu: Qemu
+) -> None:
+    """Allocating writes pipelined into an image with 4 KiB clusters (fresh, or over
+    a backing file): the server hands those of one chunk to the engine together
+    (write_batch, one allocation for all), including writes over clusters an
+    earlier one allocates, partial clusters, FUA writes and flushes in between.
+    Every cookie is answered once; the image ends like the shadow (later writes win
+    where they overlap) and checks clean."""
+    size = 8 * MiB
+    shadow = Shadow(tmp_path / "img.shadow", size)
+    image = tmp_path / "img.qed"
+    if backing:
+        base = tmp_path / "base.raw"
+        base_data = pattern(3, size)
+        base.write_bytes(base_data)
+        shadow.write(0, base_data)
+        qedkit.create(str(image), cluster_size=4096, backing_file="base.raw",
+                      backing_format="raw")  # fmt: skip
+    else:
+        qedkit.create(str(image), size, cluster_size=4096)
+    server = serve(image)
+    client = server.client()
+    rng = random.Random(5)
+    stream = bytearray()
+    count = 600
+    last = 0
+    for cookie in range(1, count + 1):
+        if cookie % 97 == 0:
+            stream += struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_FLUSH, cookie, 0, 0)
+            client.pending[cookie] = 0
+            continue
+        length = rng.choice([4096, 4096, 4096, 100, 6000, 12288])
+        if rng.random() < 0.2:  # over the clusters of a recent write
+            offset = max(0, min(size - length, last + rng.randrange(-2048, 2048)))
+        else:
+            offset = rng.randrange(0, size // 4096) * 4096 + rng.choice([0, 0, 512, 3000])
+            offset = min(offset, size - length)
+        last = offset
+        data = pattern(cookie, length)
+        flags = FLAG_FUA if cookie % 41 == 0 else 0
+        stream += struct.pack(">IHHQQI", REQUEST_MAGIC, flags, CMD_WRITE, cookie, offset, length)
+        stream += data
+        client.pending[cookie] = 0
+        shadow.write(offset, data)
+    replies = PipelinedReplies(client, count)
+    pos = 0
+    while pos < len(stream):
+        cut = min(len(stream), pos + rng.choice([4096, 30000, 100000, 300000]))
+        client.send(bytes(stream[pos:cut]))
+        pos = cut
+    replies.check({})
+    client.disconnect()
+    compare_export(qemu, server.uri(), shadow)
+    if not backing:
+        server.finish(qemu, shadow)
+        return
+    assert server.stop() == 0, server.log_text()
+    check = qemu.img("check", "-f", "qed", image, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    same = qemu.img("compare", "-f", "qed", "-F", "raw", image, shadow.path, check=False)
+    assert same.returncode == 0, same.stdout + same.stderr
+
+
 def test_qemu_io_readers_and_writers_in_parallel_see_consistent_data(
     serve: ServerFactory, disk: Disk, qemu: Qemu
 ) -> None:

@@ -44,7 +44,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import mmap
 import os
 import socket
 import ssl
@@ -59,6 +58,7 @@ from ..engine.mapping import MapEntry, map_chain
 from ..engine.sync import step
 from ..errors import QedError
 from . import protocol as p
+from .buffers import MIN_SIZE, BufferPool
 from .errors import nbd_errno_for
 
 log = logging.getLogger("qedkit.nbd")
@@ -72,7 +72,7 @@ DEFAULT_CONNECTION_WAIT = 30.0
 # the greeting before it sends anything; this bounds a hostile one).
 _HELD_MAX = 64 * 1024
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024  # write payload per connection before it stops reading
-_POOL_MIN = 64 * 1024  # reads this large get a page-aligned (mmap) buffer
+_POOL_MIN = MIN_SIZE  # reads this large get a pooled page-aligned buffer (nbd.buffers)
 # Replies are gathered and sent once per batch of requests: a send() wakes the client
 # and costs ~50 us here, more than serving a cached 4 KiB read. A batch is sent as
 # soon as it holds this much.
@@ -425,6 +425,8 @@ class _Connection(asyncio.Protocol):
         if served is None:  # pragma: no cover - requests come only after the handshake
             raise AssertionError("a request before the handshake")
         read_now = served.image.read_now
+        readinto_now = served.image.readinto_now
+        buffers = self.server.buffers
         write_now = served.image.write_now
         conn = self.conn
         writable = not served.readonly
@@ -456,10 +458,14 @@ class _Connection(asyncio.Protocol):
                     if gathered:
                         self._dispatch_writes(gathered)
                         gathered = []
-                    data = None
+                    data: p.Buffer | None = None
                     if not self._reading_paused:
                         try:
-                            data = read_now(event.offset, event.length)
+                            if event.length < _POOL_MIN:
+                                data = read_now(event.offset, event.length)
+                            else:
+                                view = buffers.get(event.length)
+                                data = view if readinto_now(event.offset, view) else None
                         except QedError:
                             data = None
                     if data is None:
@@ -609,11 +615,10 @@ class _Connection(asyncio.Protocol):
         try:
             if isinstance(event, p.Read):
                 if event.length >= _POOL_MIN:
-                    # A fresh page-aligned buffer (unaligned large buffers copy 5x
-                    # slower, see the machine notes). Never pooled: uvloop's transport
-                    # keeps the reply's buffers, uncopied, until they are sent.
-                    buf = mmap.mmap(-1, event.length)
-                    view = memoryview(buf)
+                    # A page-aligned buffer (unaligned large buffers copy 5x slower,
+                    # see the machine notes), reused once its last reply is sent
+                    # (nbd.buffers).
+                    view = self.server.buffers.get(event.length)
                     await image.readinto(event.offset, view)
                     return conn.reply_read(cookie, view), False
                 data = bytearray(event.length)
@@ -842,6 +847,7 @@ class NbdServer:
         self.ssl_context = ssl_context
         self.tls_mode = p.TlsMode.REQUIRED if ssl_context is not None else p.TlsMode.DISABLED
         self.connections: dict[int, _Connection] = {}
+        self.buffers = BufferPool()  # for large READ replies, shared by the connections
         self._slots_taken = 0
         self._waiting: collections.deque[_Connection] = collections.deque()
         self.stopping = False

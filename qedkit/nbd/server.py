@@ -367,7 +367,7 @@ class _Connection(asyncio.Protocol):
                 task = asyncio.get_running_loop().create_task(self._start_tls())
                 self._track(task)
                 return
-            elif isinstance(event, p.Abort | p.ConnectionClosed):
+            elif isinstance(event, (p.Abort, p.ConnectionClosed)):
                 self._close_when_idle()
                 return
         if batch:  # (nothing that ends the loop happens while a batch gathers)

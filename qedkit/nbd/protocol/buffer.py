@@ -206,7 +206,7 @@ class Input:
         in progress absorbs what it can straight away when nothing is buffered before
         it; the rest is buffered (copied)."""
         pending = self.pending
-        if not len(self.buffer) and isinstance(pending, Skip | Payload):
+        if not len(self.buffer) and isinstance(pending, (Skip, Payload)):
             view = pending.absorb(view)
         if len(view):
             self.buffer.append(view)

@@ -54,6 +54,9 @@ from .wire import (
 _ZERO_BLOCK_SIZE: Final = 1 << 20
 _ZERO_BLOCK: Final = bytes(_ZERO_BLOCK_SIZE)
 
+# A tuple, not ``bytes | bytearray | memoryview``: a union is built anew on every call.
+_BUFFERS = (bytes, bytearray, memoryview)
+
 
 def _zeros(length: int) -> list[Buffer]:
     """Views of the shared zero block covering ``length`` bytes."""
@@ -127,7 +130,7 @@ class Replies:
     def read(self, cookie: int, chunks: Iterable[ReadChunk] | Buffer) -> list[Buffer]:
         """Success for a READ (see ``ServerConnection.reply_read``)."""
         table = self._table
-        if isinstance(chunks, bytes | bytearray | memoryview):
+        if isinstance(chunks, _BUFFERS):
             # Fast path: one buffer answering the oldest READ with this cookie.
             entries = table.entries.get(cookie)
             if entries:
@@ -144,7 +147,7 @@ class Replies:
                     )  # fmt: skip
                     return [head, chunks]
         entry = table.awaiting(cookie, "reply_read")
-        if isinstance(chunks, bytes | bytearray | memoryview):
+        if isinstance(chunks, _BUFFERS):
             chunks = [DataChunk(entry.offset, chunks)]
         pieces = _cover(entry, chunks, cookie)
         table.done(cookie)

@@ -234,5 +234,9 @@ class Tables:
 
     async def read_table(self, l2_offset: int) -> array[int]:
         """An L2 table read from disk, bypassing the cache (check and repair)."""
-        data = await self.store.read_exact(l2_offset, self.geo.table_bytes, "L2 table")
-        return unpack_table(data)
+        return unpack_table(await self.read_table_bytes(l2_offset))
+
+    async def read_table_bytes(self, l2_offset: int) -> bytes:
+        """The bytes of an L2 table as on disk (little-endian entries), bypassing the
+        cache (the check's bulk tests work on them)."""
+        return await self.store.read_exact(l2_offset, self.geo.table_bytes, "L2 table")

@@ -35,7 +35,6 @@ from .base import BlockImage
 from .check import Reclaim, RepairMode, check_image
 from .l2cache import DEFAULT_BUDGET
 from .names import full_backing_filename
-from .qcow2 import Qcow2Image
 from .qed import QedImage
 from .raw import RawImage
 
@@ -164,6 +163,9 @@ async def open_image(
             return await RawImage.open(store, filename=path)
         chain = _Chain(path, backing_chain, cache_budget, _depth, _seen | {real})
         if fmt == "qcow2":
+            # Imported here: the qcow2 reader costs every command ~8 ms of start-up.
+            from .qcow2 import Qcow2Image
+
             meta = await Qcow2Image.read_metadata(store, readonly=readonly or _rewrite_qcow2)
             backing = await chain.open(meta.backing_filename, meta.backing_format)
             return await chain.attach(

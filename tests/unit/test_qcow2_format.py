@@ -418,3 +418,9 @@ def test_bad_snapshot_entries_are_corruption() -> None:
 def test_probe_needs_a_qcow2_version() -> None:
     assert probe_format(bytes(header_bytes()[:512])) == "qcow2"
     assert probe_format(bytes(header_bytes(version=1)[:512])) == "qcow"
+
+
+def test_the_probe_knows_the_qcow2_magic_without_importing_the_module() -> None:
+    from qedkit.format import probe
+
+    assert probe.QCOW2_MAGIC == q.MAGIC

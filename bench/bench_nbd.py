@@ -387,22 +387,47 @@ def run_measured(
 @dataclass(frozen=True)
 class CheckImage:
     """The check row's image: ``size`` bytes of guest disk with ``clusters`` data
-    clusters allocated at random guest offsets all over the disk (so every L2 table is
-    there and read), each appended at the end of the file in that random order, as
-    QEMU allocates (one new table when a write first lands in its span): a worst case
-    for a checker, every table full of scattered entries, 99.9% fragmented. The data
-    clusters are holes of a sparse file (a checker never reads data): only the tables
-    take space (~128 MiB for 1 TiB)."""
+    clusters allocated, appended at the end of the file in the order a guest wrote
+    them, as QEMU allocates (one new table when a write first lands in its span).
+    Layouts: ``scattered`` (the default, a worst case for a checker): single clusters
+    at random guest offsets all over the disk, so every L2 table is there and full
+    of scattered entries, 99.9% fragmented; ``extents``: runs of 1-1024 clusters
+    (64 on average, a guest file system's extents) at random offsets, each written
+    in order, the runs in random order. The data clusters are holes of a sparse
+    file (a checker never reads data): only the tables take space (~128 MiB for
+    1 TiB)."""
 
     size: int
     clusters: int
+    layout: str = "scattered"
     seed: int = CHECK_SEED
 
     def describe(self) -> str:
-        return f"{human(self.size).replace('.00 ', ' ')}, {self.clusters:,} clusters"
+        return (f"{human(self.size).replace('.00 ', ' ')}, {self.clusters:,} clusters "
+                f"{self.layout}")  # fmt: skip
 
     def tag(self) -> str:
-        return f"{self.size}:{self.clusters}:{self.seed}:{CHECK_CLUSTER}:{CHECK_TABLE}:v1"
+        return (f"{self.size}:{self.clusters}:{self.layout}:{self.seed}:{CHECK_CLUSTER}:"
+                f"{CHECK_TABLE}:v1")  # fmt: skip
+
+    def guest_clusters(self) -> list[int]:
+        """The guest clusters in the order they are written."""
+        import random
+
+        rng = random.Random(self.seed)
+        total = self.size // CHECK_CLUSTER
+        if self.layout == "scattered":
+            return rng.sample(range(total), self.clusters)
+        taken = bytearray(total)
+        out: list[int] = []
+        while len(out) < self.clusters:
+            length = min(self.clusters - len(out), int(rng.expovariate(1 / 64)) + 1, 1024)
+            start = rng.randrange(0, total - length + 1)
+            if any(taken[start : start + length]):
+                continue
+            taken[start : start + length] = b"\x01" * length
+            out.extend(range(start, start + length))
+        return out
 
 
 def prepare_check(d: Path, image: CheckImage) -> dict[str, Any]:
@@ -442,10 +467,9 @@ def prepare_check(d: Path, image: CheckImage) -> dict[str, Any]:
 
 
 def _build_check_image(path: Path, image: CheckImage) -> None:
-    """qemu-img makes the empty image; the tables are written here (random guest
-    clusters, allocated at the end of the file in that order), the file is then
-    extended over the data clusters without writing them (holes)."""
-    import random
+    """qemu-img makes the empty image; the tables are written here (the guest
+    clusters of the layout, allocated at the end of the file in that order), the
+    file is then extended over the data clusters without writing them (holes)."""
     from array import array
 
     cs = CHECK_CLUSTER
@@ -460,8 +484,7 @@ def _build_check_image(path: Path, image: CheckImage) -> None:
         end = -(-os.fstat(fd).st_size // cs) * cs
         l1 = array("Q", os.pread(fd, table_bytes, l1_offset))
         tables: dict[int, array[int]] = {}
-        rng = random.Random(image.seed)
-        for guest in rng.sample(range(image.size // cs), image.clusters):
+        for guest in image.guest_clusters():
             index, entry = divmod(guest, entries)
             table = tables.get(index)
             if table is None:
@@ -549,6 +572,12 @@ def main() -> int:
         type=lambda t: parse_size(t, 1),
         default=1 << 20,
         help="data clusters allocated in it (default 1M = 1048576)",
+    )
+    ap.add_argument(
+        "--check-layout",
+        choices=("scattered", "extents"),
+        default="scattered",
+        help="where those clusters are (default scattered: single clusters all over)",
     )
     ap.add_argument(
         "--dir", type=Path, help="work directory (default: a new temp dir under /var/tmp)"
@@ -646,7 +675,7 @@ def bench(args: argparse.Namespace, d: Path) -> int:
     )
     machine["uvloop"] = uvloop
     busy_warning(machine["load_at_start"])
-    check_image = CheckImage(args.check_size, args.check_clusters)
+    check_image = CheckImage(args.check_size, args.check_clusters, args.check_layout)
     rows = make_rows(d, size, runtime, args.alloc_size, check_image)
     if args.rows:
         wanted = [k.strip() for k in args.rows.split(",")]
@@ -797,8 +826,8 @@ def bench(args: argparse.Namespace, d: Path) -> int:
         )
     if "check" in kinds:
         print(
-            f"check    {CHECK_IMAGE}: {check_image.describe()} at random guest offsets, "
-            f"allocated at the end in that order (every L2 table present); file "
+            f"check    {CHECK_IMAGE}: {check_image.describe()} (see CheckImage), "
+            f"allocated at the end in the order written; file "
             f"{human(check_info['file_size'])}, data clusters are holes; tables read once "
             f"before every step (cached); `qemu-img check` vs `{' '.join(qed)} check`"
         )

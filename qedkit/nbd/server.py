@@ -425,8 +425,6 @@ class _Connection(asyncio.Protocol):
         if served is None:  # pragma: no cover - requests come only after the handshake
             raise AssertionError("a request before the handshake")
         read_now = served.image.read_now
-        readinto_now = served.image.readinto_now
-        buffers = self.server.buffers
         write_now = served.image.write_now
         conn = self.conn
         writable = not served.readonly
@@ -464,8 +462,9 @@ class _Connection(asyncio.Protocol):
                             if event.length < _POOL_MIN:
                                 data = read_now(event.offset, event.length)
                             else:
-                                view = buffers.get(event.length)
-                                data = view if readinto_now(event.offset, view) else None
+                                view = self.server.buffers.get(event.length)
+                                done = served.image.readinto_now(event.offset, view)
+                                data = view if done else None
                         except QedError:
                             data = None
                     if data is None:

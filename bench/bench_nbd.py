@@ -586,6 +586,12 @@ def main() -> int:
     ap.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--qed", metavar="CMD", help="qed command (default: the venv's qed script)")
     ap.add_argument(
+        "--serve-args",
+        default="",
+        metavar="ARGS",
+        help="more options for qed serve, e.g. --serve-args='--busy-poll 64'",
+    )
+    ap.add_argument(
         "--profile",
         metavar="ROW[,ROW]",
         help="after the runs, run these rows (keys: seq-read, seq-write, randread-qd1, "
@@ -696,7 +702,8 @@ def bench(args: argparse.Namespace, d: Path) -> int:
     def servers_for(image: Path) -> dict[str, Server]:
         qemu_cmd = ["qemu-nbd", "-f", "qed", "-k", str(sock), "-e", str(SHARED), "-t",
                     "--cache=writeback", "--aio=threads", str(image)]  # fmt: skip
-        qed_cmd = [*qed, "serve", "--socket", str(sock), "-e", str(SHARED), str(image)]
+        qed_cmd = [*qed, "serve", "--socket", str(sock), "-e", str(SHARED),
+                   *args.serve_args.split(), str(image)]  # fmt: skip
         return {
             "a": Server("qemu-nbd", qemu_cmd, sock, d / "qemu-nbd.log", None),
             "b": Server("qed serve", qed_cmd, sock, d / "qed.log", qed_env),

@@ -42,9 +42,11 @@ ROWS = ("seq-read", "seq-write", "randread-qd1", "randread-qd16", "randwrite-qd1
 ALLOC_IMAGE = "cost-alloc.qed"
 
 
-def server_command(side: str, qed: list[str], sock: Path, image: Path) -> list[str]:
+def server_command(
+    side: str, qed: list[str], sock: Path, image: Path, extra: list[str]
+) -> list[str]:
     if side == "qed":
-        return [*qed, "serve", "--socket", str(sock), "-e", str(SHARED), str(image)]
+        return [*qed, "serve", "--socket", str(sock), "-e", str(SHARED), *extra, str(image)]
     return ["qemu-nbd", "-f", "qed", "-k", str(sock), "-e", str(SHARED), "-t",
             "--cache=writeback", "--aio=threads", str(image)]  # fmt: skip
 
@@ -78,7 +80,7 @@ def measure(args: argparse.Namespace, d: Path, row: str, side: str) -> dict[str,
     env, _ = bytecode_env(d)
     sock = d / "cost.sock"
     image = d / (ALLOC_IMAGE if row.startswith("alloc") else IMAGE)
-    cmd = server_command(side, qed, sock, image)
+    cmd = server_command(side, qed, sock, image, args.serve_args.split())
     if args.callgrind:
         for old in d.glob("callgrind.out.*"):
             old.unlink()
@@ -145,6 +147,7 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, help="work directory (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory's files")
     ap.add_argument("--qed", metavar="CMD", help="qed command (default: the venv's)")
+    ap.add_argument("--serve-args", default="", metavar="ARGS", help="more qed serve options")
     args = ap.parse_args()
     rows = [r.strip() for r in args.rows.split(",")]
     if unknown := [r for r in rows if r not in ROWS]:

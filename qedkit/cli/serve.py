@@ -25,6 +25,10 @@ from ..errors import QedError
 
 DEFAULT_PORT = 10809  # IANA's NBD port
 
+# The longest spin after replies (docs/DESIGN.md §3: on an idle VM it saves a halted
+# vCPU's wake-up per request at queue depth 1; QEMU's default poll-max-ns is 32 us).
+DEFAULT_BUSY_POLL_US = 64
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -68,6 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long a client over the --shared limit waits for a slot before it is "
         "refused with a message (default 30; 0: refuse at once)",
+    )
+    p.add_argument(
+        "--busy-poll",
+        type=int,
+        default=DEFAULT_BUSY_POLL_US,
+        metavar="USEC",
+        help="after sending replies, spin up to USEC microseconds for the next request "
+        f"before sleeping (QEMU's adaptive polling; default {DEFAULT_BUSY_POLL_US}; 0: off)",
     )
     p.add_argument("--fork", action="store_true", help="go to the background once listening")
     p.add_argument("--pid-file", metavar="FILE", help="write the server's pid here")
@@ -244,6 +256,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket, ready: int | Non
                 DEFAULT_CONNECTION_WAIT if args.shared_wait is None else args.shared_wait
             ),
             ssl_context=ssl_context,
+            busy_poll_ns=max(0, args.busy_poll) * 1000,
         )
         await server.listen_socket(sock)
         control = None

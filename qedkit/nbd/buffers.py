@@ -17,9 +17,12 @@ its reference count tells whether a reply still uses it.
 
 Buffers come in powers of two from 64 KiB; each size keeps its buffers in a queue,
 oldest first, which is also the order the socket releases them. ``get`` looks at
-the oldest one only: free, it is reused; in use, a new buffer is made while the
-pool is under its byte limit, and past it a fresh buffer is given that the pool does
-not keep (the cost of today, never a wait).
+the oldest few: the first free one is reused; the ones in use go to the back (a
+reply a paused client has not taken must not hold up the reuse of the others: with
+only the oldest looked at, the pool of nbdcopy's two connections grew to its limit).
+When all it looked at are in use, a new buffer is made while the pool is under its
+byte limit, and past it a fresh buffer is given that the pool does not keep (the
+cost of a fresh buffer, never a wait).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ DEFAULT_LIMIT = 32 * 1024 * 1024  # bytes kept: 2 connections x 64 x 256 KiB in 
 # A pooled buffer nobody uses is referred to by its queue, the local name in get()
 # and getrefcount's argument.
 _FREE_REFS = 3
+# Buffers looked at before a new one is made: one reply a slow client has not taken
+# must not stop the reuse of the others (two connections, one of them paused).
+_LOOK = 8
 
 
 class BufferPool:
@@ -52,10 +58,10 @@ class BufferPool:
         queue = self._queues.get(size)
         if queue is None:
             queue = self._queues[size] = collections.deque()
-        if queue:
+        for _ in range(min(len(queue), _LOOK)):
             buf = queue[0]
+            queue.rotate(-1)  # in use or handed out: to the back of the queue
             if sys.getrefcount(buf) == _FREE_REFS:
-                queue.rotate(-1)
                 self.reused += 1
                 return memoryview(buf)[:length]
         if self.kept + size > self.limit:

@@ -60,6 +60,7 @@ from ..errors import QedError
 from . import protocol as p
 from .buffers import MIN_SIZE, BufferPool
 from .errors import nbd_errno_for
+from .poll import BusyPoller
 
 log = logging.getLogger("qedkit.nbd")
 
@@ -142,6 +143,8 @@ class _Connection(asyncio.Protocol):
             tls=server.tls_mode,
         )
         self.transport: asyncio.Transport | None = None
+        self._poller = server.poller  # None unless --busy-poll
+        self._fd = -1  # the socket's, registered with the poller
         self.peer = "?"
         self.served: ServedImage | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -176,6 +179,11 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self._log.info("connection %d from %s", self.ident, self.peer)
+        if self._poller is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                self._fd = sock.fileno()
+                self._poller.add(self._fd)
         if self.server.stopping:
             self.conn.start_shutdown()
         self.server._arrive(self)
@@ -232,6 +240,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._poller is not None and self._fd >= 0:
+            self._poller.discard(self._fd)
+            self._fd = -1
         if exc is not None:
             self._log.info("connection %d lost: %s", self.ident, exc)
         self._maybe_finish()
@@ -706,6 +717,9 @@ class _Connection(asyncio.Protocol):
         self._out_bytes = 0
         if transport is None or transport.is_closing():
             return
+        poller = self._poller
+        if poller is not None:
+            poller.arm()  # spins once the loop has run what is due: after this send
         if len(out) == 1:
             transport.write(out[0])
         elif self._gather:
@@ -835,6 +849,7 @@ class NbdServer:
         max_connections: int = 1,
         connection_wait: float = DEFAULT_CONNECTION_WAIT,
         ssl_context: ssl.SSLContext | None = None,
+        busy_poll_ns: int = 0,
     ) -> None:
         names = [s.name for s in images]
         if len(set(names)) != len(names):
@@ -858,6 +873,16 @@ class NbdServer:
         # it (close the control socket, which reports the drain meanwhile).
         self.on_stopping: list[Callable[[], Awaitable[None]]] = []
         self.on_stop: list[Callable[[], Awaitable[None]]] = []
+        # Busy-polling after replies (nbd.poll), made with the first connection,
+        # inside the loop; off (None) unless asked for.
+        self._busy_poll_ns = busy_poll_ns
+        self._poller: BusyPoller | None = None
+
+    @property
+    def poller(self) -> BusyPoller | None:
+        if self._poller is None and self._busy_poll_ns > 0:
+            self._poller = BusyPoller(asyncio.get_running_loop(), self._busy_poll_ns)
+        return self._poller
 
     # ---- admission ---------------------------------------------------------------------
 
@@ -938,6 +963,9 @@ class NbdServer:
             return
         self.stopping = True
         log.info("stopping: %d connections to drain", len(self.connections))
+        if self._poller is not None:
+            q = self._poller
+            log.info("busy-poll: %d spins found a request, %d ran out", q.hits, q.misses)
         for listener in self._listeners:
             listener.close()
         for connection in list(self.connections.values()):

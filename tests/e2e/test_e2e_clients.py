@@ -310,3 +310,27 @@ def test_qemu_io_aio_keeps_many_requests_in_flight(
     qemu_io(server.uri(), *reads, "aio_flush")
     compare_export(qemu, server.uri(), shadow)
     server.finish(qemu, shadow)
+
+
+def test_with_busy_polling_requests_are_served_alike(
+    serve: ServerFactory, disk: Disk, qemu: Qemu, tmp_path: Path
+) -> None:
+    """--busy-poll: the server spins for the next request after its replies (two
+    connections at once here, so a spin also sees the other one's requests)."""
+    nbdcopy = require_tool("nbdcopy")
+    image, shadow = disk(16 * MiB)
+    source = tmp_path / "source.raw"
+    content = make_source(source, 16 * MiB, seed=4)
+    server = serve(image, "--shared", "4", "--busy-poll", "200", "-v")
+    run([nbdcopy, "--flush", source, server.uri()]).ok()
+    shadow.write(0, content)
+    commands = [f"aio_write -P {i + 1} {i * 64 * KiB} 4k" for i in range(64)]
+    for i in range(64):
+        shadow.fill(i * 64 * KiB, 4 * KiB, i + 1)
+    qemu_io(server.uri(), *commands, "aio_flush")
+    out = tmp_path / "out.raw"
+    run([nbdcopy, server.uri(), out]).ok()
+    assert_same_bytes(out.read_bytes(), shadow.read(0, 16 * MiB), "read back from the export")
+    compare_export(qemu, server.uri(), shadow)
+    server.finish(qemu, shadow)
+    assert "busy-poll:" in server.log_text()

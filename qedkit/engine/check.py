@@ -223,7 +223,7 @@ async def _scan(
     The quick scan (``_quick_scan``) answers for an image without any problem; the
     first sign of one sends the whole image through the exact scan (``_exact_scan``),
     which finds and words every problem."""
-    scan = await _quick_scan(source, checkpoint)
+    scan = await _quick_scan(source, checkpoint, strict)
     if scan is None:
         scan = await _exact_scan(source, checkpoint, strict)
     return scan
@@ -270,7 +270,9 @@ async def _exact_scan(source: ScanSource, checkpoint: Checkpoint | None, strict:
     return scan
 
 
-async def _quick_scan(source: ScanSource, checkpoint: Checkpoint | None) -> _Scan | None:
+async def _quick_scan(
+    source: ScanSource, checkpoint: Checkpoint | None, strict: bool
+) -> _Scan | None:
     """The scan of an image with no problem, with as little work per entry as Python
     allows (a 1 TiB image can have 16M entries): None at the first sign of a
     problem, for the exact scan to find and word it.
@@ -285,7 +287,10 @@ async def _quick_scan(source: ScanSource, checkpoint: Checkpoint | None) -> _Sca
     that need every mark: a cluster marked twice (fewer marks in ``used`` than
     were made), an entry in the header (a mark below ``header_size``); an entry
     past the end of the file fails at its mark (IndexError). The counts are the
-    exact scan's whenever this returns a scan."""
+    exact scan's whenever this returns a scan. A table that cannot be read raises
+    when ``strict`` (as the exact scan would: the caller must not go on as if a
+    second read had not been needed), else hands over to the exact scan, which
+    counts it as a check error."""
     geo = source.geo
     header = source.header
     bits = geo.cluster_bits
@@ -321,6 +326,8 @@ async def _quick_scan(source: ScanSource, checkpoint: Checkpoint | None) -> _Sca
         try:
             raw = await source.read_table(l2_offset)
         except QedError:
+            if strict:
+                raise
             return None
         if raw == zero_table:
             continue

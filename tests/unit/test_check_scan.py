@@ -54,7 +54,7 @@ async def _image(cluster_size: int, seed: int) -> tuple[QedImage, MemoryStore]:
 
 async def _both(img: QedImage) -> tuple[Any, Any]:
     source = await scan_source(img)
-    return await _quick_scan(source, None), await _exact_scan(source, None, False)
+    return await _quick_scan(source, None, False), await _exact_scan(source, None, False)
 
 
 @pytest.mark.parametrize("cluster_size", [4096, 65536])

@@ -586,6 +586,12 @@ def main() -> int:
     ap.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--qed", metavar="CMD", help="qed command (default: the venv's qed script)")
     ap.add_argument(
+        "--anchor-qed",
+        metavar="CMD",
+        help="side A is this qed's serve instead of qemu-nbd (two versions of qedkit "
+        'side by side in one run, e.g. --anchor-qed "env PYTHONPATH=OLD python -m qedkit")',
+    )
+    ap.add_argument(
         "--serve-args",
         default="",
         metavar="ARGS",
@@ -662,6 +668,7 @@ def fresh_alloc_image(path: Path, size: int) -> None:
 def bench(args: argparse.Namespace, d: Path) -> int:
     size, runtime = args.size, args.runtime
     qed = qed_command(args.qed)
+    anchor = qed_command(args.anchor_qed) if args.anchor_qed else None
     qed_env, bytecode = bytecode_env(d)
     python = qed_python(qed)
     uv = subprocess.run(
@@ -704,6 +711,12 @@ def bench(args: argparse.Namespace, d: Path) -> int:
                     "--cache=writeback", "--aio=threads", str(image)]  # fmt: skip
         qed_cmd = [*qed, "serve", "--socket", str(sock), "-e", str(SHARED),
                    *args.serve_args.split(), str(image)]  # fmt: skip
+        if anchor is not None:
+            anchor_cmd = [*anchor, "serve", "--socket", str(sock), "-e", str(SHARED), str(image)]
+            return {
+                "a": Server("qed serve (A)", anchor_cmd, sock, d / "qemu-nbd.log", qed_env),
+                "b": Server("qed serve", qed_cmd, sock, d / "qed.log", qed_env),
+            }
         return {
             "a": Server("qemu-nbd", qemu_cmd, sock, d / "qemu-nbd.log", None),
             "b": Server("qed serve", qed_cmd, sock, d / "qed.log", qed_env),
@@ -818,6 +831,8 @@ def bench(args: argparse.Namespace, d: Path) -> int:
     print()
     print_machine(machine, ["qemu_img"])
     print(f"tools    {machine['qemu_nbd']}; {machine['nbdcopy']}; {machine['fio']}")
+    if anchor is not None:
+        print(f"side A   {' '.join(anchor)} serve (--anchor-qed: in place of qemu-nbd)")
     print(f"qed      {' '.join(qed)} (python {python}; event loop: {uvloop}); {bytecode}")
     if kinds & {"copy", "fio"}:
         print(

@@ -12,7 +12,6 @@ sizes, so a stall is bounded too.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -58,6 +57,15 @@ def _ofd_lock(fd: int, cmd: int, lock_type: int, byte: int) -> int:
     packed = _FLOCK.pack(lock_type, os.SEEK_SET, byte, 1, 0)
     result = fcntl.fcntl(fd, cmd, packed)
     return int(_FLOCK.unpack(result)[0])
+
+
+async def _offloaded(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on a worker thread. Only stores told to ``offload`` get here,
+    and only code that imports asyncio itself sets that: the store leaves asyncio
+    out of the start-up of commands that never wait (engine.sync)."""
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)
 
 
 _fallocate_fn: Any = None
@@ -176,7 +184,7 @@ class FileStore(ByteStore):
         if direct is not None:
             try:
                 if self.offload:  # a direct read waits for the disk: on a thread
-                    total = await asyncio.to_thread(os.preadv, direct, [view], offset)
+                    total = await _offloaded(os.preadv, direct, [view], offset)
                 else:
                     total = os.preadv(direct, [view], offset)
             except OSError as exc:
@@ -252,7 +260,7 @@ class FileStore(ByteStore):
         if direct is not None and len(views) <= _IOV_MAX:
             try:
                 if self.offload:
-                    n = await asyncio.to_thread(os.pwritev, direct, views, offset)
+                    n = await _offloaded(os.pwritev, direct, views, offset)
                 else:
                     n = os.pwritev(direct, views, offset)
             except OSError as exc:
@@ -341,7 +349,7 @@ class FileStore(ByteStore):
         try:
             while done < length:
                 if self.offload:
-                    n = await asyncio.to_thread(
+                    n = await _offloaded(
                         os.copy_file_range, self.fd, self.fd, length - done, src + done, dst + done
                     )
                 else:
@@ -366,7 +374,7 @@ class FileStore(ByteStore):
             return
         try:
             if self.offload:
-                await asyncio.to_thread(os.fdatasync, self.fd)
+                await _offloaded(os.fdatasync, self.fd)
             else:
                 os.fdatasync(self.fd)
         except OSError as exc:

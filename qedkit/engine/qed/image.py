@@ -24,9 +24,9 @@ a flagged image. A read-only open never writes.
 
 from __future__ import annotations
 
-import asyncio
 from array import array
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from ...errors import InvalidRequestError, UnsupportedFeatureError
 from ...format.geometry import (
@@ -55,6 +55,9 @@ from .alloc import Allocator, ClusterMap
 from .io import QedIO
 from .tables import Tables
 
+if TYPE_CHECKING:  # imported on first use of the allocation lock (engine.sync)
+    import asyncio
+
 
 class QedImage(QedIO):
     format_name = "qed"
@@ -81,7 +84,7 @@ class QedImage(QedIO):
         self.backing = backing
         self.backing_filename = header.backing_filename(header_area)
         self._closed = False
-        self._alloc_lock = asyncio.Lock()
+        self._alloc_lock_obj: asyncio.Lock | None = None
         self.alloc = Allocator(
             self.geo,
             file_end,
@@ -284,6 +287,17 @@ class QedImage(QedIO):
     async def ensure_cluster_map(self) -> ClusterMap:
         """The cluster ownership map (engine.qed.alloc), built on first use."""
         return await self.alloc.ensure_map(self.tables.source())
+
+    @property
+    def _alloc_lock(self) -> asyncio.Lock:
+        """The allocation lock, created on first use: a read-only command never takes
+        it, and asyncio costs ~35 ms of start-up (engine.sync)."""
+        lock = self._alloc_lock_obj
+        if lock is None:
+            import asyncio
+
+            lock = self._alloc_lock_obj = asyncio.Lock()
+        return lock
 
     def allocations_paused(self) -> asyncio.Lock:
         """``async with img.allocations_paused():`` holds off allocating writes (they

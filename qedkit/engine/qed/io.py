@@ -53,17 +53,21 @@ never data); tables in memory change only after their on-disk update succeeded.
 
 from __future__ import annotations
 
-import asyncio
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ...errors import InvalidRequestError, ReadOnlyError
 from ...format.header import Header
 from ...format.tables import L2_ZERO_CLUSTER
 from ...store.base import Buffer
 from ..base import BlockImage, Extent, ExtentKind
+from ..sync import running_loop
 from .lookup import DATA, UNALLOCATED, ZERO, QedLookup
+
+if TYPE_CHECKING:  # asyncio itself is imported only where a wait needs it (engine.sync)
+    import asyncio
 
 # Outcomes of _write_in_place.
 _WRITTEN = object()
@@ -159,10 +163,14 @@ class QedIO(QedLookup):
     """Guest I/O methods of QedImage (a mixin over the image's state)."""
 
     header: Header
-    _alloc_lock: asyncio.Lock
     _pread_now: Callable[[int, int], bytes] | None
     _pwrite_now: Callable[[int, Buffer], None] | None
     _preadinto_now: Callable[[int, memoryview], int] | None
+
+    @property
+    def _alloc_lock(self) -> asyncio.Lock:
+        """The allocation lock (the image's, created on first use)."""
+        raise NotImplementedError
 
     async def _mark_need_check(self) -> None:
         """Set NEED_CHECK before an allocation (the image's header code)."""
@@ -299,7 +307,9 @@ class QedIO(QedLookup):
         """Return once no read of the backing image is in flight."""
         while self._backing_reads:
             if self._backing_idle is None:
-                self._backing_idle = asyncio.get_running_loop().create_future()
+                self._backing_idle = running_loop().create_future()
+            import asyncio
+
             await asyncio.shield(self._backing_idle)
 
     # ---- copy-on-read ---------------------------------------------------------------
@@ -668,7 +678,7 @@ class QedIO(QedLookup):
         becomes stalled; writes to other clusters, and reads, go on. Raises
         InvalidRequestError if a cluster is stalled already (one mover at a time).
         """
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = running_loop().create_future()
         taken = list(dict.fromkeys(clusters))
         for cluster in taken:
             if cluster in self._stalls:
@@ -691,7 +701,9 @@ class QedIO(QedLookup):
         try:
             while any(first <= c <= last for first, last in self._writing.values() for c in wanted):
                 if self._write_done is None:
-                    self._write_done = asyncio.get_running_loop().create_future()
+                    self._write_done = running_loop().create_future()
+                import asyncio
+
                 await asyncio.shield(self._write_done)
         except BaseException:
             release()

@@ -119,6 +119,51 @@ def running_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+class LazyLock:
+    """An ``asyncio.Lock`` that needs no asyncio until someone has to wait for it.
+
+    Taken and released without contention (every synchronous command) it is a flag.
+    The first task that finds it held creates the asyncio lock, takes it on behalf
+    of the holder (at once: it is free) and then waits on it like any asyncio lock
+    waiter; from then on the asyncio lock alone decides, with its fairness and
+    cancellation. Not reentrant, as asyncio.Lock."""
+
+    __slots__ = ("_held", "_lock")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._lock: asyncio.Lock | None = None
+
+    def locked(self) -> bool:
+        return self._lock.locked() if self._lock is not None else self._held
+
+    async def acquire(self) -> bool:
+        if self._lock is None:
+            if not self._held:
+                self._held = True
+                return True
+            import asyncio
+
+            running_loop()  # in a loop-free step of run(): install the loop first
+            self._lock = asyncio.Lock()
+            await self._lock.acquire()  # free: taken for the holder, no wait
+        return await self._lock.acquire()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+        elif self._held:
+            self._held = False
+        else:
+            raise RuntimeError("Lock is not acquired.")
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
 def _step_loop_free(coro: Coroutine[Any, Any, T]) -> tuple[bool, Any]:
     """First step of ``coro`` with no loop installed (asyncio not imported yet)."""
     _local.loop_free = True

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from ...errors import InvalidRequestError, UnsupportedFeatureError
 from ...format.geometry import (
@@ -51,12 +50,10 @@ from ...format.tables import unpack_table
 from ...store.base import ByteStore
 from ..base import BlockImage, Extent, ImageInfo
 from ..l2cache import DEFAULT_BUDGET, L2Cache
+from ..sync import LazyLock
 from .alloc import Allocator, ClusterMap
 from .io import QedIO
 from .tables import Tables
-
-if TYPE_CHECKING:  # imported on first use of the allocation lock (engine.sync)
-    import asyncio
 
 
 class QedImage(QedIO):
@@ -84,7 +81,8 @@ class QedImage(QedIO):
         self.backing = backing
         self.backing_filename = header.backing_filename(header_area)
         self._closed = False
-        self._alloc_lock_obj: asyncio.Lock | None = None
+        # Created without asyncio: see engine.sync.LazyLock.
+        self._alloc_lock = LazyLock()
         self.alloc = Allocator(
             self.geo,
             file_end,
@@ -288,18 +286,7 @@ class QedImage(QedIO):
         """The cluster ownership map (engine.qed.alloc), built on first use."""
         return await self.alloc.ensure_map(self.tables.source())
 
-    @property
-    def _alloc_lock(self) -> asyncio.Lock:
-        """The allocation lock, created on first use: a read-only command never takes
-        it, and asyncio costs ~35 ms of start-up (engine.sync)."""
-        lock = self._alloc_lock_obj
-        if lock is None:
-            import asyncio
-
-            lock = self._alloc_lock_obj = asyncio.Lock()
-        return lock
-
-    def allocations_paused(self) -> asyncio.Lock:
+    def allocations_paused(self) -> LazyLock:
         """``async with img.allocations_paused():`` holds off allocating writes (they
         wait) while reads and in-place writes go on: a stable view of the tables for
         a job. Not reentrant."""

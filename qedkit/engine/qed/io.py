@@ -63,7 +63,7 @@ from ...format.header import Header
 from ...format.tables import L2_ZERO_CLUSTER
 from ...store.base import Buffer
 from ..base import BlockImage, Extent, ExtentKind
-from ..sync import running_loop
+from ..sync import LazyLock, running_loop
 from .lookup import DATA, UNALLOCATED, ZERO, QedLookup
 
 if TYPE_CHECKING:  # asyncio itself is imported only where a wait needs it (engine.sync)
@@ -163,14 +163,10 @@ class QedIO(QedLookup):
     """Guest I/O methods of QedImage (a mixin over the image's state)."""
 
     header: Header
+    _alloc_lock: LazyLock
     _pread_now: Callable[[int, int], bytes] | None
     _pwrite_now: Callable[[int, Buffer], None] | None
     _preadinto_now: Callable[[int, memoryview], int] | None
-
-    @property
-    def _alloc_lock(self) -> asyncio.Lock:
-        """The allocation lock (the image's, created on first use)."""
-        raise NotImplementedError
 
     async def _mark_need_check(self) -> None:
         """Set NEED_CHECK before an allocation (the image's header code)."""

@@ -58,6 +58,11 @@ def _open_store(
 ) -> ByteStore:
     if "://" in path:  # a remote image (store.url): read-only, connected on first read
         from ..store.url import open_url
+        from .sync import running_loop
+
+        # Remote stores are asyncio through and through: in a loop-free step of
+        # engine.sync.run (asyncio was not loaded before), install the loop now.
+        running_loop()
 
         return open_url(path, readonly=readonly)
     return FileStore.open(path, readonly=readonly, unsafe=unsafe, direct=direct)

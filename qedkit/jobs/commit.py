@@ -49,12 +49,6 @@ from ..errors import BackingFileError, InvalidRequestError, ReadOnlyError
 # larger than any run of the bench's overlay, so each run is one read and one write.
 CHUNK = 8 * 1024 * 1024
 
-# Every this many bytes written into the base, its store is asked to start writing
-# back (ByteStore.start_writeback: sync_file_range on a file), so that the disk works
-# while we copy and the one flush at the end waits for little. Measured on the 2 GiB
-# bench overlay (119 MiB of data): that flush went from ~55 ms to ~NN ms.
-WRITEBACK_STEP = 16 * 1024 * 1024
-
 Checkpoint = Callable[[int, int], Awaitable[None]]  # (bytes done, bytes total)
 
 
@@ -198,8 +192,6 @@ class Committer:
             if not top.readinto_now(pos, chunk):
                 await top.readinto(pos, chunk)
             await base.write(pos, chunk)
-            if (stats.bytes_copied + n) // WRITEBACK_STEP != stats.bytes_copied // WRITEBACK_STEP:
-                base.store.start_writeback()
             stats.bytes_copied += n
             pos += n
             if checkpoint:

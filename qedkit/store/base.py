@@ -86,12 +86,6 @@ class ByteStore(ABC):
 
     # ---- with defaults -------------------------------------------------------
 
-    def start_writeback(self) -> None:
-        """A hint: begin writing the store's dirty data to stable storage now, without
-        waiting, so that a later ``flush`` has less to wait for. Promises nothing (the
-        data is durable only after ``flush``) and never fails; a no-op by default."""
-        return None
-
     async def read(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes from ``offset`` (short only at the end of the store)."""
         buf = bytearray(length)

@@ -72,21 +72,16 @@ _libc_handle: Any = None
 
 
 def _libc() -> Any:
-    """libc through ctypes, for the calls the os module lacks. Imported on first use,
-    and found as the process's own symbols (dlopen(NULL)): ``ctypes.util.find_library``
-    runs a subprocess (~10 ms) and ctypes is ~1 ms that most commands never need."""
+    """libc through ctypes, for the calls the os module lacks (fallocate with flags).
+    Imported on first use, and found as the process's own symbols (dlopen(NULL)):
+    ``ctypes.util.find_library`` runs a subprocess (~10 ms), and ctypes is ~1 ms that
+    most commands never need."""
     global _libc_handle
     if _libc_handle is None:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        libc.sync_file_range.argtypes = [
-            ctypes.c_int,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_uint,
-        ]
         _libc_handle = libc
     return _libc_handle
 
@@ -103,15 +98,6 @@ def _libc_call(name: str, *args: int) -> None:
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with flags (os.posix_fallocate has none)."""
     _libc_call("fallocate", fd, mode, offset, length)
-
-
-# linux/fs.h: start writeback of the range's dirty pages, do not wait for it.
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int) -> None:
-    """sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): the whole file."""
-    _libc_call("sync_file_range", fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
 def _store_error(name: str, what: str, exc: OSError) -> StoreError:
@@ -401,12 +387,6 @@ class FileStore(ByteStore):
                 os.fdatasync(self.fd)
         except OSError as exc:
             raise _store_error(self.name, "flush failed", exc) from exc
-
-    def start_writeback(self) -> None:
-        if not self.capabilities.writable or self.unsafe or not self._is_regular:
-            return
-        with contextlib.suppress(OSError, AttributeError):  # a hint: ignore a refusal
-            _start_writeback(self.fd)
 
     async def truncate(self, size: int) -> None:
         self._check_writable()

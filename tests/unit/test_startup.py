@@ -18,7 +18,6 @@ import pytest
 import qedkit
 from qedkit.engine.sync import LazyLock
 from qedkit.format import probe, qcow2
-from qedkit.store.file import FileStore
 
 MiB = 1 << 20
 HEAVY = ["asyncio", "qedkit.engine.check", "qedkit.format.qcow2", "qedkit.engine.qcow2"]
@@ -167,28 +166,6 @@ def test_lazy_lock_a_cancelled_waiter_does_not_take_the_lock() -> None:
         return lock.locked()
 
     assert asyncio.run(go()) is False
-
-
-def test_start_writeback_is_a_hint_that_never_fails(tmp_path: Path) -> None:
-    path = tmp_path / "f"
-    path.write_bytes(b"")
-
-    async def go() -> bytes:
-        store = FileStore.open(str(path), readonly=False)
-        try:
-            await store.write(0, b"x" * 8192)
-            store.start_writeback()
-            await store.flush()
-        finally:
-            await store.close()
-        ro = FileStore.open(str(path), readonly=True)
-        try:
-            ro.start_writeback()  # read-only: nothing to write back
-            return await ro.read(0, 8192)
-        finally:
-            await ro.close()
-
-    assert asyncio.run(go()) == b"x" * 8192
 
 
 def test_the_probe_knows_the_qcow2_magic_without_importing_qcow2() -> None:

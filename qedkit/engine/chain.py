@@ -32,11 +32,9 @@ from ..format.probe import PROBE_BYTES, probe_format
 from ..store.base import ByteStore
 from ..store.file import FileStore
 from .base import BlockImage
-from .check import Reclaim, RepairMode, check_image
 from .l2cache import DEFAULT_BUDGET
 from .names import full_backing_filename
 from .qed import QedImage
-from .raw import RawImage
 
 # QEMU sets no limit but runs out of stack eventually; 64 is deeper than any real
 # chain and small enough to fail fast on a generated loop of distinct names.
@@ -60,6 +58,11 @@ def _open_store(
 ) -> ByteStore:
     if "://" in path:  # a remote image (store.url): read-only, connected on first read
         from ..store.url import open_url
+        from .sync import running_loop
+
+        # Remote stores are asyncio through and through: in a loop-free step of
+        # engine.sync.run (asyncio was not loaded before), install the loop now.
+        running_loop()
 
         return open_url(path, readonly=readonly)
     return FileStore.open(path, readonly=readonly, unsafe=unsafe, direct=direct)
@@ -100,6 +103,8 @@ async def open_qed(
         cache_budget=cache_budget,
     )
     if not readonly and repair and img.header.needs_check:
+        from .check import Reclaim, RepairMode, check_image  # ~15 ms: only when needed
+
         await check_image(img, repair=RepairMode.ALL, strict=True, reclaim=Reclaim.TAIL)
     return img
 
@@ -159,11 +164,13 @@ async def open_image(
         if fmt is None:
             fmt = detected
             _check_format_name(fmt)
+        # The drivers other than QED are imported when an image needs them (start-up).
         if fmt == "raw":
+            from .raw import RawImage
+
             return await RawImage.open(store, filename=path)
         chain = _Chain(path, backing_chain, cache_budget, _depth, _seen | {real})
         if fmt == "qcow2":
-            # Imported here: the qcow2 reader costs every command ~8 ms of start-up.
             from .qcow2 import Qcow2Image
 
             meta = await Qcow2Image.read_metadata(store, readonly=readonly or _rewrite_qcow2)

@@ -12,7 +12,6 @@ sizes, so a stall is bounded too.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -60,28 +59,45 @@ def _ofd_lock(fd: int, cmd: int, lock_type: int, byte: int) -> int:
     return int(_FLOCK.unpack(result)[0])
 
 
-_fallocate_fn: Any = None
+async def _offloaded(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on a worker thread. Only stores told to ``offload`` get here,
+    and only code that imports asyncio itself sets that: the store leaves asyncio
+    out of the start-up of commands that never wait (engine.sync)."""
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)
+
+
+_libc_handle: Any = None
+
+
+def _libc() -> Any:
+    """libc through ctypes, for the calls the os module lacks (fallocate with flags).
+    Imported on first use, and found as the process's own symbols (dlopen(NULL)):
+    ``ctypes.util.find_library`` runs a subprocess (~10 ms), and ctypes is ~1 ms that
+    most commands never need."""
+    global _libc_handle
+    if _libc_handle is None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _libc_handle = libc
+    return _libc_handle
+
+
+def _libc_call(name: str, *args: int) -> None:
+    libc = _libc()
+    if getattr(libc, name)(*args) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with flags (os.posix_fallocate has none). ctypes is imported on
-    first use: it costs 15 ms of start-up that most commands never need."""
-    global _fallocate_fn
-    if _fallocate_fn is None:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        get_errno = ctypes.get_errno
-
-        def call(fd: int, mode: int, offset: int, length: int) -> None:
-            if libc.fallocate(fd, mode, offset, length) != 0:
-                err = get_errno()
-                raise OSError(err, os.strerror(err))
-
-        _fallocate_fn = call
-    _fallocate_fn(fd, mode, offset, length)
+    """fallocate(2) with flags (os.posix_fallocate has none)."""
+    _libc_call("fallocate", fd, mode, offset, length)
 
 
 def _store_error(name: str, what: str, exc: OSError) -> StoreError:
@@ -176,7 +192,7 @@ class FileStore(ByteStore):
         if direct is not None:
             try:
                 if self.offload:  # a direct read waits for the disk: on a thread
-                    total = await asyncio.to_thread(os.preadv, direct, [view], offset)
+                    total = await _offloaded(os.preadv, direct, [view], offset)
                 else:
                     total = os.preadv(direct, [view], offset)
             except OSError as exc:
@@ -252,7 +268,7 @@ class FileStore(ByteStore):
         if direct is not None and len(views) <= _IOV_MAX:
             try:
                 if self.offload:
-                    n = await asyncio.to_thread(os.pwritev, direct, views, offset)
+                    n = await _offloaded(os.pwritev, direct, views, offset)
                 else:
                     n = os.pwritev(direct, views, offset)
             except OSError as exc:
@@ -350,7 +366,7 @@ class FileStore(ByteStore):
         try:
             while done < length:
                 if self.offload:
-                    n = await asyncio.to_thread(
+                    n = await _offloaded(
                         os.copy_file_range, self.fd, self.fd, length - done, src + done, dst + done
                     )
                 else:
@@ -375,7 +391,7 @@ class FileStore(ByteStore):
             return
         try:
             if self.offload:
-                await asyncio.to_thread(os.fdatasync, self.fd)
+                await _offloaded(os.fdatasync, self.fd)
             else:
                 os.fdatasync(self.fd)
         except OSError as exc:

@@ -49,6 +49,14 @@ IMAGES: dict[str, tuple[str, str, list[str], tuple[str, str] | None]] = {
     "base": ("raw", "4M", ["write -P 0x11 64k 128k"], None),
     "overlay": ("qed", "4M", ["write -P 0x22 3M 4k"], ("base", "raw")),
     "overlay-zeroed": ("qed", "4M", ["write -z 64k 64k"], ("base", "raw")),
+    # A 5 MiB data run: two whole 2 MiB compare chunks and a partial last one.
+    "long-run": ("qed", "8M", ["write -P 0x55 1M 5M"], None),
+    "long-run-same": ("qed", "8M", ["write -P 0x55 1M 5M"], None),
+    "long-run-last": ("qed", "8M", ["write -P 0x55 1M 5M", "write -P 0x56 6291455 1"], None),
+    "long-run-edge": ("qed", "8M", ["write -P 0x55 1M 5M", "write -P 0x57 5M 1"], None),
+    # The same bytes with a zero cluster inside the run on one side only.
+    "long-run-zeroed": ("qed", "8M", ["write -P 0x55 1M 5M", "write -z 3M 64k"], None),
+    "long-run-raw": ("raw", "8M", ["write -P 0x55 1M 5M"], None),
 }
 
 PAIRS = [
@@ -71,6 +79,16 @@ PAIRS = [
     ("overlay", "data"),
     ("overlay", "overlay-zeroed"),
     ("base", "overlay-zeroed"),
+    ("long-run", "long-run-same"),
+    ("long-run", "long-run-last"),
+    ("long-run-last", "long-run"),
+    ("long-run", "long-run-edge"),
+    ("long-run", "long-run-zeroed"),
+    ("long-run-zeroed", "long-run-raw"),
+    ("long-run-raw", "long-run-last"),
+    ("empty-big", "long-run"),
+    ("long-run", "empty-big"),
+    ("data", "long-run"),
 ]
 
 

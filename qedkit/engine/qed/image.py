@@ -24,7 +24,6 @@ a flagged image. A read-only open never writes.
 
 from __future__ import annotations
 
-import asyncio
 from array import array
 from dataclasses import replace
 
@@ -51,6 +50,7 @@ from ...format.tables import unpack_table
 from ...store.base import ByteStore
 from ..base import BlockImage, Extent, ImageInfo
 from ..l2cache import DEFAULT_BUDGET, L2Cache
+from ..sync import LazyLock
 from .alloc import Allocator, ClusterMap
 from .io import QedIO
 from .tables import Tables
@@ -81,7 +81,8 @@ class QedImage(QedIO):
         self.backing = backing
         self.backing_filename = header.backing_filename(header_area)
         self._closed = False
-        self._alloc_lock = asyncio.Lock()
+        # Created without asyncio: see engine.sync.LazyLock.
+        self._alloc_lock = LazyLock()
         self.alloc = Allocator(
             self.geo,
             file_end,
@@ -285,7 +286,7 @@ class QedImage(QedIO):
         """The cluster ownership map (engine.qed.alloc), built on first use."""
         return await self.alloc.ensure_map(self.tables.source())
 
-    def allocations_paused(self) -> asyncio.Lock:
+    def allocations_paused(self) -> LazyLock:
         """``async with img.allocations_paused():`` holds off allocating writes (they
         wait) while reads and in-place writes go on: a stable view of the tables for
         a job. Not reentrant."""

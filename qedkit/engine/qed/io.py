@@ -63,17 +63,21 @@ never data); tables in memory change only after their on-disk update succeeded.
 
 from __future__ import annotations
 
-import asyncio
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ...errors import InvalidRequestError, QedError, ReadOnlyError
 from ...format.header import Header
 from ...format.tables import L2_ZERO_CLUSTER
 from ...store.base import Buffer
 from ..base import BlockImage, Extent, ExtentKind
+from ..sync import LazyLock, running_loop
 from .lookup import DATA, UNALLOCATED, ZERO, QedLookup
+
+if TYPE_CHECKING:  # asyncio itself is imported only where a wait needs it (engine.sync)
+    import asyncio
 
 # Outcomes of _write_in_place.
 _WRITTEN = object()
@@ -191,7 +195,7 @@ class QedIO(QedLookup):
     """Guest I/O methods of QedImage (a mixin over the image's state)."""
 
     header: Header
-    _alloc_lock: asyncio.Lock
+    _alloc_lock: LazyLock
     _pread_now: Callable[[int, int], bytes] | None
     _pwrite_now: Callable[[int, Buffer], None] | None
     _pwritev_now: Callable[[int, Sequence[Buffer]], None] | None
@@ -333,7 +337,9 @@ class QedIO(QedLookup):
         """Return once no read of the backing image is in flight."""
         while self._backing_reads:
             if self._backing_idle is None:
-                self._backing_idle = asyncio.get_running_loop().create_future()
+                self._backing_idle = running_loop().create_future()
+            import asyncio
+
             await asyncio.shield(self._backing_idle)
 
     # ---- copy-on-read ---------------------------------------------------------------
@@ -885,7 +891,7 @@ class QedIO(QedLookup):
         becomes stalled; writes to other clusters, and reads, go on. Raises
         InvalidRequestError if a cluster is stalled already (one mover at a time).
         """
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = running_loop().create_future()
         taken = list(dict.fromkeys(clusters))
         for cluster in taken:
             if cluster in self._stalls:
@@ -908,7 +914,9 @@ class QedIO(QedLookup):
         try:
             while any(first <= c <= last for first, last in self._writing.values() for c in wanted):
                 if self._write_done is None:
-                    self._write_done = asyncio.get_running_loop().create_future()
+                    self._write_done = running_loop().create_future()
+                import asyncio
+
                 await asyncio.shield(self._write_done)
         except BaseException:
             release()

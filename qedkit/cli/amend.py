@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError, add_format, add_quiet, parse_options, size_option
+from .common import UsageError, add_format, add_quiet, open_qed, parse_options, size_option
 
 AMEND_OPTIONS = {
     "cluster_size": "new cluster size in bytes (a power of two, 4k to 64M)",
@@ -27,8 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.chain import SUPPORTED_FORMATS, open_image
-    from ..engine.qed import QedImage
+    from ..engine.chain import SUPPORTED_FORMATS
     from ..engine.sync import run as run_sync
     from ..jobs.amend import amend
     from .progress import Progress
@@ -58,10 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"unknown backing_fmt {backing_format!r} (known: {', '.join(SUPPORTED_FORMATS)})"
         )
-    img = run_sync(open_image(args.filename, fmt=args.format))
+    img = open_qed(args.filename, args.format, "only QED images can be amended")
     try:
-        if not isinstance(img, QedImage):
-            raise UsageError(f"{args.filename}: only QED images can be amended")
         show = args.progress and not args.quiet
         with Progress(show, "amend", unit=" steps") as progress:
             img, _ = run_sync(

@@ -7,6 +7,9 @@ type (the verb's usage and exit 2, like any bad flag value) and ``size_option``
 for values read after parsing (``qed: invalid size ...``, exit 1, as qemu-img
 reports a bad image size).
 
+``open_qed`` opens the image of a verb that works on QED images only and refuses
+another format with a usage error, the image closed again.
+
 This module imports nothing heavy: the verb modules import it when ``qed VERB``
 only parses its arguments (``--help``, a usage error).
 """
@@ -14,9 +17,13 @@ only parses its arguments (``--help``, a usage error).
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from ..format.geometry import DEFAULT_CLUSTER_SIZE, DEFAULT_TABLE_SIZE
 from ..format.sizes import parse_size
+
+if TYPE_CHECKING:
+    from ..engine.qed import QedImage
 
 FORMATS = ("qed", "raw", "qcow2")
 
@@ -127,3 +134,21 @@ def geometry(opts: dict[str, str]) -> tuple[int, int]:
             raise UsageError(f"invalid table_size {text!r}: expected a number of clusters")
         table_size = int(text)
     return cluster_size, table_size
+
+
+def open_qed(
+    filename: str, fmt: str | None, refusal: str, *, backing_chain: bool = True
+) -> QedImage:
+    """Open ``filename`` (format ``fmt``, probed when None) for a verb that works on
+    QED images only; the caller closes it. Failure: the errors of ``open_image``; an
+    image of another format is closed again and refused with ``UsageError``
+    ("FILE: " + ``refusal``)."""
+    from ..engine.chain import open_image
+    from ..engine.qed import QedImage
+    from ..engine.sync import run as run_sync
+
+    img = run_sync(open_image(filename, fmt=fmt, backing_chain=backing_chain))
+    if not isinstance(img, QedImage):
+        run_sync(img.close())
+        raise UsageError(f"{filename}: {refusal}")
+    return img

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError, add_format, add_output, add_quiet
+from .common import UsageError, add_format, add_output, add_quiet, open_qed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,17 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..engine.chain import open_image
     from ..engine.check import check_image
-    from ..engine.qed import LayoutKind, QedImage
+    from ..engine.qed import LayoutKind
     from ..engine.sync import run as run_sync
     from ..jobs.defrag import Defragmenter
     from .progress import Progress, shown
 
-    img = run_sync(open_image(args.filename, fmt=args.format))
+    img = open_qed(args.filename, args.format, "only QED images can be defragmented")
     try:
-        if not isinstance(img, QedImage):
-            raise UsageError(f"{args.filename}: only QED images can be defragmented")
         report = run_sync(check_image(img))
         if report.corruptions or report.check_errors:
             raise UsageError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import FORMATS, UsageError, add_format, add_quiet
+from .common import FORMATS, add_format, add_quiet, open_qed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,18 +33,17 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.base import BlockImage
     from ..engine.chain import open_image
     from ..engine.names import full_backing_filename
-    from ..engine.qed import QedImage
     from ..engine.sync import run as run_sync
     from ..errors import BackingFileError, QedError
     from ..jobs.rebase import rebase
     from .progress import Progress
 
     name: str = args.base
-    top = run_sync(open_image(args.filename, fmt=args.format, backing_chain=not args.unsafe))
+    top = open_qed(
+        args.filename, args.format, "only QED images can be rebased", backing_chain=not args.unsafe
+    )
     new: BlockImage | None = None
     try:
-        if not isinstance(top, QedImage):
-            raise UsageError(f"{args.filename}: only QED images can be rebased")
         raw = args.base_format == "raw"
         if name and not args.unsafe:
             full = full_backing_filename(args.filename, name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError, add_format, add_output, add_quiet, size_type
+from .common import add_format, add_output, add_quiet, open_qed, size_type
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,17 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..engine.chain import open_image
-    from ..engine.qed import QedImage
     from ..engine.sync import run as run_sync
     from ..jobs.stream import DEFAULT_CHUNK, Streamer
     from ..store.file import FileStore
     from .progress import Progress, shown
 
-    img = run_sync(open_image(args.filename, fmt=args.format))
+    img = open_qed(args.filename, args.format, "only QED images have a backing file to stream")
     try:
-        if not isinstance(img, QedImage):
-            raise UsageError(f"{args.filename}: only QED images have a backing file to stream")
         if isinstance(img.store, FileStore):
             img.store.offload = True  # flushes on a thread: the next step goes on meanwhile
         streamer = Streamer(img, chunk=args.chunk or DEFAULT_CHUNK, rate=args.rate)

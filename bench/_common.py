@@ -14,6 +14,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -212,6 +213,30 @@ def print_table(header: Sequence[str], table: Sequence[Sequence[str]]) -> None:
     print(line.format(*("-" * w for w in widths)))
     for t in table:
         print(line.format(*t))
+
+
+def print_ab_rows(rows: Sequence[Any], a: str, b: str, *, named: bool = False) -> None:
+    """Print rows of A/B samples (each with ``name``, ``unit``, lists ``a`` and ``b``,
+    ``goal`` and ``ratio()``): a table of the medians under the headings ``a`` and
+    ``b``, then a line per row with the spread (min-max) of each side. ``named``: each
+    median cell starts with the row's ``a_name`` / ``b_name``. MB/s without decimals,
+    other units with two."""
+    table = []
+    for row in rows:
+        fmt = "{:.0f}" if row.unit == "MB/s" else "{:.2f}"
+        a_cell = f"{fmt.format(statistics.median(row.a))} {row.unit}"
+        b_cell = f"{fmt.format(statistics.median(row.b))} {row.unit}"
+        if named:
+            a_cell, b_cell = f"{row.a_name}: {a_cell}", f"{row.b_name}: {b_cell}"
+        table.append([row.name, a_cell, b_cell, f"{row.ratio():.2f}x", row.goal])
+    print()
+    print_table(["row", a, b, "ratio", "goal"], table)
+    print()
+    for row in rows:
+        fmt = "{:.0f}" if row.unit == "MB/s" else "{:.2f}"
+        spread_a = "-".join(fmt.format(x) for x in (min(row.a), max(row.a)))
+        spread_b = "-".join(fmt.format(x) for x in (min(row.b), max(row.b)))
+        print(f"spread   {row.name.strip()}: {a} {spread_a}, {b} {spread_b} {row.unit}")
 
 
 def bytecode_env(d: Path) -> tuple[dict[str, str], str]:

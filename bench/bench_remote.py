@@ -49,8 +49,8 @@ from _common import (
     load_average,
     machine_info,
     parse_size,
+    print_ab_rows,
     print_machine,
-    print_table,
     work_dir,
 )
 
@@ -281,26 +281,7 @@ def main() -> int:
         f"{args.runs} runs, sides alternated; {args.clusters} clusters per run"
     )
     rows = [stream, cold, warm_row, hot]
-    table = []
-    for row in rows:
-        fmt = "{:.0f}" if row.unit == "MB/s" else "{:.2f}"
-        table.append(
-            [
-                row.name,
-                f"{fmt.format(statistics.median(row.a))} {row.unit}",
-                f"{fmt.format(statistics.median(row.b))} {row.unit}",
-                f"{row.ratio():.2f}x",
-                row.goal,
-            ]
-        )
-    print()
-    print_table(["row", "curl", "qedkit", "ratio", "goal"], table)
-    print()
-    for row in rows:
-        fmt = "{:.0f}" if row.unit == "MB/s" else "{:.2f}"
-        spread_a = "-".join(fmt.format(x) for x in (min(row.a), max(row.a)))
-        spread_b = "-".join(fmt.format(x) for x in (min(row.b), max(row.b)))
-        print(f"spread   {row.name.strip()}: curl {spread_a}, qedkit {spread_b} {row.unit}")
+    print_ab_rows(rows, "curl", "qedkit")
     blocks = args.size // (256 * 1024)
     print(
         f"requests qedkit's stream made {statistics.median(requests):.0f} range requests "

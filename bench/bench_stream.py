@@ -52,8 +52,8 @@ from _common import (
     load_average,
     machine_info,
     parse_size,
+    print_ab_rows,
     print_machine,
-    print_table,
     qed_command,
     work_dir,
 )
@@ -243,26 +243,7 @@ def main() -> int:
         f"{bytecode_note}"
     )
     rows = [stream, durable, cold, cold_cor, first]
-    table = []
-    for row in rows:
-        fmt = "{:.0f}" if row.unit == "MB/s" else "{:.2f}"
-        table.append(
-            [
-                row.name,
-                f"{row.a_name}: {fmt.format(statistics.median(row.a))} {row.unit}",
-                f"{row.b_name}: {fmt.format(statistics.median(row.b))} {row.unit}",
-                f"{row.ratio():.2f}x",
-                row.goal,
-            ]
-        )
-    print()
-    print_table(["row", "A", "B", "ratio", "goal"], table)
-    print()
-    for row in rows:
-        fmt = "{:.0f}" if row.unit == "MB/s" else "{:.2f}"
-        spread_a = "-".join(fmt.format(x) for x in (min(row.a), max(row.a)))
-        spread_b = "-".join(fmt.format(x) for x in (min(row.b), max(row.b)))
-        print(f"spread   {row.name.strip()}: A {spread_a}, B {spread_b} {row.unit}")
+    print_ab_rows(rows, "A", "B", named=True)
     print(
         "ratio    stream: B MB/s / A MB/s; the other rows: A / B (below 1: B is slower). "
         "qed stream makes its data durable before the entries that point at it (one flush "

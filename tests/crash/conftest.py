@@ -9,6 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
+# The helpers' asserts (crashkit.assert_totals) report as the tests' own do.
+pytest.register_assert_rewrite("crashkit")
+
 _LINES = pytest.StashKey[list[str]]()
 
 

@@ -949,6 +949,30 @@ def crash_all(
     return totals
 
 
+def assert_totals(totals: Totals, summary: str, *, clean_after: bool = False) -> None:
+    """The verdict of a sweep: more states than crash points, no failing state, none
+    lost or corrupt; ``clean_after``: also no corruption found by ``check_image`` or
+    ``qemu-img check`` after recovery."""
+    assert totals.states > totals.crash_points, summary
+    assert not totals.failures, summary + "\n\n" + "\n\n".join(totals.failures)
+    assert totals.ok and totals.lost == 0 and totals.corrupt == 0, summary
+    if clean_after:
+        assert totals.corruptions == 0 and totals.qemu_corrupt == 0, summary
+
+
+def final_image(sc: Scenario) -> QedImage:
+    """The workload's final image (every write persisted), opened read-only over the
+    backing image its header names."""
+
+    async def go() -> QedImage:
+        store = MemoryStore(bytes(sc.crash.data), writable=False)
+        header, area = await QedImage.read_header(store)
+        name = header.backing_filename(area)
+        return await open_qed(store, header, area, backing=sc.backing_image(name), readonly=True)
+
+    return run(go())
+
+
 def report(sc: Scenario, k: int, state: str, problems: list[str]) -> str:
     crash = sc.crash
     p = crash.last_flush_before(k)

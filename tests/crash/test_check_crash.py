@@ -48,8 +48,8 @@ from crashkit import (
     L2_SPAN,
     QemuChecker,
     Scenario,
-    Totals,
     Workload,
+    assert_totals,
     crash_all,
     merge_ranges,
     pattern,
@@ -338,13 +338,6 @@ def built(name: str) -> Built:
 # =====================================================================================
 
 
-def _assert_totals(totals: Totals, summary: str) -> None:
-    assert totals.states > totals.crash_points, summary
-    assert not totals.failures, summary + "\n\n" + "\n\n".join(totals.failures)
-    assert totals.ok and totals.lost == 0 and totals.corrupt == 0, summary
-    assert totals.corruptions == 0 and totals.qemu_corrupt == 0, summary
-
-
 def test_the_scenarios_move_data_and_tables_and_save_orphans() -> None:
     for name in SCENARIOS:
         b = built(name)
@@ -390,7 +383,7 @@ def test_every_crash_state_of_a_compacting_repair_recovers(
     )
     crash_summary(summary)
     assert totals.qemu_checks > 0
-    _assert_totals(totals, summary)
+    assert_totals(totals, summary, clean_after=True)
 
 
 @pytest.mark.parametrize("name", ["damaged", "overlay"])

@@ -49,8 +49,8 @@ from crashkit import (
     KiB,
     QemuChecker,
     Scenario,
-    Totals,
     Workload,
+    assert_totals,
     crash_all,
     merge_ranges,
     pattern,
@@ -375,13 +375,6 @@ def built(name: str) -> Built:
 # =====================================================================================
 
 
-def _assert_totals(totals: Totals, summary: str) -> None:
-    assert totals.states > totals.crash_points, summary
-    assert not totals.failures, summary + "\n\n" + "\n\n".join(totals.failures)
-    assert totals.ok and totals.lost == 0 and totals.corrupt == 0, summary
-    assert totals.corruptions == 0 and totals.qemu_corrupt == 0, summary
-
-
 def test_the_scenarios_exercise_every_kind_of_step() -> None:
     """Several rounds, evictions (moves that do not go home), and L2 table moves;
     the log holds copies, truncation and hole punching."""
@@ -442,7 +435,7 @@ def test_every_crash_state_of_a_defragmentation_recovers(
     )
     crash_summary(summary)
     assert totals.qemu_checks > 0
-    _assert_totals(totals, summary)
+    assert_totals(totals, summary, clean_after=True)
 
 
 def test_crash_states_of_a_two_table_defragmentation_recover(
@@ -466,7 +459,7 @@ def test_crash_states_of_a_two_table_defragmentation_recover(
             f"{b.stats.rounds} rounds)"
         )
         crash_summary(summary)
-        _assert_totals(totals, summary)
+        assert_totals(totals, summary, clean_after=True)
     assert whole.qemu_checks > 0
 
 

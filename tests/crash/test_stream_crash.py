@@ -39,9 +39,10 @@ from crashkit import (
     L2_SPAN,
     QemuChecker,
     Scenario,
-    Totals,
     Workload,
+    assert_totals,
     crash_all,
+    final_image,
     pattern,
     run,
     scaled,
@@ -147,12 +148,6 @@ async def stream_with_guest_writes() -> Scenario:
     return w.scenario()
 
 
-def _assert_totals(totals: Totals, summary: str) -> None:
-    assert totals.states > totals.crash_points, summary
-    assert not totals.failures, summary + "\n\n" + "\n\n".join(totals.failures)
-    assert totals.ok and totals.lost == 0 and totals.corrupt == 0, summary
-
-
 @pytest.mark.parametrize("torn", [False, True], ids=["whole", "torn"])
 @pytest.mark.parametrize("name", list(WORKLOADS))
 def test_every_crash_state_recovers(
@@ -164,38 +159,26 @@ def test_every_crash_state_recovers(
     summary = totals.line(f"{sc.name} {'torn' if torn else 'whole'}")
     crash_summary(summary)
     assert totals.qemu_checks > 0
-    _assert_totals(totals, summary)
+    assert_totals(totals, summary)
 
 
 # ---- the workloads do what they claim ------------------------------------------------
 
 
-def _final(sc: Scenario) -> QedImage:
-    from crashkit import MemoryStore, open_qed
-
-    async def go() -> QedImage:
-        store = MemoryStore(bytes(sc.crash.data), writable=False)
-        header, area = await QedImage.read_header(store)
-        name = header.backing_filename(area)
-        return await open_qed(store, header, area, backing=sc.backing_image(name), readonly=True)
-
-    return run(go())
-
-
 def test_the_workloads_copy_and_drop_as_they_claim() -> None:
-    cor = _final(scenario("cor_reads"))
+    cor = final_image(scenario("cor_reads"))
     assert cor.backing_filename == "base.raw"
     statuses = [run(cor.block_status(c * CS, CS))[0].kind.value for c in range(1, 10)]
     assert statuses == ["data"] * 4 + ["zero"] * 3 + ["data", "unallocated"]
     assert cor.l1_table[1] != 0  # the read across the boundary made the second table
     for name in ("stream_full", "stream_resumed", "stream_with_guest_writes"):
-        img = _final(scenario(name))
+        img = final_image(scenario(name))
         assert img.backing_filename is None and not img.header.has_backing_file, name
     resumed = scenario("stream_resumed")
     assert [op.kind for op in resumed.ops] == ["cor", "write", "backing", "write"]
     kinds = [op.kind for op in scenario("stream_with_guest_writes").ops]
     assert kinds == ["write", "write", "zero", "backing"]
-    between = _final(scenario("stream_with_guest_writes"))
+    between = final_image(scenario("stream_with_guest_writes"))
     zeros = run(between.block_status(26 * CS, 2 * CS))
     assert [e.kind.value for e in zeros] == ["zero"]  # the guest's zero clusters stayed
 

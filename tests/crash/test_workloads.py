@@ -31,9 +31,10 @@ from crashkit import (
     MiB,
     QemuChecker,
     Scenario,
-    Totals,
     Workload,
+    assert_totals,
     crash_all,
+    final_image,
     pattern,
     round_down,
     round_up,
@@ -364,12 +365,6 @@ async def write_batch_over_backing() -> Scenario:
 SMALL = list(WORKLOADS)
 
 
-def _assert_totals(totals: Totals, summary: str) -> None:
-    assert totals.states > totals.crash_points, summary
-    assert not totals.failures, summary + "\n\n" + "\n\n".join(totals.failures)
-    assert totals.ok and totals.lost == 0 and totals.corrupt == 0, summary
-
-
 @pytest.mark.parametrize("torn", [False, True], ids=["whole", "torn"])
 @pytest.mark.parametrize("name", SMALL)
 def test_every_crash_state_recovers(
@@ -384,27 +379,15 @@ def test_every_crash_state_recovers(
     summary = totals.line(f"{sc.name} {'torn' if torn else 'whole'}")
     crash_summary(summary)
     assert totals.qemu_checks > 0
-    _assert_totals(totals, summary)
+    assert_totals(totals, summary)
 
 
 # ---- the workloads do what they claim ------------------------------------------------
 
 
-def _after(sc: Scenario) -> QedImage:
-    """The workload's final image (every write persisted), opened read-only."""
-
-    async def go() -> QedImage:
-        store = MemoryStore(bytes(sc.crash.data), writable=False)
-        header, area = await QedImage.read_header(store)
-        name = header.backing_filename(area)
-        return await open_qed(store, header, area, backing=sc.backing_image(name), readonly=True)
-
-    return run(go())
-
-
 def test_resize_hides_a_longer_backing_file_with_zero_clusters() -> None:
     sc = scenario("resize_over_longer_backing")
-    img = _after(sc)
+    img = final_image(sc)
     kinds = {ext.kind for ext in run(img.block_status(round_up(OLD_OVER), MiB + 256 * 1024))}
     assert kinds == {ExtentKind.ZERO, ExtentKind.DATA}  # zero clusters (and a write)
     assert img.l1_table[1] != 0  # the zeroing made a new L2 table
@@ -454,7 +437,7 @@ def test_backing_change_workloads_change_the_header() -> None:
         ("backing_removed", None),
         ("backing_added", "base.raw"),
     ]:
-        img = _after(scenario(name))
+        img = final_image(scenario(name))
         assert img.backing_filename == want, name
 
 
@@ -522,7 +505,7 @@ def test_large_random_workload(
     seed = 20240 + backing
     name = f"random-{'overlay' if backing else 'fresh'}.qed"
     sc = run(random_workload(name, seed, scaled(300), backing=backing))
-    img = _after(sc)
+    img = final_image(sc)
     assert sum(1 for entry in img.l1_table if entry) == 6  # every L2 table in use
     assert len(sc.ops) == scaled(300)
     points = sample_points(sc.crash, scaled(60), seed=seed)
@@ -534,7 +517,7 @@ def test_large_random_workload(
     )
     crash_summary(summary)
     assert totals.qemu_checks > 0
-    _assert_totals(totals, summary)
+    assert_totals(totals, summary)
 
 
 # =====================================================================================

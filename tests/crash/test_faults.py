@@ -836,27 +836,7 @@ def test_cli_convert_past_the_file_size_limit(qemu: Any, tmp_path: Path, fmt: st
     _convert_fails(qemu, src, dst, fmt, result, os.strerror(errno.EFBIG))
 
 
-# ---- ENOSPC for real: a small tmpfs (root only) -------------------------------------
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs mounted for the test (needs root; the one acceptable skip)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs for real ENOSPC needs root")
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "qedkit-enospc", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+# ---- ENOSPC for real: a small tmpfs (root only; small_fs in tests/conftest.py) ------
 
 
 def test_cli_io_write_on_a_full_file_system(qemu: Any, small_fs: Path) -> None:

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import struct
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -388,26 +387,6 @@ def test_qed_check_in_a_read_only_directory_keeps_the_leak_and_says_why(world_di
     # No corruption is left: this run finds a plain leak and removes it, saving nothing.
     assert rc == 0, out + err
     assert "Saved" not in out and err == ""
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs mounted for the test (needs root; the one acceptable skip)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs for real ENOSPC needs root")
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "qedkit-enospc", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_a_full_file_system_keeps_the_leak(small_fs: Path) -> None:

@@ -87,7 +87,6 @@ import io
 import json
 import os
 import random
-import resource
 import shutil
 import struct
 import subprocess
@@ -99,6 +98,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from fuzzkit import capped_address_space
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from qedtest import IN_CI
@@ -381,30 +381,14 @@ def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzEnv]:
         env.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _vm_size() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 @pytest.fixture(scope="module", autouse=True)
 def memory_cap() -> Iterator[None]:
     """Cap the address space of the test process while the fuzzer runs: an image
     must not make qedkit allocate gigabytes (a table entry is an untrusted number),
     and with the cap such an allocation fails with MemoryError (a failure naming
     the culprit) instead of waking the OOM killer. Restored afterwards."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    vm = _vm_size()
-    cap = vm + MEMORY_MARGIN if vm else resource.RLIM_INFINITY
-    if hard != resource.RLIM_INFINITY:
-        cap = min(cap, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    try:
+    with capped_address_space(MEMORY_MARGIN):
         yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def _sha(path: Path) -> str:

@@ -32,22 +32,20 @@ from typing import Any
 
 import pytest
 import test_fuzz_qcow2 as qcow2_fuzz
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from test_fuzz_qcow2 import (
     CASE_TIMEOUT,
-    CHUNK,
-    HEAD_READ,
-    READ_CAP,
     Env,
     Mutation,
     apply,
+    fuzz_settings,
     mutations,
+    read_mapped,
 )
 
 from qedkit.engine.chain import open_for_conversion, open_image
 from qedkit.engine.check import check_image
-from qedkit.engine.mapping import map_chain
 from qedkit.engine.qcow2 import Qcow2Image
 from qedkit.engine.qed import QedImage
 from qedkit.errors import QedError
@@ -59,7 +57,6 @@ memory_cap = qcow2_fuzz.memory_cap
 
 SCALE = max(1, round(float(os.environ.get("QEDKIT_FUZZ_SCALE") or 1)))
 EXAMPLES = 200 * SCALE
-_SEED = os.environ.get("QEDKIT_FUZZ_SEED")
 
 
 async def _reference(path: Path) -> dict[int, bytes] | None:
@@ -69,19 +66,7 @@ async def _reference(path: Path) -> dict[int, bytes] | None:
     except QedError:
         return None
     try:
-        ranges = [(0, min(img.size, HEAD_READ))]
-        budget = READ_CAP
-        for e in await map_chain(img):
-            if e.present and not e.zero and e.end > HEAD_READ and budget > 0:
-                start = max(e.start, HEAD_READ)
-                n = min(e.end - start, budget)
-                ranges.append((start, n))
-                budget -= n
-        reads = {}
-        for start, n in ranges:
-            for pos in range(start, start + n, CHUNK):
-                reads[pos] = await img.read(pos, min(CHUNK, start + n - pos))
-        return reads
+        return await read_mapped(img)
     except QedError:
         return None
     finally:
@@ -140,14 +125,7 @@ def _case(path: Path) -> tuple[str, list[str]]:
         loop.close()
 
 
-@seed(int(_SEED or 0))
-@settings(
-    max_examples=EXAMPLES,
-    derandomize=_SEED is None,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@fuzz_settings(EXAMPLES)
 @given(
     seed_name=st.sampled_from(
         ["plain", "v2", "zlib", "zstd", "extl2", "backing", "snapshot", "c512", "bitmaps"]

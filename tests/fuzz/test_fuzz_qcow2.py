@@ -37,16 +37,16 @@ import hashlib
 import io
 import os
 import random
-import resource
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fuzzkit import capped_address_space
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from qedtest import IN_CI
@@ -191,17 +191,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 def memory_cap() -> Iterator[None]:
     """An image must not make qedkit allocate gigabytes: cap the address space while
     the fuzzer runs (MemoryError instead of the OOM killer)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    with open("/proc/self/status") as f:
-        vm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:")), 0)
-    cap = vm + (4 << 30) if vm else resource.RLIM_INFINITY
-    if hard != resource.RLIM_INFINITY:
-        cap = min(cap, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    try:
+    with capped_address_space(4 << 30):
         yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 # ==========================================================================================
@@ -442,23 +433,30 @@ async def _open_recorded(path: Path) -> tuple[BlockImage, NoWriteStore]:
         raise
 
 
+async def read_mapped(img: BlockImage) -> dict[int, bytes]:
+    """What the qcow2 fuzzers read of an image, by guest offset: the first HEAD_READ
+    bytes, then what its map says holds data past them (READ_CAP bytes at most), in
+    reads of CHUNK bytes. Failure: the QedError of the map or of a read."""
+    ranges = [(0, min(img.size, HEAD_READ))]
+    budget = READ_CAP
+    for e in await map_chain(img):
+        if e.present and not e.zero and e.end > HEAD_READ and budget > 0:
+            start = max(e.start, HEAD_READ)
+            n = min(e.end - start, budget)
+            ranges.append((start, n))
+            budget -= n
+    reads = {}
+    for start, n in ranges:
+        for pos in range(start, start + n, CHUNK):
+            reads[pos] = await img.read(pos, min(CHUNK, start + n - pos))
+    return reads
+
+
 async def _read_step(path: Path, errors: list[str]) -> tuple[int, dict[int, bytes]] | None:
     img, store = await _open_recorded(path)
-    reads: dict[int, bytes] = {}
     try:
         await img.info()
-        entries = await map_chain(img)
-        ranges = [(0, min(img.size, HEAD_READ))]
-        budget = READ_CAP
-        for e in entries:
-            if e.present and not e.zero and e.end > HEAD_READ and budget > 0:
-                start = max(e.start, HEAD_READ)
-                n = min(e.end - start, budget)
-                ranges.append((start, n))
-                budget -= n
-        for start, n in ranges:
-            for pos in range(start, start + n, CHUNK):
-                reads[pos] = await img.read(pos, min(CHUNK, start + n - pos))
+        reads = await read_mapped(img)
         for pos in range(0, min(img.size, 256 * KiB) - 1000, 7919):
             piece = await img.read(pos, 1000)
             block = reads[pos - pos % CHUNK] + reads.get(pos - pos % CHUNK + CHUNK, b"")
@@ -511,14 +509,25 @@ def run_case(path: Path, target: Path) -> list[str]:
 _SEED = os.environ.get("QEDKIT_FUZZ_SEED")
 
 
-@seed(int(_SEED or 0))
-@settings(
-    max_examples=EXAMPLES,
-    derandomize=_SEED is None,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+def fuzz_settings(max_examples: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The hypothesis settings of the qcow2 fuzzers: ``max_examples`` cases, the
+    derandomized sequence unless QEDKIT_FUZZ_SEED names a seed, no database, no
+    deadline (a watchdog bounds each case)."""
+    base = settings(
+        max_examples=max_examples,
+        derandomize=_SEED is None,
+        database=None,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return seed(int(_SEED or 0))(base(fn))
+
+    return apply
+
+
+@fuzz_settings(EXAMPLES)
 @given(
     seed_name=st.sampled_from(
         ["plain", "v2", "zlib", "zstd", "extl2", "backing", "snapshot", "c512", "bitmaps"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -37,6 +37,25 @@ def server() -> Iterator[FaultyHttpServer]:
 
 def store_for(server: FaultyHttpServer, options: RemoteOptions = OPTIONS) -> RemoteStore:
     return open_url(server.url, options=options)
+
+
+def _read_fails_after(
+    server: FaultyHttpServer, change: Callable[[], None], offset: int, match: str
+) -> StoreError:
+    """Open a store on ``server`` and learn the size, then ``change()`` the server: a
+    read of 10 bytes at ``offset`` must fail with a StoreError matching ``match``
+    (returned). The store is closed again."""
+    store = store_for(server)
+
+    async def go() -> StoreError:
+        await store.size()
+        change()
+        with pytest.raises(StoreError, match=match) as info:
+            await store.read(offset, 10)
+        await store.close()
+        return info.value
+
+    return run(go())
 
 
 async def read_all(store: RemoteStore, chunk: int = 256 * KiB) -> bytes:
@@ -238,17 +257,11 @@ def test_a_server_that_says_nothing_times_out(server: FaultyHttpServer) -> None:
 def test_a_permanent_http_error_is_reported_at_once(
     server: FaultyHttpServer, status: int, message: str
 ) -> None:
-    store = store_for(server)
-
-    async def go() -> None:
-        await store.size()
+    def fail_from_now_on() -> None:
         server.faults.always_status = status
-        with pytest.raises(StoreError, match=message) as info:
-            await store.read(AT, 10)
-        assert str(info.value).startswith(server.url + ": ")
-        await store.close()
 
-    run(go())
+    error = _read_fails_after(server, fail_from_now_on, AT, message)
+    assert str(error).startswith(server.url + ": ")
     assert len(server.requests) == 2  # the open and one attempt: no retries
 
 
@@ -261,31 +274,19 @@ def test_a_missing_image_fails_at_open(server: FaultyHttpServer) -> None:
 
 
 def test_a_changed_remote_size_is_reported(server: FaultyHttpServer) -> None:
-    store = store_for(server)
-
-    async def go() -> None:
-        await store.size()
+    def grow() -> None:
         server.faults.size_claim = len(DATA) + 4096  # Content-Range says so
-        with pytest.raises(StoreError, match=r"remote size changed from 4194304 to 4198400"):
-            await store.read(AT, 10)
-        await store.close()
 
-    run(go())
+    _read_fails_after(server, grow, AT, r"remote size changed from 4194304 to 4198400")
 
 
 def test_a_shrunk_image_answering_416_is_reported_as_a_size_change(
     server: FaultyHttpServer,
 ) -> None:
-    store = store_for(server)
-
-    async def go() -> None:
-        await store.size()
+    def shrink() -> None:
         server.data = DATA[:MiB]  # same ETag: only the size tells
-        with pytest.raises(StoreError, match=r"remote size changed from 4194304 to 1048576"):
-            await store.read(3 * MiB, 10)
-        await store.close()
 
-    run(go())
+    _read_fails_after(server, shrink, 3 * MiB, r"remote size changed from 4194304 to 1048576")
 
 
 def test_an_image_replaced_by_another_of_the_same_size_is_reported(
@@ -323,16 +324,12 @@ def test_a_server_that_ignores_range_is_refused_clearly(server: FaultyHttpServer
 def test_a_server_that_starts_ignoring_range_is_refused_clearly(
     server: FaultyHttpServer,
 ) -> None:
-    store = store_for(server)
-
-    async def go() -> None:
-        await store.size()
+    def start_ignoring() -> None:
         server.faults.ignore_range = True
-        with pytest.raises(StoreError, match="ignored the Range of a request for bytes 131072-"):
-            await store.read(AT, 10)
-        await store.close()
 
-    run(go())
+    _read_fails_after(
+        server, start_ignoring, AT, "ignored the Range of a request for bytes 131072-"
+    )
 
 
 def test_an_empty_remote_image_has_size_zero() -> None:

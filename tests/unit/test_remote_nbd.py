@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,7 +18,7 @@ from remotekit import KiB, MiB, NbdThreadServer, pattern
 
 from qedkit.errors import StoreError, UnsupportedFeatureError
 from qedkit.store.nbdclient import NbdAddress, parse_nbd_url
-from qedkit.store.remote import RemoteOptions, RetryPolicy
+from qedkit.store.remote import RemoteOptions, RemoteStore, RetryPolicy
 from qedkit.store.url import open_url
 
 T = TypeVar("T")
@@ -108,22 +108,19 @@ def test_an_unknown_export_is_refused_naming_it(tmp_path: Path) -> None:
         run(store.close())
 
 
-def test_a_server_that_goes_away_fails_clearly_and_works_once_back(tmp_path: Path) -> None:
-    sock = tmp_path / "s.sock"
-    server = NbdThreadServer(DATA, sock).start()
+def _with_restartable_server(
+    tmp_path: Path, body: Callable[[NbdThreadServer, RemoteStore], Awaitable[None]]
+) -> None:
+    """Run ``body(server, store)``: a server on a unix socket in ``tmp_path`` (the
+    body may stop and start it again), and a store on it that has read its first
+    bytes. Both are closed afterwards, whatever the body did."""
+    server = NbdThreadServer(DATA, tmp_path / "s.sock").start()
     store = open_url(server.url, options=OPTIONS)
 
     async def go() -> None:
         try:
             assert await store.read(0, 10) == DATA[:10]
-            await asyncio.to_thread(server.stop)
-            with pytest.raises(StoreError) as info:
-                await store.read(3 * MiB, 10)
-            message = str(info.value)
-            assert message.startswith(server.url + ": read of 65536 bytes at offset 3145728")
-            assert "after 3 attempts" in message
-            await asyncio.to_thread(server.start)  # back, on the same socket
-            assert await store.read(3 * MiB, 10) == DATA[3 * MiB : 3 * MiB + 10]
+            await body(server, store)
         finally:
             await store.close()
 
@@ -131,28 +128,31 @@ def test_a_server_that_goes_away_fails_clearly_and_works_once_back(tmp_path: Pat
         run(go())
     finally:
         server.stop()
+
+
+def test_a_server_that_goes_away_fails_clearly_and_works_once_back(tmp_path: Path) -> None:
+    async def body(server: NbdThreadServer, store: RemoteStore) -> None:
+        await asyncio.to_thread(server.stop)
+        with pytest.raises(StoreError) as info:
+            await store.read(3 * MiB, 10)
+        message = str(info.value)
+        assert message.startswith(server.url + ": read of 65536 bytes at offset 3145728")
+        assert "after 3 attempts" in message
+        await asyncio.to_thread(server.start)  # back, on the same socket
+        assert await store.read(3 * MiB, 10) == DATA[3 * MiB : 3 * MiB + 10]
+
+    _with_restartable_server(tmp_path, body)
 
 
 def test_an_export_whose_size_changed_across_a_reconnect_is_refused(tmp_path: Path) -> None:
-    sock = tmp_path / "s.sock"
-    server = NbdThreadServer(DATA, sock).start()
-    store = open_url(server.url, options=OPTIONS)
+    async def body(server: NbdThreadServer, store: RemoteStore) -> None:
+        await asyncio.to_thread(server.stop)
+        server.data = DATA + bytes(MiB)
+        await asyncio.to_thread(server.start)
+        with pytest.raises(StoreError, match="remote size changed from 4194304 to 5242880"):
+            await store.read(3 * MiB, 10)
 
-    async def go() -> None:
-        try:
-            assert await store.read(0, 10) == DATA[:10]
-            await asyncio.to_thread(server.stop)
-            server.data = DATA + bytes(MiB)
-            await asyncio.to_thread(server.start)
-            with pytest.raises(StoreError, match="remote size changed from 4194304 to 5242880"):
-                await store.read(3 * MiB, 10)
-        finally:
-            await store.close()
-
-    try:
-        run(go())
-    finally:
-        server.stop()
+    _with_restartable_server(tmp_path, body)
 
 
 # ---- hand-written servers -----------------------------------------------------------

@@ -166,8 +166,7 @@ class Scenario:
     def backing_image(self, name: str | None) -> BlockImage | None:
         if name is None:
             return None
-        data = self.backings[name]
-        return RawImage(MemoryStore(data, name=name, writable=False), len(data))
+        return raw_backing(self.backings[name], name)
 
 
 class Workload:
@@ -219,20 +218,10 @@ class Workload:
         backings = dict(other_backings or {})
         if backing is not None:
             backings[backing_name] = backing
-        fmt = MemoryStore(name=name)
-        await QedImage.format_store(
-            fmt,
-            size,
-            cluster_size=CS,
-            table_size=TABLE_SIZE,
-            backing_name=backing_name if backing is not None else None,
-            backing_raw=True,
-        )
+        fmt = await new_qed(name, size, backing_name if backing is not None else None)
 
         def backing_image() -> BlockImage | None:
-            if backing is None:
-                return None
-            return RawImage(MemoryStore(backing, name=backing_name, writable=False), len(backing))
+            return raw_backing(backing, backing_name)
 
         if prepare is not None:
             header, area = await QedImage.read_header(fmt)
@@ -473,6 +462,28 @@ class Workload:
             max_size=max_size,
             touched=merge_ranges(spans),
         )
+
+
+async def new_qed(name: str, size: int, backing_name: str | None = None) -> MemoryStore:
+    """A new QED image of ``size`` (CS clusters, TABLE_SIZE tables) in a MemoryStore
+    ``name``, over the raw backing file ``backing_name`` if given (recorded as raw)."""
+    store = MemoryStore(name=name)
+    await QedImage.format_store(
+        store,
+        size,
+        cluster_size=CS,
+        table_size=TABLE_SIZE,
+        backing_name=backing_name,
+        backing_raw=True,
+    )
+    return store
+
+
+def raw_backing(data: bytes | None, name: str) -> RawImage | None:
+    """``data`` as a read-only raw image named ``name`` (a backing file); None for None."""
+    if data is None:
+        return None
+    return RawImage(MemoryStore(data, name=name, writable=False), len(data))
 
 
 def merge_ranges(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

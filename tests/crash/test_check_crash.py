@@ -52,7 +52,9 @@ from crashkit import (
     assert_totals,
     crash_all,
     merge_ranges,
+    new_qed,
     pattern,
+    raw_backing,
     run,
     scaled,
 )
@@ -63,7 +65,6 @@ from qedkit.engine.chain import open_qed
 from qedkit.engine.check import RepairMode, check_image
 from qedkit.engine.lostfound import LostFoundTar, Orphan, Reader, SavedRun
 from qedkit.engine.qed import QedImage
-from qedkit.engine.raw import RawImage
 from qedkit.format.header import Feature
 from qedkit.store import CrashStore, MemoryStore
 
@@ -143,19 +144,9 @@ async def _build(
     backing_name = "base.raw"
 
     def backing_image() -> BlockImage | None:
-        if backing is None:
-            return None
-        return RawImage(MemoryStore(backing, name=backing_name, writable=False), len(backing))
+        return raw_backing(backing, backing_name)
 
-    fmt = MemoryStore(name=name)
-    await QedImage.format_store(
-        fmt,
-        size,
-        cluster_size=CS,
-        table_size=TABLE_SIZE,
-        backing_name=backing_name if backing is not None else None,
-        backing_raw=True,
-    )
+    fmt = await new_qed(name, size, backing_name if backing is not None else None)
     header, area = await QedImage.read_header(fmt)
     img = await open_qed(fmt, header, area, backing=backing_image(), readonly=False)
     for i, c in enumerate(clusters):

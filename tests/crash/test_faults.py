@@ -47,6 +47,7 @@ from crashkit import (
     TABLE_SIZE,
     MiB,
     fresh_image_workload,
+    new_qed,
     pattern,
     round_down,
     round_up,
@@ -226,15 +227,7 @@ def _backing_image(data: bytes | None, wrap: bool) -> tuple[BlockImage | None, F
 
 def _format(case: Case) -> bytes:
     async def go() -> bytes:
-        fmt = MemoryStore(name=IMG)
-        await QedImage.format_store(
-            fmt,
-            case.size,
-            cluster_size=CS,
-            table_size=TABLE_SIZE,
-            backing_name=BASE if case.backing is not None else None,
-            backing_raw=True,
-        )
+        fmt = await new_qed(IMG, case.size, BASE if case.backing is not None else None)
         return bytes(fmt.data)
 
     return run(go())

@@ -36,10 +36,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_fuzz_qcow2 import (
     CASE_TIMEOUT,
+    SEED_NAMES,
     Env,
     Mutation,
-    apply,
     fuzz_settings,
+    mutated,
     mutations,
     read_mapped,
 )
@@ -127,19 +128,14 @@ def _case(path: Path) -> tuple[str, list[str]]:
 
 @fuzz_settings(EXAMPLES)
 @given(
-    seed_name=st.sampled_from(
-        ["plain", "v2", "zlib", "zstd", "extl2", "backing", "snapshot", "c512", "bitmaps"]
-    ),
+    seed_name=st.sampled_from(SEED_NAMES),
     muts=st.lists(mutations, min_size=0, max_size=3),
 )
 def test_hostile_qcow2_images_converted_in_place_give_qed_errors_and_no_writes(
     env: Env, fuzz_counter: Any, seed_name: str, muts: list[Mutation]
 ) -> None:
     fuzz_counter.hit("inplace")
-    seed = env.seeds[seed_name]
-    data = bytearray(seed.data)
-    for m in muts:
-        data = apply(seed, data, m)
+    data = mutated(env.seeds[seed_name], muts)
     env.serial += 1
     path = env.workdir / f"inplace{env.serial}.qcow2"
     path.write_bytes(data)

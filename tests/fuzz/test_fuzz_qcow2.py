@@ -73,6 +73,8 @@ HEAD_READ = 4 * MiB
 READ_CAP = 16 * MiB
 CHUNK = 64 * KiB
 CONVERT_LIMIT = 256 * MiB
+# The seed images (made by qemu-img in ``env``), by name.
+SEED_NAMES = ["plain", "v2", "zlib", "zstd", "extl2", "backing", "snapshot", "c512", "bitmaps"]
 
 
 # ==========================================================================================
@@ -309,6 +311,14 @@ def _entry_value(seed: Seed, size: int, value: str, k: int) -> int:
     return choices[value]
 
 
+def mutated(seed: Seed, muts: Sequence[Mutation]) -> bytearray:
+    """The seed's bytes with ``muts`` applied in order."""
+    data = bytearray(seed.data)
+    for m in muts:
+        data = apply(seed, data, m)
+    return data
+
+
 def apply(seed: Seed, data: bytearray, m: Mutation) -> bytearray:
     size = len(data)
     if isinstance(m, SetField):
@@ -529,19 +539,14 @@ def fuzz_settings(max_examples: int) -> Callable[[Callable[..., Any]], Callable[
 
 @fuzz_settings(EXAMPLES)
 @given(
-    seed_name=st.sampled_from(
-        ["plain", "v2", "zlib", "zstd", "extl2", "backing", "snapshot", "c512", "bitmaps"]
-    ),
+    seed_name=st.sampled_from(SEED_NAMES),
     muts=st.lists(mutations, min_size=1, max_size=4),
 )
 def test_hostile_qcow2_images_give_qed_errors_only_and_are_never_written(
     env: Env, fuzz_counter: Any, seed_name: str, muts: list[Mutation]
 ) -> None:
     fuzz_counter.hit("qcow2")
-    seed = env.seeds[seed_name]
-    data = bytearray(seed.data)
-    for m in muts:
-        data = apply(seed, data, m)
+    data = mutated(env.seeds[seed_name], muts)
     env.serial += 1
     path = env.workdir / f"case{env.serial}.qcow2"
     target = env.workdir / f"case{env.serial}.raw"

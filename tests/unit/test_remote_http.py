@@ -35,6 +35,18 @@ def server() -> Iterator[FaultyHttpServer]:
         yield srv
 
 
+def run_closing(store: RemoteStore, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, then close ``store`` (also when ``work`` raised)."""
+
+    async def go() -> T:
+        try:
+            return await work
+        finally:
+            await store.close()
+
+    return run(go())
+
+
 def store_for(server: FaultyHttpServer, options: RemoteOptions = OPTIONS) -> RemoteStore:
     return open_url(server.url, options=options)
 
@@ -73,14 +85,7 @@ def test_the_whole_image_reads_back_over_keep_alive_connections(
     server: FaultyHttpServer,
 ) -> None:
     store = store_for(server)
-
-    async def go() -> bytes:
-        try:
-            return await read_all(store)
-        finally:
-            await store.close()
-
-    assert run(go()) == DATA
+    assert run_closing(store, read_all(store)) == DATA
     ranges = [h["Range"] for _, h in server.requests]
     assert ranges[0] == "bytes=0-65535"  # the size (Content-Range) and the first block
     assert all(h.get("Accept-Encoding") == "identity" for _, h in server.requests)
@@ -90,14 +95,7 @@ def test_the_whole_image_reads_back_over_keep_alive_connections(
 def test_a_presigned_url_goes_out_unchanged(server: FaultyHttpServer) -> None:
     server.path = "/bucket/disk.raw?X-Amz-Signature=ab%2Fcd&X-Amz-Expires=300&x=a/b"
     store = store_for(server)
-
-    async def go() -> bytes:
-        try:
-            return await store.read(MiB, 100)
-        finally:
-            await store.close()
-
-    assert run(go()) == DATA[MiB : MiB + 100]
+    assert run_closing(store, store.read(MiB, 100)) == DATA[MiB : MiB + 100]
     assert {path for path, _ in server.requests} == {server.path}
     assert store.name == f"http://127.0.0.1:{server.port}/bucket/disk.raw?..."  # no secret
 
@@ -118,14 +116,7 @@ def test_user_and_password_in_the_url_become_basic_auth(server: FaultyHttpServer
 def test_a_chunked_body_without_content_length_is_read(server: FaultyHttpServer) -> None:
     server.faults.no_content_length = True
     store = store_for(server)
-
-    async def go() -> bytes:
-        try:
-            return await read_all(store)
-        finally:
-            await store.close()
-
-    assert run(go()) == DATA
+    assert run_closing(store, read_all(store)) == DATA
 
 
 # ---- transient faults ---------------------------------------------------------------

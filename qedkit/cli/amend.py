@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError, add_format, add_quiet, open_qed, parse_options, size_option
+from .common import UsageError, add_format, add_quiet, open_qed_only, parse_options, size_option
 
 AMEND_OPTIONS = {
     "cluster_size": "new cluster size in bytes (a power of two, 4k to 64M)",
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"unknown backing_fmt {backing_format!r} (known: {', '.join(SUPPORTED_FORMATS)})"
         )
-    img = open_qed(args.filename, args.format, "only QED images can be amended")
+    img = open_qed_only(args.filename, args.format, "only QED images can be amended")
     try:
         show = args.progress and not args.quiet
         with Progress(show, "amend", unit=" steps") as progress:

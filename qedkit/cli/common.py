@@ -7,7 +7,7 @@ type (the verb's usage and exit 2, like any bad flag value) and ``size_option``
 for values read after parsing (``qed: invalid size ...``, exit 1, as qemu-img
 reports a bad image size).
 
-``open_qed`` opens the image of a verb that works on QED images only and refuses
+``open_qed_only`` opens the image of a verb that works on QED images only and refuses
 another format with a usage error, the image closed again.
 
 This module imports nothing heavy: the verb modules import it when ``qed VERB``
@@ -136,7 +136,7 @@ def geometry(opts: dict[str, str]) -> tuple[int, int]:
     return cluster_size, table_size
 
 
-def open_qed(
+def open_qed_only(
     filename: str, fmt: str | None, refusal: str, *, backing_chain: bool = True
 ) -> QedImage:
     """Open ``filename`` (format ``fmt``, probed when None) for a verb that works on

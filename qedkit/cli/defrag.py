@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError, add_format, add_output, add_quiet, open_qed
+from .common import UsageError, add_format, add_output, add_quiet, open_qed_only
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ..jobs.defrag import Defragmenter
     from .progress import Progress, shown
 
-    img = open_qed(args.filename, args.format, "only QED images can be defragmented")
+    img = open_qed_only(args.filename, args.format, "only QED images can be defragmented")
     try:
         report = run_sync(check_image(img))
         if report.corruptions or report.check_errors:

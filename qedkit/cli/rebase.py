@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import FORMATS, add_format, add_quiet, open_qed
+from .common import FORMATS, add_format, add_quiet, open_qed_only
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from .progress import Progress
 
     name: str = args.base
-    top = open_qed(
+    top = open_qed_only(
         args.filename, args.format, "only QED images can be rebased", backing_chain=not args.unsafe
     )
     new: BlockImage | None = None

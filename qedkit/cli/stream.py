@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_format, add_output, add_quiet, open_qed, size_type
+from .common import add_format, add_output, add_quiet, open_qed_only, size_type
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..store.file import FileStore
     from .progress import Progress, shown
 
-    img = open_qed(args.filename, args.format, "only QED images have a backing file to stream")
+    img = open_qed_only(args.filename, args.format, "only QED images have a backing file to stream")
     try:
         if isinstance(img.store, FileStore):
             img.store.offload = True  # flushes on a thread: the next step goes on meanwhile

@@ -629,7 +629,7 @@ def main() -> int:
             ap.error(f"{tool} not found")
 
     files = (IMAGE, SOURCE, ALLOC_IMAGE, CHECK_IMAGE, CHECK_IMAGE + ".tag", "fio.json",
-             "prof.out", "qemu-nbd.log", "qed.log", "rusage.txt")  # fmt: skip
+             "prof.out", "qemu-nbd.log", "qed.log", "qed-a.log", "rusage.txt")  # fmt: skip
     with work_dir(args.dir, "qedkit-nbd-", keep=args.keep, files=files) as d:
         if len(str(d / "qed.sock")) > 100:
             ap.error(f"work directory path too long for a unix socket: {d}")
@@ -714,7 +714,7 @@ def bench(args: argparse.Namespace, d: Path) -> int:
         if anchor is not None:
             anchor_cmd = [*anchor, "serve", "--socket", str(sock), "-e", str(SHARED), str(image)]
             return {
-                "a": Server("qed serve (A)", anchor_cmd, sock, d / "qemu-nbd.log", qed_env),
+                "a": Server("qed serve (A)", anchor_cmd, sock, d / "qed-a.log", qed_env),
                 "b": Server("qed serve", qed_cmd, sock, d / "qed.log", qed_env),
             }
         return {

@@ -523,8 +523,7 @@ class QedIO(QedLookup):
             or self.readonly
             or self._alloc_lock.locked()
             or not header.needs_check
-            or self.backing is not None
-            or header.has_backing_file
+            or self._has_backing
             or self.alloc.home_allocation
         ):
             return False
@@ -837,7 +836,7 @@ class QedIO(QedLookup):
             return b""
         size = self.header.image_size
         if kind is ZERO or self.backing is None or start >= min(size, self.backing.size):
-            return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
+            return _zeros(n)
         buf = bytearray(n)
         await self._read_backing(start, memoryview(buf), limit=size)
         return buf
@@ -987,7 +986,7 @@ class QedIO(QedLookup):
             assert run.host_offset is not None
             await self.store.write_zeroes(run.host_offset, end - pos)
             return
-        await self._allocating_write(l1_index, pos, memoryview(_ZEROS)[: end - pos])
+        await self._allocating_write(l1_index, pos, _zeros(end - pos))
 
     def _below_is_zero(self, pos: int, end: int) -> bool:
         return self.backing is None or pos >= self.backing.size

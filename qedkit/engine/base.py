@@ -17,10 +17,14 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidRequestError, QedError, ReadOnlyError
 from ..store.base import Buffer, ByteStore
 from .names import full_backing_filename
+
+if TYPE_CHECKING:
+    from ..store.file import HostMapping
 
 
 class ExtentKind(enum.Enum):
@@ -115,6 +119,18 @@ class BlockImage(ABC):
         mapping over a local file); else None, and the caller uses ``readinto``. The
         NBD server's fast path for reads."""
         return None
+
+    # Whether block status host offsets point at the guest bytes themselves, unencoded,
+    # in ``self.store`` (QED, raw; not qcow2's external data files or compression).
+    host_offsets_are_data = False
+
+    def host_mapping(self) -> HostMapping | None:
+        """A read-only mapping (store.file.HostMapping) of the file that this layer's
+        block status host offsets point into, when the data lies there unencoded and
+        the file cannot change while mapped; else None. Compare's fast path."""
+        store = getattr(self, "store", None) if self.host_offsets_are_data else None
+        mapping = getattr(store, "host_mapping", None)
+        return mapping() if mapping is not None else None
 
     def readinto_now(self, offset: int, view: memoryview) -> bool:
         """Fill ``view`` at once if the driver can without waiting (as read_now);

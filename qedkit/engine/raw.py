@@ -14,6 +14,7 @@ from .base import BlockImage, Extent, ExtentKind, ImageInfo
 
 class RawImage(BlockImage):
     format_name = "raw"
+    host_offsets_are_data = True
 
     def __init__(self, store: ByteStore, size: int, *, filename: str | None = None) -> None:
         self.store = store

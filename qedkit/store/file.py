@@ -95,6 +95,53 @@ def _libc_call(name: str, *args: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+class HostMapping:
+    """A read-only shared mapping of a whole file, so that two ranges of mapped files
+    are compared in place (one memcmp) instead of being copied into buffers first.
+
+    A mapping faults with SIGBUS when the file shrinks under it, so FileStore hands
+    one out only while its locks keep every cooperating process from writing or
+    resizing the file (``resize_fenced``: opened read-only without force-share).
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        import ctypes
+        import mmap
+
+        libc = _libc()
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_int64,
+        ]  # fmt: skip
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self._libc = libc
+        self.address: int | None = address
+        self.size = size
+
+    def equal(self, offset: int, other: HostMapping, other_offset: int, length: int) -> bool:
+        """Whether ``length`` bytes at ``offset`` here equal those at ``other_offset``
+        of ``other``. Both ranges must lie inside their files (ValueError if not)."""
+        if self.address is None or other.address is None:
+            raise ValueError("the mapping is closed")
+        if not (offset >= 0 and offset + length <= self.size) or not (
+            other_offset >= 0 and other_offset + length <= other.size
+        ):
+            raise ValueError("range outside the mapped file")
+        found = self._libc.memcmp(self.address + offset, other.address + other_offset, length)
+        return int(found) == 0
+
+    def close(self) -> None:
+        if self.address is not None:
+            self._libc.munmap(self.address, self.size)
+            self.address = None
+
+
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with flags (os.posix_fallocate has none)."""
     _libc_call("fallocate", fd, mode, offset, length)
@@ -127,6 +174,9 @@ class FileStore(ByteStore):
         # Linux keeps the two coherent (direct I/O writes back and drops the cached
         # pages of its range).
         self.direct_fd: int | None = None
+        # Whether our locks keep every cooperating process (QEMU, qedkit) from
+        # resizing the file: only then may it be mapped (see host_mapping).
+        self.resize_fenced = False
         st = os.fstat(fd)
         self._is_regular = stat.S_ISREG(st.st_mode)
         self._can_punch = writable and self._is_regular
@@ -443,17 +493,34 @@ class FileStore(ByteStore):
                 return
             else:
                 raise _store_error(self.name, "cannot lock", exc) from exc
-        if conflicts:
-            self.unlock()
-            name = PERM_NAMES[conflicts[0]]
-            hint = "" if write or shared else "; use -U (force share) to inspect it anyway"
-            raise ImageLockedError(
-                f'failed to get "{name}" lock: the image is in use by another process{hint}',
-                filename=self.name,
-            )
+        if not conflicts:
+            self.resize_fenced = not write and PERM_RESIZE in unshared
+            return
+        self.unlock()
+        name = PERM_NAMES[conflicts[0]]
+        hint = "" if write or shared else "; use -U (force share) to inspect it anyway"
+        raise ImageLockedError(
+            f'failed to get "{name}" lock: the image is in use by another process{hint}',
+            filename=self.name,
+        )
+
+    def host_mapping(self) -> HostMapping | None:
+        """A read-only mapping of the whole file, or None where one is not safe: the
+        file is writable, or no lock of ours fences off writers and resizers (force
+        share, or a filesystem without OFD locks)."""
+        if not self.resize_fenced or self.capabilities.writable or not self._is_regular:
+            return None
+        size = self.size_now()
+        if size == 0:
+            return None
+        try:
+            return HostMapping(self.fd, size)
+        except OSError:
+            return None
 
     def unlock(self) -> None:
         """Drop every lock byte this store holds."""
+        self.resize_fenced = False
         for byte in (LOCK_PERM_BASE, LOCK_SHARED_BASE):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(

@@ -173,3 +173,46 @@ def test_holes_and_zero_clusters_on_both_sides_are_never_read(tmp_path: Path, qe
     result = run(go())
     assert result.outcome is Outcome.IDENTICAL
     assert result.bytes_read == 2 * 64 * 1024  # the one data cluster, on both sides
+
+
+def test_force_share_reads_through_the_buffers_and_says_the_same(images: Path) -> None:
+    """Without -U both QED and raw files are compared in place over read-only mappings
+    (our locks keep writers out); with -U they are not mapped but read. Both paths
+    must report the same result and offset for every pair."""
+    for a, b in PAIRS:
+        pa, pb = _path(images, a), _path(images, b)
+        mapped = qed_in_process("compare", pa, pb)
+        read = qed_in_process("compare", "-U", pa, pb)
+        assert (mapped.returncode, mapped.stdout) == (read.returncode, read.stdout), (a, b)
+
+
+def test_only_a_fenced_read_only_file_is_mapped(images: Path) -> None:
+    async def mapping(path: Path, **kw: Any) -> Any:
+        img = await open_image(str(path), **kw)
+        try:
+            m = img.host_mapping()
+            if m is not None:
+                m.close()
+            return m is not None
+        finally:
+            await img.close()
+
+    for name in ("data", "raw-data"):
+        path = _path(images, name)
+        assert run(mapping(path, readonly=True))
+        assert not run(mapping(path, readonly=True, force_share=True))
+    assert not run(mapping(_path(images, "qcow2-data"), readonly=True))  # host offsets are not data
+
+
+def test_a_writable_image_is_never_mapped(tmp_path: Path, qemu: Any) -> None:
+    path = tmp_path / "w.qed"
+    qemu.img("create", "-f", "qed", path, "4M")
+
+    async def go() -> Any:
+        img = await open_image(str(path))
+        try:
+            return img.host_mapping()
+        finally:
+            await img.close()
+
+    assert run(go()) is None

@@ -58,6 +58,7 @@ from .tables import Tables
 
 class QedImage(QedIO):
     format_name = "qed"
+    host_offsets_are_data = True
 
     def __init__(
         self,

@@ -53,7 +53,7 @@ from __future__ import annotations
 import enum
 import sys
 from array import array
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import compress
 from operator import sub
@@ -229,6 +229,11 @@ async def _scan(
     return scan
 
 
+def _linked(l1: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """The L1 entries that link an L2 table: (L1 index, table offset)."""
+    return ((i, offset) for i, offset in enumerate(l1) if offset)
+
+
 async def _exact_scan(source: ScanSource, checkpoint: Checkpoint | None, strict: bool) -> _Scan:
     """The scan entry by entry: every invalid entry and every cluster referenced
     twice noted with where it is; the bitmap of data clusters (``data``) filled."""
@@ -239,10 +244,7 @@ async def _exact_scan(source: ScanSource, checkpoint: Checkpoint | None, strict:
     l1 = source.l1
     span = geo.l2_entries * geo.cluster_size
     scan.mark(header.l1_table_offset, geo.table_size, "the L1 table")
-    for l1_index in range(len(l1)):
-        l2_offset = l1[l1_index]
-        if l2_offset == 0:
-            continue
+    for l1_index, l2_offset in _linked(l1):
         if checkpoint is not None:
             await checkpoint(l1_index, len(l1))
         where = header.l1_table_offset + 8 * l1_index
@@ -310,10 +312,7 @@ async def _quick_scan(
         return None
     used[first : first + ts] = b"\x01" * ts
     marks += ts
-    for l1_index in range(len(l1)):
-        l2_offset = l1[l1_index]
-        if l2_offset == 0:
-            continue
+    for l1_index, l2_offset in _linked(l1):
         if checkpoint is not None:
             await checkpoint(l1_index, len(l1))
         if not geo.is_valid_table_offset(l2_offset, source.file_end):

@@ -72,7 +72,8 @@ _libc_handle: Any = None
 
 
 def _libc() -> Any:
-    """libc through ctypes, for the calls the os module lacks (fallocate with flags).
+    """libc through ctypes, for the calls the os module lacks (fallocate with flags;
+    mmap, munmap and memcmp on addresses, for HostMapping).
     Imported on first use, and found as the process's own symbols (dlopen(NULL)):
     ``ctypes.util.find_library`` runs a subprocess (~10 ms), and ctypes is ~1 ms that
     most commands never need."""
@@ -82,6 +83,11 @@ def _libc() -> Any:
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        ptr, size = ctypes.c_void_p, ctypes.c_size_t
+        libc.mmap.restype = ptr
+        libc.mmap.argtypes = [ptr, size, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+        libc.munmap.argtypes = [ptr, size]
+        libc.memcmp.argtypes = [ptr, ptr, size]
         _libc_handle = libc
     return _libc_handle
 
@@ -109,13 +115,6 @@ class HostMapping:
         import mmap
 
         libc = _libc()
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [
-            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-            ctypes.c_int64,
-        ]  # fmt: skip
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
         address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         if address in (None, ctypes.c_void_p(-1).value):
             err = ctypes.get_errno()

@@ -263,13 +263,18 @@ class Workload:
         op.start = self.crash.position
         await coro
         op.end = self.crash.position
+        await self._record(op, before)
+        return op
+
+    async def _record(self, op: GuestOp, before: list[tuple[int, int]]) -> None:
+        """Log a finished request: the pieces it claimed (unallocated ``before``,
+        allocated now), and the image size and backing name after it."""
         if before:
             still = await self._unallocated(op.offset, op.stop)
             op.claimed = [piece for a, b in before for piece in _subtract(a, b, still)]
         op.size = self.img.size
         op.backing = self.backing_name
         self.ops.append(op)
-        return op
 
     async def _check_model(self, lo: int, hi: int) -> None:
         if not self.verify:
@@ -317,12 +322,7 @@ class Workload:
         assert results == [None] * len(writes), results
         for op, was in zip(ops, before, strict=True):
             op.start, op.end = start, end
-            if was:
-                still = await self._unallocated(op.offset, op.stop)
-                op.claimed = [piece for a, b in was for piece in _subtract(a, b, still)]
-            op.size = self.img.size
-            op.backing = self.backing_name
-            self.ops.append(op)
+            await self._record(op, was)
             self.model[op.offset : op.stop] = op.data
         for op in ops:
             await self._check_model(op.offset, op.stop)

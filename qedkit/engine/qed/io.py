@@ -986,7 +986,7 @@ class QedIO(QedLookup):
             assert run.host_offset is not None
             await self.store.write_zeroes(run.host_offset, end - pos)
             return
-        await self._allocating_write(l1_index, pos, memoryview(_zeros(end - pos)))
+        await self._allocating_write(l1_index, pos, _zeros(end - pos))
 
     def _below_is_zero(self, pos: int, end: int) -> bool:
         return self.backing is None or pos >= self.backing.size

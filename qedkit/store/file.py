@@ -391,24 +391,33 @@ class FileStore(ByteStore):
         self._check_writable()
         extents = await self.extents(src, length)
         if extents and not all(e.data for e in extents):
-            size = self.size_now()
             for ext in extents:
                 at = dst + ext.offset - src
                 if ext.data:
                     await self._copy_data(ext.offset, at, ext.length)
-                    size = max(size, at + ext.length)
-                    continue
-                inside = max(0, min(ext.length, size - at))  # stale bytes: punch
-                if inside:
-                    await self.write_zeroes(at, inside, punch=True)
-                if at + ext.length > size:  # past the end: growing the file is a hole
-                    await self.truncate(at + ext.length)
-                    size = at + ext.length
+                else:
+                    await self._hole(at, ext.length)
             covered = sum(e.length for e in extents)
             if covered < length:  # source past the end of the file
                 await self._copy_data(src + covered, dst + covered, length - covered)
             return
         await self._copy_data(src, dst, length)
+
+    async def _hole(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` a hole, growing the file to its end if it
+        is shorter, never shrinking it. The size is looked at only here, right before
+        the one write that grows it: while a copy waits on a worker thread the event
+        loop goes on, and an allocating write may extend the file past this range
+        (setting the size from an earlier look cut that write off: lost data). A
+        one-byte write grows the file only if it is shorter, in the kernel, and the
+        punch that follows keeps the size."""
+        end = offset + length
+        if end > self.size_now():
+            try:
+                os.pwrite(self.fd, b"\0", end - 1)
+            except OSError as exc:
+                raise _store_error(self.name, f"write at offset {end - 1} failed", exc) from exc
+        await self.write_zeroes(offset, length, punch=True)
 
     async def _copy_data(self, src: int, dst: int, length: int) -> None:
         done = 0

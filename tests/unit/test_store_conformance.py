@@ -224,6 +224,37 @@ class TestFileStore(StoreContract):
 
         run(go())
 
+    def test_copy_range_with_a_hole_never_cuts_what_grew_the_file_meanwhile(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A copy whose source ends in a hole, to a destination past the end of the
+        file, grows the file by a hole. While the data part is copied (on a worker
+        thread in a server) the event loop goes on, and an allocating write may put a
+        cluster further out: the copy must not set the size it saw before and cut
+        that cluster off (the online defragmentation lost guest data that way)."""
+        cs = 65536
+        store = self.make(tmp_path)
+        assert isinstance(store, FileStore)
+        store.offload = True
+        far, payload = 8 * cs, b"\xab" * cs
+        copy = store._copy_data
+
+        async def copy_while_a_write_extends_the_file(src: int, dst: int, length: int) -> None:
+            await copy(src, dst, length)
+            store.pwrite_now(far, payload)  # what another coroutine did meanwhile
+
+        async def go() -> None:
+            await store.write(0, b"d" * 4096)
+            await store.truncate(cs)  # cluster 0: 4 KiB of data, then a hole
+            monkeypatch.setattr(store, "_copy_data", copy_while_a_write_extends_the_file)
+            await store.copy_range(0, 2 * cs, cs)
+            assert await store.read(far, cs) == payload
+            assert await store.size() == far + cs
+            assert await store.read(2 * cs, cs) == b"d" * 4096 + bytes(cs - 4096)
+            await store.close()
+
+        run(go())
+
     def test_open_errors_name_the_file(self, tmp_path: Path) -> None:
         missing = str(tmp_path / "missing")
         with pytest.raises(StoreError, match="No such file") as info:

@@ -176,9 +176,9 @@ class Filled:
         )
 
 
-def _zeros(n: int) -> Buffer:
+def _zeros(n: int) -> memoryview:
     """``n`` zero bytes, without a copy up to 1 MiB."""
-    return _ZEROS_VIEW[:n] if n <= len(_ZEROS) else bytes(n)
+    return _ZEROS_VIEW[:n] if n <= len(_ZEROS) else memoryview(bytes(n))
 
 
 def fill_zero(view: memoryview) -> None:

@@ -15,11 +15,15 @@ takes a buffer again only once nothing else refers to it: every view of an ``mma
 (and every slice of one) holds one reference to it, through the buffer export, so
 its reference count tells whether a reply still uses it.
 
-Buffers come in powers of two from 64 KiB; each size keeps its buffers in a queue,
-oldest first, which is also the order the socket releases them. ``get`` looks at
-the oldest few: the first free one is reused; the ones in use go to the back (a
-reply a paused client has not taken must not hold up the reuse of the others: with
-only the oldest looked at, the pool of nbdcopy's two connections grew to its limit).
+Buffers come in powers of two from 64 KiB; each size keeps its buffers in a queue in
+the order they were last handed out. ``get`` looks at the newest few first and reuses
+the first free one: a reply the socket took at once frees its buffer right away, and
+handing that one out again keeps the working set to a few buffers that stay in the
+CPU's caches (a 256 KiB read from the page cache into a buffer just used took 25 us
+here, into the next of 128 buffers in turn 48 us; the send out of it gains the same).
+Then it looks at the oldest few, which go to the back when in use (a reply a paused
+client has not taken must not hold up the reuse of the others: with only the oldest
+looked at, the pool of nbdcopy's two connections grew to its limit).
 When all it looked at are in use, a new buffer is made while the pool is under its
 byte limit, and past it a fresh buffer is given that the pool does not keep (the
 cost of a fresh buffer, never a wait).
@@ -58,9 +62,21 @@ class BufferPool:
         queue = self._queues.get(size)
         if queue is None:
             queue = self._queues[size] = collections.deque()
-        for _ in range(min(len(queue), _LOOK)):
+        # The newest first: a buffer handed out last and already sent is still in
+        # the CPU's caches, for the read into it and the send out of it.
+        for i in range(1, min(len(queue), _LOOK) + 1):
+            buf = queue[-i]
+            if sys.getrefcount(buf) == _FREE_REFS:
+                if i > 1:
+                    del queue[-i]
+                    queue.append(buf)
+                self.reused += 1
+                return memoryview(buf)[:length]
+        # Then the oldest: the ones a paused client holds must not keep the others
+        # from being reused (the queue is in hand-out order).
+        for _ in range(min(len(queue) - _LOOK, _LOOK)):
             buf = queue[0]
-            queue.rotate(-1)  # in use or handed out: to the back of the queue
+            queue.rotate(-1)
             if sys.getrefcount(buf) == _FREE_REFS:
                 self.reused += 1
                 return memoryview(buf)[:length]

@@ -20,11 +20,28 @@ def test_a_buffer_is_reused_once_its_views_are_gone() -> None:
     kept = first[100:200]  # a slice, as a reply chunk might be
     del first
     second = pool.get(256 * 1024)
-    assert id(_base(second)) != base  # the slice still refers to the first buffer
+    newest = id(_base(second))
+    assert newest != base  # the slice still refers to the first buffer
     del kept, second
     third = pool.get(200 * 1024)  # same size class (256 KiB)
-    assert id(_base(third)) == base
-    assert (pool.made, pool.reused) == (2, 1)
+    assert id(_base(third)) == newest  # the newest free one: still in the CPU's caches
+    fourth = pool.get(256 * 1024)
+    assert id(_base(fourth)) == base  # the first, free now
+    assert (pool.made, pool.reused) == (2, 2)
+
+
+def test_a_reply_sent_at_once_keeps_reusing_one_buffer() -> None:
+    """Replies the socket takes at once: the same buffer every time, not each of the
+    pool's buffers in turn (a working set that leaves the caches)."""
+    pool = BufferPool()
+    held = [pool.get(256 * 1024) for _ in range(4)]  # made while in use
+    bases = [id(_base(v)) for v in held]
+    del held
+    for _ in range(10):
+        view = pool.get(256 * 1024)
+        assert id(_base(view)) == bases[-1]
+        del view
+    assert pool.made == 4
 
 
 def test_sizes_round_up_to_powers_of_two_from_the_minimum() -> None:

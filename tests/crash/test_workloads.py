@@ -409,9 +409,11 @@ def test_resize_hides_a_longer_backing_file_with_zero_clusters() -> None:
 
 
 def test_the_server_write_workloads_take_the_paths_they_claim() -> None:
-    # alloc_now_fresh: five allocations at once (synchronous writes in the log).
+    # alloc_now_fresh: five allocations at once (synchronous writes at the end of the
+    # file in the log: one pwritev with the copy-on-write zeros, or one pwrite of
+    # whole clusters).
     sc = scenario("alloc_now_fresh")
-    now = [op for op in sc.crash.ops if op.source == "pwritev_now"]
+    now = [op for op in sc.crash.ops if op.source in ("pwritev_now", "pwrite_now") and op.extends]
     assert len(now) == 5, sc.crash.describe_ops()
     # write_batch_fresh: the first group's new clusters (guest clusters 0, 3, 4, 1
     # and the new table's first) are one write at the end of the file; the write

@@ -507,8 +507,9 @@ class QedIO(QedLookup):
         it touches unallocated or a zero cluster. Otherwise False (nothing done).
 
         Order on disk, as ``_allocating_write``: the new clusters (data and zero
-        fill, one ``pwritev``), then the L2 sectors. Raises StoreError if a write
-        fails (the clusters it reserved are leaked; the table is unchanged)."""
+        fill, one ``pwritev``; whole clusters, one ``pwrite``), then the L2
+        sectors. Raises StoreError if a write fails (the clusters it reserved are
+        leaked; the table is unchanged)."""
         pwritev = self._pwritev_now
         pwrite = self._pwrite_now
         n = len(data)
@@ -543,14 +544,17 @@ class QedIO(QedLookup):
             if table[k] > L2_ZERO_CLUSTER:
                 return False  # allocated (or damaged: the general path says how)
         host = self.alloc.place_at_end(first, count)
-        buffers: list[Buffer] = [data]
         head = offset - (first << bits)
         tail = ((first + count) << bits) - end
-        if head:
-            buffers.insert(0, _zeros(head))
-        if tail:
-            buffers.append(_zeros(tail))
-        pwritev(host, buffers)
+        if head or tail:
+            buffers: list[Buffer] = [data]
+            if head:
+                buffers.insert(0, _zeros(head))
+            if tail:
+                buffers.append(_zeros(tail))
+            pwritev(host, buffers)
+        else:  # whole clusters (a 4 KiB write to 4 KiB clusters): no vector to build
+            pwrite(host, data)
         updates = {index + k: host + (k << bits) for k in range(count)}
         self.tables.write_entries_now(l1_index, table, updates, pwrite)
         return True

@@ -37,8 +37,8 @@ import sys
 
 MIN_SIZE = 64 * 1024  # smaller replies are cheap to allocate (malloc, no faults)
 DEFAULT_LIMIT = 32 * 1024 * 1024  # bytes kept: 2 connections x 64 x 256 KiB in flight
-# A pooled buffer nobody uses is referred to by its queue, the local name in get()
-# and getrefcount's argument.
+# A pooled buffer nobody uses is referred to by its queue, the local name in
+# _free_buffer() and getrefcount's argument.
 _FREE_REFS = 3
 # Buffers looked at before a new one is made: one reply a slow client has not taken
 # must not stop the reuse of the others (two connections, one of them paused).
@@ -62,24 +62,10 @@ class BufferPool:
         queue = self._queues.get(size)
         if queue is None:
             queue = self._queues[size] = collections.deque()
-        # The newest first: a buffer handed out last and already sent is still in
-        # the CPU's caches, for the read into it and the send out of it.
-        for i in range(1, min(len(queue), _LOOK) + 1):
-            buf = queue[-i]
-            if sys.getrefcount(buf) == _FREE_REFS:
-                if i > 1:
-                    del queue[-i]
-                    queue.append(buf)
-                self.reused += 1
-                return memoryview(buf)[:length]
-        # Then the oldest: the ones a paused client holds must not keep the others
-        # from being reused (the queue is in hand-out order).
-        for _ in range(min(len(queue) - _LOOK, _LOOK)):
-            buf = queue[0]
-            queue.rotate(-1)
-            if sys.getrefcount(buf) == _FREE_REFS:
-                self.reused += 1
-                return memoryview(buf)[:length]
+        buf = _free_buffer(queue)
+        if buf is not None:
+            self.reused += 1
+            return memoryview(buf)[:length]
         if self.kept + size > self.limit:
             return memoryview(mmap.mmap(-1, length))
         buf = mmap.mmap(-1, size)
@@ -87,3 +73,25 @@ class BufferPool:
         self.kept += size
         self.made += 1
         return memoryview(buf)[:length]
+
+
+def _free_buffer(queue: collections.deque[mmap.mmap]) -> mmap.mmap | None:
+    """A buffer of ``queue`` (in hand-out order, newest last) that nothing refers to,
+    moved to the back as the newest; None if the ones looked at are all in use.
+    The newest first: one handed out last and already sent is still in the CPU's
+    caches, for the read into it and the send out of it. Then the oldest, each sent
+    to the back when in use, so that the replies a paused client holds do not keep
+    the others from being reused."""
+    for i in range(1, min(len(queue), _LOOK) + 1):
+        buf = queue[-i]
+        if sys.getrefcount(buf) == _FREE_REFS:
+            if i > 1:
+                del queue[-i]
+                queue.append(buf)
+            return buf
+    for _ in range(min(len(queue) - _LOOK, _LOOK)):
+        buf = queue[0]
+        queue.rotate(-1)
+        if sys.getrefcount(buf) == _FREE_REFS:
+            return buf
+    return None

@@ -413,10 +413,7 @@ class FileStore(ByteStore):
         punch that follows keeps the size."""
         end = offset + length
         if end > self.size_now():
-            try:
-                os.pwrite(self.fd, b"\0", end - 1)
-            except OSError as exc:
-                raise _store_error(self.name, f"write at offset {end - 1} failed", exc) from exc
+            self.pwrite_now(end - 1, b"\0")
         await self.write_zeroes(offset, length, punch=True)
 
     async def _copy_data(self, src: int, dst: int, length: int) -> None:

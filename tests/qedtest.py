@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -29,6 +30,19 @@ def require_tool(name: str) -> str:
             pytest.fail(message + " (CI=true: tools the tests need must be installed)")
         pytest.skip(message)
     return path
+
+
+def require_speedups() -> ModuleType:
+    """qedkit's compiled helpers (qedkit/_speedups.c); skip (or, under CI=true, fail:
+    CI installs with a C compiler, so a missing module is a broken build) when they
+    were not built."""
+    try:
+        from qedkit import _speedups
+    except ImportError:
+        if IN_CI:
+            pytest.fail("qedkit._speedups was not built (CI=true: pip install needs gcc)")
+        pytest.skip("qedkit._speedups was not built")
+    return _speedups
 
 
 @dataclass

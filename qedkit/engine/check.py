@@ -65,6 +65,13 @@ from ..format.tables import L2_ZERO_CLUSTER, unpack_table
 from .lostfound import LostFound, Orphan, SavedRun
 from .qed import FREE, Mover, QedImage
 
+_MarkClusters = Callable[[bytes, bytearray, int], "tuple[int, int] | None"]
+_mark_clusters: _MarkClusters | None
+try:  # the optional compiled twin of the quick scan's inner loop (qedkit/_speedups.c)
+    from .._speedups import mark_clusters as _mark_clusters
+except ImportError:  # pragma: no cover - built wherever a C compiler was at install
+    _mark_clusters = None
+
 # Leaked clusters listed one by one in a report's problems (the count is ``leaks``):
 # an image with a million leaks would otherwise hold ~200 MB of messages.
 LEAK_PROBLEMS = 1000
@@ -288,8 +295,11 @@ async def _quick_scan(
     comes from the differences of neighbours (``map(sub)``). At the end the checks
     that need every mark: a cluster marked twice (fewer marks in ``used`` than
     were made), an entry in the header (a mark below ``header_size``); an entry
-    past the end of the file fails at its mark (IndexError). The counts are the
-    exact scan's whenever this returns a scan. A table that cannot be read raises
+    past the end of the file fails at its mark (IndexError). Where the compiled
+    helper is built (qedkit/_speedups.c, ``mark_clusters``), one C loop does each
+    table's work after the all-zero test, with the same outcome: None at a
+    misaligned entry, one past the end or a cluster marked twice. The counts are
+    the exact scan's whenever this returns a scan. A table that cannot be read raises
     when ``strict`` (as the exact scan would: the caller must not go on as if a
     second read had not been needed), else hands over to the exact scan, which
     counts it as a check error."""
@@ -329,6 +339,14 @@ async def _quick_scan(
                 raise
             return None
         if raw == zero_table:
+            continue
+        if _mark_clusters is not None:
+            counts = _mark_clusters(raw, used, bits)
+            if counts is None:
+                return None  # misaligned, past the end of the file or marked twice
+            scan.allocated += counts[0]
+            scan.fragmented += counts[1]
+            marks += counts[0]
             continue
         entries = _nonzero(raw, memoryview(raw).cast("Q") if _NATIVE_LE else unpack_table(raw))
         zero_clusters = entries.count(L2_ZERO_CLUSTER)

@@ -1,5 +1,7 @@
 """The check's quick scan (bulk tests per table) counts exactly as the exact scan on
-images without a problem, and hands every image with one to the exact scan."""
+images without a problem, and hands every image with one to the exact scan; both of
+its inner loops (the compiled helper of qedkit/_speedups.c and the pure-Python one)
+are held to that."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import struct
 from typing import Any
 
 import pytest
+from qedtest import require_speedups
 
+from qedkit.engine import check as check_module
 from qedkit.engine.check import (
     LEAK_PROBLEMS,
     ScanSource,
@@ -27,6 +31,16 @@ MiB = 1 << 20
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def inner_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with each of the quick scan's inner loops."""
+    if request.param == "compiled":
+        monkeypatch.setattr(check_module, "_mark_clusters", require_speedups().mark_clusters)
+    else:
+        monkeypatch.setattr(check_module, "_mark_clusters", None)
+    return str(request.param)
 
 
 async def _image(cluster_size: int, seed: int) -> tuple[QedImage, MemoryStore]:

@@ -66,7 +66,7 @@ def layer_of(name: str) -> str:
     if name == PROTOCOL or name.startswith(PROTOCOL + "."):
         return "protocol"
     top = parts[1]
-    if top == "version":  # a leaf like errors: importable from every layer
+    if top in ("version", "_speedups"):  # leaves like errors: importable everywhere
         return "errors"
     if top in ("api", "aio"):
         return "api"

@@ -55,6 +55,7 @@ import sys
 from array import array
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cache
 from itertools import compress
 from operator import sub
 
@@ -64,13 +65,6 @@ from ..format.header import Header
 from ..format.tables import L2_ZERO_CLUSTER, unpack_table
 from .lostfound import LostFound, Orphan, SavedRun
 from .qed import FREE, Mover, QedImage
-
-_MarkClusters = Callable[[bytes, bytearray, int], "tuple[int, int] | None"]
-_mark_clusters: _MarkClusters | None
-try:  # the optional compiled twin of the quick scan's inner loop (qedkit/_speedups.c)
-    from .._speedups import mark_clusters as _mark_clusters
-except ImportError:  # pragma: no cover - built wherever a C compiler was at install
-    _mark_clusters = None
 
 # Leaked clusters listed one by one in a report's problems (the count is ``leaks``):
 # an image with a million leaks would otherwise hold ~200 MB of messages.
@@ -286,36 +280,29 @@ async def _quick_scan(
     allows (a 1 TiB image can have 16M entries): None at the first sign of a
     problem, for the exact scan to find and word it.
 
-    Per table, in bulk (C loops over the table's bytes, no Python per entry): the
-    non-zero entries are picked out (``filter``), the zero clusters counted, and
-    every entry checked cluster-aligned at once on the columns of its low bytes in
-    the table's on-disk bytes (little-endian: ``raw[k::8]`` is byte k of every
-    entry; all zero but the low byte of the zero-cluster entries). Then
-    per data entry only the cluster is marked in ``used``; the fragmented count
-    comes from the differences of neighbours (``map(sub)``). At the end the checks
-    that need every mark: a cluster marked twice (fewer marks in ``used`` than
-    were made), an entry in the header (a mark below ``header_size``); an entry
-    past the end of the file fails at its mark (IndexError). Where the compiled
-    helper is built (qedkit/_speedups.c, ``mark_clusters``), one C loop does each
-    table's work after the all-zero test, with the same outcome: None at a
-    misaligned entry, one past the end or a cluster marked twice. The counts are
-    the exact scan's whenever this returns a scan. A table that cannot be read raises
-    when ``strict`` (as the exact scan would: the caller must not go on as if a
-    second read had not been needed), else hands over to the exact scan, which
-    counts it as a check error."""
+    Per table, one call of ``_mark_clusters`` marks its data clusters in ``used``
+    and counts them: the compiled loop of qedkit/_speedups.c where it was built,
+    else its pure-Python twin ``_mark_clusters_py``, which works in bulk (C loops
+    over the table's bytes, no Python per entry): the non-zero entries picked out
+    (``filter``), every entry checked cluster-aligned at once on the columns of its
+    low bytes in the table's on-disk bytes (little-endian: ``raw[k::8]`` is byte k
+    of every entry; all zero but the low byte of the zero-cluster entries), then per
+    data entry only the mark; the fragmented count from the differences of
+    neighbours (``map(sub)``). An entry past the end of the file fails at its mark.
+    At the end the checks that need every mark: a cluster marked twice (fewer marks
+    in ``used`` than were made), an entry in the header (a mark below
+    ``header_size``). The counts are the exact scan's whenever this returns a scan.
+    A table that cannot be read raises when ``strict`` (as the exact scan would: the
+    caller must not go on as if a second read had not been needed), else hands over
+    to the exact scan, which counts it as a check error."""
     geo = source.geo
     header = source.header
     bits = geo.cluster_bits
     ts = geo.table_size
-    cs = geo.cluster_size
     scan = _Scan(source, exact=False)
     used = scan.used
     l1 = source.l1
-    n = geo.l2_entries
-    zero_column = bytes(n)
     zero_table = bytes(geo.table_bytes)
-    full, part = divmod(bits, 8)
-    part_mask = bytes(b & ((1 << part) - 1) for b in range(256)) if part else b""
     marks = 0
     first = header.l1_table_offset >> bits
     if any(used[first : first + ts]):  # (a file too short for its L1 table)
@@ -340,36 +327,12 @@ async def _quick_scan(
             return None
         if raw == zero_table:
             continue
-        if _mark_clusters is not None:
-            counts = _mark_clusters(raw, used, bits)
-            if counts is None:
-                return None  # misaligned, past the end of the file or marked twice
-            scan.allocated += counts[0]
-            scan.fragmented += counts[1]
-            marks += counts[0]
-            continue
-        entries = _nonzero(raw, memoryview(raw).cast("Q") if _NATIVE_LE else unpack_table(raw))
-        zero_clusters = entries.count(L2_ZERO_CLUSTER)
-        low = raw[0::8]  # (clusters are at least 4 KiB: 12 low bits)
-        if low.count(1) != zero_clusters or low.count(0) != n - zero_clusters:
-            return None  # low bits set in an entry other than 1
-        for k in range(1, full):
-            if raw[k::8] != zero_column:
-                return None
-        if part and raw[full::8].translate(part_mask) != zero_column:
-            return None
-        if zero_clusters:
-            entries = [entry for entry in entries if entry != L2_ZERO_CLUSTER]
-        if not entries:
-            continue
-        scan.allocated += len(entries)
-        scan.fragmented += len(entries) - 1 - list(map(sub, entries[1:], entries)).count(cs)
-        try:
-            for entry in entries:
-                used[entry >> bits] = 1
-        except IndexError:
-            return None  # past the end of the file
-        marks += len(entries)
+        counts = _mark_clusters(raw, used, bits)
+        if counts is None:
+            return None  # misaligned, past the end of the file (or marked twice)
+        scan.allocated += counts[0]
+        scan.fragmented += counts[1]
+        marks += counts[0]
     if used.count(1) != marks or used.find(1, 0, geo.header_size) >= 0:
         return None  # a cluster referenced twice, or an entry inside the header
     return scan
@@ -444,6 +407,53 @@ def _nonzero(raw: bytes, table: array[int] | memoryview) -> list[int]:
         if raw[k * _BLOCK : (k + 1) * _BLOCK] != _ZERO_BLOCK:
             out += filter(None, table[k * per : (k + 1) * per])
     return out
+
+
+def _mark_clusters_py(raw: bytes, used: bytearray, bits: int) -> tuple[int, int] | None:
+    """The quick scan's work on one table's bytes ``raw``: mark its data clusters
+    in ``used``; (allocated, fragmented) or None at a misaligned entry or one past
+    the end of ``used``. The pure-Python twin of qedkit/_speedups.c's
+    ``mark_clusters``, in bulk (``_quick_scan``'s docstring says how). One
+    difference, which the scan's final count of marks makes harmless: a cluster
+    marked twice is counted here, where the compiled loop returns None."""
+    n = len(raw) // 8
+    zero_column = bytes(n)
+    entries = _nonzero(raw, memoryview(raw).cast("Q") if _NATIVE_LE else unpack_table(raw))
+    zero_clusters = entries.count(L2_ZERO_CLUSTER)
+    low = raw[0::8]  # (clusters are at least 4 KiB: 12 low bits)
+    if low.count(1) != zero_clusters or low.count(0) != n - zero_clusters:
+        return None  # low bits set in an entry other than 1
+    full, part = divmod(bits, 8)
+    for k in range(1, full):
+        if raw[k::8] != zero_column:
+            return None
+    if part and raw[full::8].translate(_low_bits_mask(part)) != zero_column:
+        return None
+    if zero_clusters:
+        entries = [entry for entry in entries if entry != L2_ZERO_CLUSTER]
+    if not entries:
+        return 0, 0
+    try:
+        for entry in entries:
+            used[entry >> bits] = 1
+    except IndexError:
+        return None  # past the end of the file
+    step = 1 << bits
+    return len(entries), len(entries) - 1 - list(map(sub, entries[1:], entries)).count(step)
+
+
+@cache
+def _low_bits_mask(bits: int) -> bytes:
+    """translate() table keeping the low ``bits`` of a byte."""
+    return bytes(b & ((1 << bits) - 1) for b in range(256))
+
+
+_MarkClusters = Callable[[bytes, bytearray, int], "tuple[int, int] | None"]
+_mark_clusters: _MarkClusters
+try:  # the compiled twin, built wherever a C compiler was at install
+    from .._speedups import mark_clusters as _mark_clusters
+except ImportError:  # pragma: no cover
+    _mark_clusters = _mark_clusters_py
 
 
 def _leaked(scan: _Scan) -> array[int]:

@@ -408,18 +408,23 @@ def qemu_nbd(image: Path, fmt: str, workdir: Path, *, tcp: bool = False) -> Iter
         proc = subprocess.Popen([*argv, str(image)], stdin=subprocess.DEVNULL, stdout=f, stderr=f)
     server = QemuNbd(proc, url, log)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"qemu-nbd exited: {log.read_text()}")
-            if _answers(url):
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"qemu-nbd never listened: {log.read_text()}")
-            time.sleep(0.02)
+        _wait_answering("qemu-nbd", proc, url, log)
         yield server
     finally:
         server.stop()
+
+
+def _wait_answering(name: str, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    """Until the server at ``url`` accepts a connection, not merely until its socket
+    file exists: qemu-nbd and nbdkit bind before they listen, and a connect() in
+    between is refused (seen under load in CI)."""
+    deadline = time.monotonic() + 10
+    while not _answers(url):
+        if proc.poll() is not None:
+            raise AssertionError(f"{name} exited: {log.read_text()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} never listened: {log.read_text()}")
+        time.sleep(0.02)
 
 
 def _answers(url: str) -> bool:
@@ -445,18 +450,18 @@ def nbdkit(image: Path, workdir: Path) -> Iterator[str]:
     """nbdkit's file plugin exporting ``image`` read-only on a unix socket."""
     binary = require_tool("nbdkit")
     sock = workdir / f"nbdkit-{image.name}.sock"
-    proc = subprocess.Popen(
-        [binary, "-f", "-r", "-U", str(sock), "file", str(image)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = workdir / f"nbdkit-{image.name}.log"
+    url = f"nbd+unix:///?socket={sock}"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [binary, "-f", "-r", "-U", str(sock), "file", str(image)],
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=f,
+        )
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "nbdkit did not start"
-            time.sleep(0.02)
-        yield f"nbd+unix:///?socket={sock}"
+        _wait_answering("nbdkit", proc, url, log)
+        yield url
     finally:
         proc.terminate()
         proc.wait(10)

@@ -131,26 +131,24 @@ def _export_names(args: argparse.Namespace) -> list[str]:
 def _listen_socket(args: argparse.Namespace) -> socket.socket:
     """Bind before anything else, so that --fork can report failures and clients can
     connect as soon as the parent returns."""
-    from ..nbd.server import claim_unix_path
+    from ..nbd.server import bind_unix
 
     if args.socket:
-        claim_unix_path(args.socket)
-        where = args.socket
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address: Any = args.socket
+        try:
+            sock = bind_unix(args.socket)
+        except OSError as exc:
+            raise QedError(f"cannot listen on {args.socket}: {exc.strerror or exc}") from exc
     else:
         family = socket.AF_INET6 if ":" in args.bind else socket.AF_INET
         port = DEFAULT_PORT if args.port is None else args.port
-        where = f"{args.bind}:{port}"
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        address = (args.bind, port)
-    try:
-        sock.bind(address)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise QedError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        try:
+            sock.bind((args.bind, port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise QedError(f"cannot listen on {args.bind}:{port}: {exc.strerror or exc}") from exc
     sock.setblocking(False)
     return sock
 

@@ -38,7 +38,7 @@ from ..jobs.defrag import DefragJob, Defragmenter
 from ..jobs.inplace_live import ConvertToQedJob
 from ..jobs.stream import StreamJob
 from ..version import __version__
-from .server import NbdServer, ServedImage, claim_unix_path
+from .server import NbdServer, ServedImage, bind_unix
 
 log = logging.getLogger("qedkit.control")
 
@@ -143,8 +143,9 @@ class ControlServer:
         server.on_stop.append(self.close)
 
     async def start(self) -> None:
-        claim_unix_path(self.path)
-        self._listener = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
+        self._listener = await asyncio.start_unix_server(
+            self._client, sock=bind_unix(self.path), limit=MAX_LINE
+        )
         log.info("control socket on %s", self.path)
 
     async def close(self) -> None:

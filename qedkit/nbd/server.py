@@ -817,6 +817,9 @@ def _merge(extents: Any) -> list[tuple[int, int]]:
 # ---- the server -------------------------------------------------------------------------
 
 
+_SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux, the terminating NUL included
+
+
 def claim_unix_path(path: str) -> None:
     """Make ``path`` free for a new unix socket: a stale socket file is removed, but a
     socket a live server still accepts on is not (QedError), and neither is anything
@@ -836,6 +839,40 @@ def claim_unix_path(path: str) -> None:
     finally:
         probe.close()
     raise QedError(f"{path} is in use by a running server")
+
+
+def bind_unix(path: str, backlog: int = 128) -> socket.socket:
+    """A unix socket listening at ``path`` (claimed first, see ``claim_unix_path``).
+
+    The socket is bound under a temporary name beside ``path``, set listening, and
+    only then renamed into place, so that a client that sees the path appear can
+    connect at once: between bind() and listen() a connect() is refused, and a
+    client waiting for the path alone would hit that window on a busy machine.
+    A path too long for a temporary twin is bound directly. OSError on failure."""
+    claim_unix_path(path)
+    head, tail = os.path.split(path)
+    temporary = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
+    direct = len(os.fsencode(temporary)) >= _SUN_PATH_MAX
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if direct:
+            sock.bind(path)
+            sock.listen(backlog)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)  # a crashed run of this same pid
+            sock.bind(temporary)
+            try:
+                sock.listen(backlog)
+                os.rename(temporary, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class NbdServer:
@@ -929,9 +966,7 @@ class NbdServer:
         return connection
 
     async def listen_unix(self, path: str) -> None:
-        claim_unix_path(path)
-        loop = asyncio.get_running_loop()
-        self._listeners.append(await loop.create_unix_server(self._protocol, path))
+        await self.listen_socket(bind_unix(path))
         log.info("listening on unix socket %s", path)
 
     async def listen_tcp(self, host: str = "127.0.0.1", port: int = 10809) -> int:

@@ -148,6 +148,21 @@ class BlockImage(ABC):
         caller's ``write`` then reports it; space may have leaked)."""
         return False
 
+    def write_batch_now(self, writes: Sequence[tuple[int, Buffer]]) -> int:
+        """``write_now`` for each of ``writes`` (offset, data) in turn, up to the first
+        that cannot be done at once or fails: how many were done. The caller sends
+        the rest, in order, to ``write``/``write_batch``. A driver may share work
+        between them (QED commits a run of allocating writes as one group)."""
+        done = 0
+        for offset, data in writes:
+            try:
+                if not self.write_now(offset, data):
+                    break
+            except QedError:
+                break
+            done += 1
+        return done
+
     async def write_batch(self, writes: Sequence[tuple[int, Buffer]]) -> list[QedError | None]:
         """Do ``writes`` (offset, data) as ``write`` would, one after the other, and
         say how each ended: None, or the error it raised (the others still run). A

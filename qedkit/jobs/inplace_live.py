@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..engine.base import BlockImage, Extent, ImageInfo
@@ -214,6 +214,9 @@ class LiveConversion(BlockImage):
 
     def write_now(self, offset: int, data: Buffer) -> bool:
         return self.qed.write_now(offset, data) if self.qed is not None else False
+
+    def write_batch_now(self, writes: Sequence[tuple[int, Buffer]]) -> int:
+        return self.qed.write_batch_now(writes) if self.qed is not None else 0
 
     async def _through(self, offset: int, length: int, data: memoryview | None) -> None:
         """Write (or zero) reused clusters at their host offsets, qcow2's and QED's."""

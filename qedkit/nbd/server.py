@@ -7,9 +7,10 @@ One event loop runs everything: listeners, connections, the images' engines and 
 control socket. Each connection is an ``asyncio.Protocol``. The flagless READs and
 WRITEs a chunk from the socket begins with are parsed in place
 (``ServerConnection.receive_requests``) and served by the engine's synchronous fast
-paths (``read_now``/``write_now``: cached mappings, allocated clusters). Everything
-else goes into the ``ServerConnection`` and each request event is handled by a
-coroutine that calls the engine and returns the reply buffers. With a local file,
+paths (``read_now``/``write_batch_now``: cached mappings, allocated clusters,
+allocations that need no flush). Everything else goes into the
+``ServerConnection`` and each request event is handled by a coroutine that calls
+the engine and returns the reply buffers. With a local file,
 most engine calls finish without suspending, so the handler is first stepped inline
 (``engine.sync.step``) and its reply written at once; only a handler that really
 waits (a flush offloaded to a thread, a contended allocation lock) becomes a task.
@@ -422,77 +423,95 @@ class _Connection(asyncio.Protocol):
 
     def _serve_now(self, events: Sequence[p.Read | p.Write]) -> None:
         """The fast paths: serve the READs and WRITEs the engine can do at once
-        (``read_now``: cached mapping; ``write_now``: allocated clusters, no FUA)
-        without a coroutine or a task; dispatch the others to the general path, which
-        also reports errors. Called with a whole batch from the lane, so that the
-        statistics of the requests served here are added once per batch, through the
-        same ``_account`` as the general path's.
+        (``read_now``: cached mapping; ``write_batch_now``: allocated clusters, or
+        allocations that need no flush nor read; no FUA) without a coroutine or a
+        task; dispatch the others to the general path, which also reports errors.
+        Called with a whole batch from the lane, so that the statistics of the
+        requests served here are added once per batch (the reads) and once per
+        group of writes, through the same ``_account`` as the general path's.
 
-        Writes that need an allocation are gathered and handed to the engine
-        together (``write_batch``: one allocation, one table update for all); once
-        one is waiting, every later write of the batch joins it, so writes still
-        reach the engine in order, and a READ first sends the gathered writes."""
+        Consecutive WRITEs are held (``pending``) and handed to the engine together
+        before the next request of another kind, or at the end of the batch (one
+        group commit for their allocations). Writes it cannot do at once are
+        gathered for the general path (``write_batch``); once one is waiting, every
+        later write of the batch joins it, so writes still reach the engine in
+        order, and a READ first sends the gathered writes."""
         served = self.served
         if served is None:  # pragma: no cover - requests come only after the handshake
             raise AssertionError("a request before the handshake")
         read_now = served.image.read_now
-        write_now = served.image.write_now
         conn = self.conn
         writable = not served.readonly
-        count = bytes_read = bytes_written = 0
+        count = bytes_read = 0
+        pending: list[p.Write] = []
         gathered: list[p.Write] = []
         try:
             for event in events:
                 if type(event) is _Write:
-                    if (gathered or self._write_chain is not None) and not event.fua:
-                        gathered.append(event)
-                        continue
-                    try:
-                        done = writable and not event.fua and write_now(event.offset, event.data)
-                    except QedError:
-                        done = False  # nothing was written
-                    if not done:
-                        if writable and not event.fua:
-                            gathered.append(event)
-                            continue
+                    if event.fua or not writable:
+                        if pending:
+                            self._write_pending(pending, gathered)
                         if gathered:
                             self._dispatch_writes(gathered)
                             gathered = []
                         self._dispatch(event)
-                        continue
-                    reply = conn.reply_ok(event.cookie)
-                    bytes_written += event.length
-                    self._out_bytes += len(reply[0])
-                else:
-                    if gathered:
-                        self._dispatch_writes(gathered)
-                        gathered = []
-                    data: p.Buffer | None = None
-                    if not self._reading_paused:
-                        try:
-                            if event.length < _POOL_MIN:
-                                data = read_now(event.offset, event.length)
-                            else:
-                                view = self.server.buffers.get(event.length)
-                                done = served.image.readinto_now(event.offset, view)
-                                data = view if done else None
-                        except QedError:
-                            data = None
-                    if data is None:
-                        self._dispatch(event)
-                        continue
-                    reply = conn.reply_read(event.cookie, data)
-                    bytes_read += event.length
-                    self._out_bytes += event.length  # (the header is not worth counting)
+                    elif gathered or self._write_chain is not None:
+                        gathered.append(event)
+                    else:
+                        pending.append(event)
+                    continue
+                if pending:
+                    self._write_pending(pending, gathered)
+                if gathered:
+                    self._dispatch_writes(gathered)
+                    gathered = []
+                data: p.Buffer | None = None
+                if not self._reading_paused:
+                    try:
+                        if event.length < _POOL_MIN:
+                            data = read_now(event.offset, event.length)
+                        else:
+                            view = self.server.buffers.get(event.length)
+                            done = served.image.readinto_now(event.offset, view)
+                            data = view if done else None
+                    except QedError:
+                        data = None
+                if data is None:
+                    self._dispatch(event)
+                    continue
+                self._out += conn.reply_read(event.cookie, data)
                 count += 1
-                self._out += reply
+                bytes_read += event.length
+                self._out_bytes += event.length  # (the header is not worth counting)
                 if self._out_bytes >= _OUT_BATCH:
                     self._flush_out()
+            if pending:
+                self._write_pending(pending, gathered)
             if gathered:
                 self._dispatch_writes(gathered)
         finally:
             if count:
-                self._account(count, bytes_read, bytes_written, 0)
+                self._account(count, bytes_read, 0, 0)
+
+    def _write_pending(self, pending: list[p.Write], gathered: list[p.Write]) -> None:
+        """Hand the held WRITEs to ``write_batch_now``, answer and account those it
+        did; the rest join ``gathered`` in order. Empties ``pending``."""
+        served = self.served
+        assert served is not None
+        done = served.image.write_batch_now([(e.offset, e.data) for e in pending])
+        written = 0
+        if done:
+            conn = self.conn
+            for event in pending[:done]:
+                reply = conn.reply_ok(event.cookie)
+                self._out += reply
+                self._out_bytes += len(reply[0])
+                written += event.length
+            self._account(done, 0, written, 0)
+            if self._out_bytes >= _OUT_BATCH:
+                self._flush_out()
+        gathered.extend(pending[done:])
+        pending.clear()
 
     def _account(self, requests: int, bytes_read: int, bytes_written: int, errors: int) -> None:
         """The one place the export's statistics change, for the fast paths (a batch

@@ -28,6 +28,7 @@ import pytest
 from crashkit import (
     CS,
     L2_SPAN,
+    TABLE_SIZE,
     MiB,
     QemuChecker,
     Scenario,
@@ -343,6 +344,36 @@ async def write_batch_fresh() -> Scenario:
 
 
 @workload
+async def write_batch_now_fresh() -> Scenario:
+    """A batch of writes the NBD server hands over at once (``write_batch_now``):
+    group commits of synchronous allocations (one data write per host-contiguous
+    run, table sectors near each other in one write, far ones apart, two tables),
+    cut by an in-place write and by a write over a cluster the group allocates;
+    then a batch that starts with what only the general path can do (a new table)."""
+    w = await Workload.create("batch-now.qed", 6 * MiB)
+    await w.write(0, pattern(80, 10))  # the first table, NEED_CHECK set
+    await w.write_batch_now(
+        [
+            (3 * CS + 5, pattern(81, 5000)),  # two clusters, partial at both ends
+            (CS, pattern(82, CS)),
+            (L2_SPAN - CS, pattern(83, 100)),  # far from the others in the table
+            (CS + 100, pattern(84, 50)),  # over a cluster the group allocates: ends it
+            (7 * CS, pattern(85, 10)),  # a second group
+            (10, pattern(86, 20)),  # in place: ends it
+            (8 * CS, pattern(87, CS)),  # a third group
+        ]
+    )
+    await w.write_batch_now(
+        [
+            (L2_SPAN + 7, pattern(88, 300)),  # a new table: the general path ...
+            (12 * CS, pattern(89, 10)),  # ... and the rest after it
+        ]
+    )
+    await w.write_batch_now([(L2_SPAN + 3 * CS, pattern(90, 10)), (13 * CS, pattern(91, 10))])
+    return w.scenario()
+
+
+@workload
 async def write_batch_over_backing() -> Scenario:
     """Gathered writes over a backing file: copy-on-write for each, one flush for
     the group before the entries."""
@@ -423,6 +454,21 @@ def test_the_server_write_workloads_take_the_paths_they_claim() -> None:
     log = sc.crash.ops[first.start : first.end]
     data = [op for op in log if op.source == "writev"]
     assert len(data[0].data) == 5 * CS, sc.crash.describe_ops(first.start, first.end)
+    # write_batch_now_fresh: the first batch is done at once in three groups; the
+    # first group's new clusters are one write at the end of the file, and its
+    # entries two table writes (the near ones together, the far one apart).
+    sc = scenario("write_batch_now_fresh")
+    batches = [op for op in sc.ops if op.detail.startswith("batch-")]
+    assert [op.detail for op in batches] == ["batch-now"] * 7 + ["batch-general"] * 2 + [
+        "batch-now"
+    ] * 2, [op.describe() for op in batches]
+    log = sc.crash.ops[batches[0].start : batches[0].end]
+    data = [op for op in log if op.source in ("pwritev_now", "pwrite_now") and op.extends]
+    assert [len(op.data) for op in data] == [4 * CS, CS, CS], sc.crash.describe_ops()
+    table = final_image(sc).l1_table[0]
+    first_group = log[log.index(data[0]) : log.index(data[1])]
+    writes = [op for op in first_group if table <= op.offset < table + TABLE_SIZE * CS]
+    assert len(writes) == 2, sc.crash.describe_ops(batches[0].start, batches[0].end)
     # write_batch_over_backing: one flush orders the group's data before its
     # entries (and the new table has its own), instead of one per write.
     sc = scenario("write_batch_over_backing")

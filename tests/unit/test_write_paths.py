@@ -109,8 +109,9 @@ def _random_writes(seed: int, size: int, n: int) -> list[tuple[int, bytes]]:
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("backing", [False, True], ids=["fresh", "overlay"])
+@pytest.mark.parametrize("now", [False, True], ids=["write_batch", "write_batch_now"])
 def test_write_batch_gives_the_image_writes_one_by_one_give(
-    seed: int, backing: bool, tmp_path: Path
+    seed: int, backing: bool, now: bool, tmp_path: Path
 ) -> None:
     size = 12 * MiB  # two L2 tables
     if backing:
@@ -133,7 +134,11 @@ def test_write_batch_gives_the_image_writes_one_by_one_give(
 
     async def batched(img: QedImage) -> tuple[bytes, int, int]:
         for i, batch in enumerate(batches):
-            assert await img.write_batch(batch) == [None] * len(batch)
+            if now:  # as the NBD server: what can be done at once, then the rest
+                done = img.write_batch_now(batch)
+                assert await img.write_batch(batch[done:]) == [None] * (len(batch) - done)
+            else:
+                assert await img.write_batch(batch) == [None] * len(batch)
             if i == 1:
                 await img.flush()
         report = await check_image(img)
@@ -186,3 +191,106 @@ def test_write_batch_commits_consecutive_allocations_together(tmp_path: Path) ->
 
     with_image(path, body)
     assert [size for _, _, size in calls] == [16 * CS, 512], calls  # data, one L2 sector
+
+
+def _log_now(img: QedImage, calls: list[tuple[str, int, int]]) -> None:
+    """Record the image's synchronous store writes in ``calls`` (name, offset, size)."""
+    pwrite, pwritev = img._pwrite_now, img._pwritev_now
+    assert pwrite is not None and pwritev is not None
+
+    def logged_pwrite(offset: int, data: Any) -> None:
+        calls.append(("pwrite", offset, len(data)))
+        pwrite(offset, data)
+
+    def logged_pwritev(offset: int, buffers: Any) -> None:
+        calls.append(("pwritev", offset, sum(len(b) for b in buffers)))
+        pwritev(offset, buffers)
+
+    img._pwrite_now, img._pwritev_now = logged_pwrite, logged_pwritev
+
+
+def test_write_batch_now_commits_a_run_of_allocations_as_one_group(tmp_path: Path) -> None:
+    """One data write for the group's new clusters; its table entries in one write
+    where they lie near each other, apart where they lie far apart."""
+    path = tmp_path / "a.qed"
+    qedkit.create(str(path), 8 * MiB, cluster_size=CS)  # one table, 2048 entries
+    calls: list[tuple[str, int, int]] = []
+
+    async def body(img: QedImage) -> None:
+        await img.write(0, b"first")  # NEED_CHECK and the table
+        _log_now(img, calls)
+        near = [(k * 37 % 64 * CS + CS, data(k, CS)) for k in range(14)]  # sector 0
+        near.append((330 * CS, data(98, CS)))  # sector 5: rewriting 1-4 costs less
+        far = [(2000 * CS, data(99, CS))]  # sector 31
+        writes = near + far
+        assert img.write_batch_now(writes) == 16
+        for offset, payload in writes:
+            assert await img.read(offset, CS) == payload
+        report = await check_image(img)
+        assert (report.corruptions, report.leaks, report.allocated_clusters) == (0, 0, 17)
+
+    with_image(path, body)
+    assert [(name, size) for name, _, size in calls] == [
+        ("pwritev", 16 * CS),  # the data, 16 clusters at the end of the file
+        ("pwrite", 6 * 512),  # sectors 0 to 5
+        ("pwrite", 512),  # the far one's sector
+    ], calls
+
+
+def test_write_batch_now_stops_where_it_cannot_go_on(tmp_path: Path) -> None:
+    path = tmp_path / "a.qed"
+    qedkit.create(str(path), 16 * MiB, cluster_size=CS)  # two tables' spans
+
+    async def body(img: QedImage) -> None:
+        assert img.write_batch_now([(0, b"a")]) == 0  # NEED_CHECK not set: general path
+        await img.write(0, b"a")
+        writes = [
+            (CS, b"b" * 10),
+            (CS + 20, b"c" * 10),  # the group's cluster: a new group, in place
+            (2 * CS, b"d" * 10),
+            (8 * MiB + 10, b"e"),  # no table yet: the general path from here on
+            (3 * CS, b"f"),
+        ]
+        assert img.write_batch_now(writes) == 3
+        assert await img.read(CS, 30) == b"b" * 10 + bytes(10) + b"c" * 10
+        assert img.write_batch_now([(-1, b"x")]) == 0  # invalid: the general path says so
+        assert img.write_batch_now([]) == 0
+
+    with_image(path, body)
+
+
+def test_write_batch_now_stops_at_a_store_error_and_the_general_path_redoes_it(
+    tmp_path: Path,
+) -> None:
+    """A failing table write ends the batch at the group before it; the general
+    path then does the group again and the image is whole (space may leak)."""
+    from qedkit.errors import StoreError
+
+    path = tmp_path / "a.qed"
+    qedkit.create(str(path), 8 * MiB, cluster_size=CS)
+
+    async def body(img: QedImage) -> None:
+        await img.write(0, b"first")
+        table = img.l1_table[0]
+        pwrite = img._pwrite_now
+        assert pwrite is not None
+        failures = [1]
+
+        def failing(offset: int, payload: Any) -> None:
+            if offset >= table and offset < table + 4 * CS and failures:
+                failures.pop()
+                raise StoreError(f"injected at {offset}", filename=str(path))
+            pwrite(offset, payload)
+
+        img._pwrite_now = failing
+        writes = [(10, b"in place"), (CS, data(1, CS)), (1500 * CS, data(2, CS))]
+        done = img.write_batch_now(writes)
+        assert done == 1  # the in-place write; the group's first table write failed
+        assert await img.write_batch(writes[done:]) == [None, None]
+        assert await img.read(10, 8) == b"in place"
+        assert await img.read(CS, CS) == data(1, CS)
+        assert await img.read(1500 * CS, CS) == data(2, CS)
+        report = await check_image(img)
+        assert report.corruptions == 0
+
+    with_image(path, body)

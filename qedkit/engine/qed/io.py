@@ -52,10 +52,11 @@ writes go on), after draining in-place writes already in the store on them.
 *Fast paths.* Each synchronous fast path sits next to the general path it
 shortcuts and shares one guard (``_fast_host``): a local store, a request inside the
 image, one host-contiguous run in a cached table, no stall for writes. Anything else
-returns "not now" and the caller takes the coroutine. ``write_now`` also allocates
-at once in the case steps 1 and 3 are not needed (``_allocate_now``: no backing
-file, NEED_CHECK already set, end-of-file placement, the lock free, the table
-cached): the same order as the general path, with two synchronous writes.
+returns "not now" and the caller takes the coroutine. ``write_batch_now`` (and
+``write_now``, a batch of one) also allocates at once in the case steps 1 and 3 are
+not needed (``_allocate_now``: no backing file, NEED_CHECK already set, end-of-file
+placement, the lock free, the table cached): a run of such writes is a group, in
+the same order as the general path, with synchronous writes.
 
 Failure guarantee: if a request fails, clusters it reserved may be leaked (space,
 never data); tables in memory change only after their on-disk update succeeded.
@@ -85,6 +86,9 @@ _ALLOCATE = object()
 _STALLED = object()
 _ZEROS = bytes(1 << 20)  # shared source of zero bytes (1 MiB)
 _ZEROS_VIEW = memoryview(_ZEROS)
+# Most writes one synchronous group commit takes (_allocate_now): at most three
+# buffers each, so that a run stays within one pwritev (IOV_MAX is 1024).
+_GROUP_NOW = 256
 # What a piece of a copy-on-read fill becomes (_fill_pieces).
 _PIECE_DATA, _PIECE_ZERO, _PIECE_SKIP = 0, 1, 2
 
@@ -486,40 +490,61 @@ class QedIO(QedLookup):
     # ======================================================================
 
     def write_now(self, offset: int, data: Buffer) -> bool:
+        return self.write_batch_now(((offset, data),)) == 1
+
+    def write_batch_now(self, writes: Sequence[tuple[int, Buffer]]) -> int:
+        """Do at once as many of ``writes`` as can be, from the first on: in place
+        where ``_fast_host`` allows, else allocating in the synchronous case
+        (``_allocate_now``: a run of allocating writes committed as one group).
+        Returns how many of the first writes were done; the caller sends the others,
+        in order, to ``write``/``write_batch`` (a StoreError also stops here, and
+        the general path then redoes the write and reports it)."""
         pwrite = self._pwrite_now
         if pwrite is None:
-            return False
-        host = self._fast_host(offset, len(data), True)
-        if host < 0:
-            return self._allocate_now(offset, data)
-        pwrite(host, data)
-        return True
+            return 0
+        done, n = 0, len(writes)
+        try:
+            while done < n:
+                offset, data = writes[done]
+                host = self._fast_host(offset, len(data), True)
+                if host >= 0:
+                    pwrite(host, data)
+                    done += 1
+                    continue
+                taken = self._allocate_now(writes, done)
+                if not taken:
+                    break
+                done += taken
+        except QedError:
+            pass  # this write is redone by the general path, which reports the error
+        return done
 
-    def _allocate_now(self, offset: int, data: Buffer) -> bool:
-        """The synchronous allocating write: ``_allocating_write`` of one write in the
-        case that needs neither a flush nor a read nor a wait, done with two
-        synchronous store writes and no coroutine (an allocating write costs about
-        a third). That case: a local store; no backing file (copy-on-write fills
-        zeros, no flush between data and entry) and the end-of-file placement
-        policy (no reused slot); NEED_CHECK already set by an earlier allocation of
-        this dirty period; no allocating request in progress (the lock is free) and
-        no stall; the range inside one L2 span whose table is cached, every cluster
-        it touches unallocated or a zero cluster. Otherwise False (nothing done).
+    def _allocate_now(self, writes: Sequence[tuple[int, Buffer]], start: int) -> int:
+        """The synchronous allocating write, for the run of allocating writes from
+        ``writes[start]`` on (at most ``_GROUP_NOW``), committed as a group:
+        ``_allocating_writes`` in the case that needs neither a flush nor a read nor
+        a wait, done with synchronous store writes and no coroutine. That case: a
+        local store; no backing file (copy-on-write fills zeros, no flush between
+        data and entry) and the end-of-file placement policy (no reused slot);
+        NEED_CHECK already set by an earlier allocation of this dirty period; no
+        allocating request in progress (the lock is free) and no stall; each write
+        inside one L2 span whose table is cached, every cluster it touches
+        unallocated or a zero cluster, none touched by an earlier write of the
+        group. Returns how many writes the group took; 0: nothing done.
 
-        Order on disk, as ``_allocating_write``: the new clusters (data and zero
-        fill, one ``pwritev``; whole clusters, one ``pwrite``), then the L2
-        sectors. Raises StoreError if a write fails (the clusters it reserved are
-        leaked; the table is unchanged)."""
+        Order on disk, as ``_allocating_writes``: the new clusters of the group
+        (data and zero fill) in one ``pwritev`` per host-contiguous run, then the
+        L2 sectors (``write_entries_now``). Raises StoreError if a write fails (the
+        clusters reserved are leaked; tables whose update did not reach the store
+        are unchanged, and the general path redoes the whole group: what did
+        reach it is then written again in place, which is harmless as none of
+        these writes has been answered)."""
         pwritev = self._pwritev_now
         pwrite = self._pwrite_now
-        n = len(data)
         header = self.header
         if (
             pwritev is None
             or pwrite is None
-            or n <= 0
-            or offset < 0
-            or offset + n > header.image_size
             or self._stalls
             or self.readonly
             or self._alloc_lock.locked()
@@ -527,37 +552,74 @@ class QedIO(QedLookup):
             or self._has_backing
             or self.alloc.home_allocation
         ):
-            return False
-        end = offset + n
-        l1_index = offset >> self._l1_shift
-        if (end - 1) >> self._l1_shift != l1_index:
-            return False
-        l2_offset = self._l1[l1_index]
-        table = self._cache.get(l2_offset) if l2_offset else None
-        if table is None:
-            return False
+            return 0
+        size = header.image_size
         bits = self._cluster_bits
-        first = offset >> bits
-        count = ((end - 1) >> bits) - first + 1
-        index = first & self._l2_mask
-        for k in range(index, index + count):
-            if table[k] > L2_ZERO_CLUSTER:
-                return False  # allocated (or damaged: the general path says how)
-        host = self.alloc.place_at_end(first, count)
-        head = offset - (first << bits)
-        tail = ((first + count) << bits) - end
-        if head or tail:
-            buffers: list[Buffer] = [data]
+        shift = self._l1_shift
+        mask = self._l2_mask
+        place = self.alloc.place_at_end
+        runs: list[tuple[int, list[Buffer]]] = []  # host-contiguous runs of new clusters
+        run_end = -1
+        tables: dict[int, tuple[array[int], dict[int, int]]] = {}  # l1 index -> updates
+        planned: set[int] = set()  # guest clusters the group allocates
+        taken = 0
+        for k in range(start, min(len(writes), start + _GROUP_NOW)):
+            offset, data = writes[k]
+            n = len(data)
+            end = offset + n
+            if n <= 0 or offset < 0 or end > size:
+                break
+            l1_index = offset >> shift
+            if (end - 1) >> shift != l1_index:
+                break
+            entry = tables.get(l1_index)
+            if entry is None:
+                l2_offset = self._l1[l1_index]
+                table = self._cache.get(l2_offset) if l2_offset else None
+                if table is None:
+                    break
+                entry = tables[l1_index] = (table, {})
+            table, updates = entry
+            first = offset >> bits
+            count = ((end - 1) >> bits) - first + 1
+            index = first & mask
+            if count == 1:  # (the common case, without a generator)
+                if table[index] > L2_ZERO_CLUSTER or first in planned:
+                    break  # allocated (or damaged: the general path says how), or ours
+                planned.add(first)
+            else:
+                clusters = range(first, first + count)
+                if any(table[i] > L2_ZERO_CLUSTER for i in range(index, index + count)):
+                    break
+                if not planned.isdisjoint(clusters):
+                    break
+                planned.update(clusters)
+            host = place(first, count)
+            head = offset - (first << bits)
+            tail = ((first + count) << bits) - end
+            buffers = runs[-1][1] if host == run_end else []
+            if host != run_end:
+                runs.append((host, buffers))
             if head:
-                buffers.insert(0, _zeros(head))
+                buffers.append(_zeros(head))
+            buffers.append(data)
             if tail:
                 buffers.append(_zeros(tail))
-            pwritev(host, buffers)
-        else:  # whole clusters (a 4 KiB write to 4 KiB clusters): no vector to build
-            pwrite(host, data)
-        updates = {index + k: host + (k << bits) for k in range(count)}
-        self.tables.write_entries_now(l1_index, table, updates, pwrite)
-        return True
+            run_end = host + (count << bits)
+            for i in range(count):
+                updates[index + i] = host + (i << bits)
+            taken += 1
+        if not taken:
+            return 0
+        for host, buffers in runs:
+            if len(buffers) == 1:  # whole clusters (4 KiB writes, 4 KiB clusters)
+                pwrite(host, buffers[0])
+            else:
+                pwritev(host, buffers)
+        for l1_index, (table, updates) in tables.items():
+            if updates:  # (a table looked up for a write that ended the group)
+                self.tables.write_entries_now(l1_index, table, updates, pwrite)
+        return taken
 
     async def write(self, offset: int, data: Buffer) -> None:
         self._check_writable()

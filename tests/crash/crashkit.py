@@ -310,40 +310,26 @@ class Workload:
         await self._check_model(offset, offset + len(data))
         return op
 
-    async def write_batch(self, writes: list[tuple[int, bytes]]) -> list[GuestOp]:
+    async def write_batch(
+        self, writes: list[tuple[int, bytes]], *, now: bool = False
+    ) -> list[GuestOp]:
         """Writes handed to the engine together (``write_batch``, the NBD server's
         gathered writes): one request each, all started with the first store op of
-        the batch and acknowledged at its end."""
+        the batch and acknowledged at its end. ``now``: as the server hands a
+        chunk's writes over, the first ones at once (``write_batch_now``: in place,
+        or group commits of synchronous allocations; detail "batch-now"), the rest
+        through ``write_batch`` ("batch-general")."""
         ops = [GuestOp("write", o, len(d), d, detail="batch") for o, d in writes]
         before = [await self._unallocated(op.offset, op.stop) for op in ops]
         start = self.crash.position
-        results = await self.img.write_batch(writes)
+        done = 0
+        if now:
+            done = self.img.write_batch_now(writes)
+            for k, op in enumerate(ops):
+                op.detail = "batch-now" if k < done else "batch-general"
+        results = await self.img.write_batch(writes[done:]) if done < len(writes) else []
         end = self.crash.position
-        assert results == [None] * len(writes), results
-        for op, was in zip(ops, before, strict=True):
-            op.start, op.end = start, end
-            await self._record(op, was)
-            self.model[op.offset : op.stop] = op.data
-        for op in ops:
-            await self._check_model(op.offset, op.stop)
-        return ops
-
-    async def write_batch_now(self, writes: list[tuple[int, bytes]]) -> list[GuestOp]:
-        """Writes as the NBD server hands a batch of them to the engine: the first
-        ones at once (``write_batch_now``: in place, or group commits of
-        synchronous allocations), the rest through ``write_batch``; recorded as
-        ``write_batch`` records them (one request each, started with the batch's
-        first store op, acknowledged at its end)."""
-        ops = [GuestOp("write", o, len(d), d) for o, d in writes]
-        before = [await self._unallocated(op.offset, op.stop) for op in ops]
-        start = self.crash.position
-        done = self.img.write_batch_now(writes)
-        for k, op in enumerate(ops):  # which path took it
-            op.detail = "batch-now" if k < done else "batch-general"
-        if done < len(writes):
-            results = await self.img.write_batch(writes[done:])
-            assert results == [None] * (len(writes) - done), results
-        end = self.crash.position
+        assert results == [None] * (len(writes) - done), results
         for op, was in zip(ops, before, strict=True):
             op.start, op.end = start, end
             await self._record(op, was)

@@ -352,7 +352,7 @@ async def write_batch_now_fresh() -> Scenario:
     then a batch that starts with what only the general path can do (a new table)."""
     w = await Workload.create("batch-now.qed", 6 * MiB)
     await w.write(0, pattern(80, 10))  # the first table, NEED_CHECK set
-    await w.write_batch_now(
+    await w.write_batch(
         [
             (3 * CS + 5, pattern(81, 5000)),  # two clusters, partial at both ends
             (CS, pattern(82, CS)),
@@ -361,15 +361,17 @@ async def write_batch_now_fresh() -> Scenario:
             (7 * CS, pattern(85, 10)),  # a second group
             (10, pattern(86, 20)),  # in place: ends it
             (8 * CS, pattern(87, CS)),  # a third group
-        ]
+        ],
+        now=True,
     )
-    await w.write_batch_now(
+    await w.write_batch(
         [
             (L2_SPAN + 7, pattern(88, 300)),  # a new table: the general path ...
             (12 * CS, pattern(89, 10)),  # ... and the rest after it
-        ]
+        ],
+        now=True,
     )
-    await w.write_batch_now([(L2_SPAN + 3 * CS, pattern(90, 10)), (13 * CS, pattern(91, 10))])
+    await w.write_batch([(L2_SPAN + 3 * CS, pattern(90, 10)), (13 * CS, pattern(91, 10))], now=True)
     return w.scenario()
 
 

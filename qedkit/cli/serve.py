@@ -27,7 +27,9 @@ DEFAULT_PORT = 10809  # IANA's NBD port
 
 # The longest spin after replies (docs/DESIGN.md §3: on an idle VM it saves a halted
 # vCPU's wake-up per request at queue depth 1; QEMU's default poll-max-ns is 32 us).
-DEFAULT_BUSY_POLL_US = 64
+# It also sets when polling turns back on (replies less than twice this apart), so it
+# must exceed a slow VM's QD1 round trip (~200 us seen): 64 left it off there.
+DEFAULT_BUSY_POLL_US = 1000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

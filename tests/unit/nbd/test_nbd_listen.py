@@ -1,7 +1,9 @@
-"""bind_unix: a unix socket path that appears only once something listens on it."""
+"""bind_unix: a unix socket path that appears only once something listens on it;
+and what a connection accepted on it is given."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import stat
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qedkit.errors import QedError
-from qedkit.nbd.server import bind_unix
+from qedkit.nbd.server import UNIX_SNDBUF, NbdServer, bind_unix
 
 
 def _connects(path: str) -> bool:
@@ -81,3 +83,31 @@ def test_a_failed_bind_leaves_nothing_behind(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         bind_unix(str(tmp_path / "missing" / "f.sock"))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_unix_connection_gets_a_send_buffer_that_holds_large_replies(tmp_path: Path) -> None:
+    """SO_SNDBUF raised on every accepted unix connection, so that a 256 KiB READ
+    reply goes out in one send (the kernel doubles the value, capped by wmem_max)."""
+    path = str(tmp_path / "s.sock")
+
+    async def go() -> int:
+        server = NbdServer([])
+        await server.listen_unix(path)
+        _, writer = await asyncio.open_unix_connection(path)
+        try:
+            for _ in range(500):
+                if server.connections:
+                    break
+                await asyncio.sleep(0.01)
+            (connection,) = server.connections.values()
+            assert connection.transport is not None
+            sock = connection.transport.get_extra_info("socket")
+            return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        finally:
+            writer.close()
+            await server.stop()
+
+    got = asyncio.run(go())
+    cap = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    assert got >= 2 * min(UNIX_SNDBUF, cap)
+    assert got > 256 * 1024

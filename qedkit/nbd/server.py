@@ -458,22 +458,16 @@ class _Connection(asyncio.Protocol):
             for event in events:
                 if type(event) is _Write:
                     if event.fua or not writable:
-                        if pending:
-                            self._write_pending(pending, gathered)
-                        if gathered:
-                            self._dispatch_writes(gathered)
-                            gathered = []
+                        if pending or gathered:
+                            self._send_writes(pending, gathered)
                         self._dispatch(event)
                     elif gathered or self._write_chain is not None:
                         gathered.append(event)
                     else:
                         pending.append(event)
                     continue
-                if pending:
-                    self._write_pending(pending, gathered)
-                if gathered:
-                    self._dispatch_writes(gathered)
-                    gathered = []
+                if pending or gathered:
+                    self._send_writes(pending, gathered)
                 data: p.Buffer | None = None
                 if not self._reading_paused:
                     try:
@@ -494,17 +488,28 @@ class _Connection(asyncio.Protocol):
                 self._out_bytes += event.length  # (the header is not worth counting)
                 if self._out_bytes >= _OUT_BATCH:
                     self._flush_out()
-            if pending:
-                self._write_pending(pending, gathered)
-            if gathered:
-                self._dispatch_writes(gathered)
+            if pending or gathered:
+                self._send_writes(pending, gathered)
         finally:
             if count:
                 self._account(count, bytes_read, 0, 0)
 
-    def _write_pending(self, pending: list[p.Write], gathered: list[p.Write]) -> None:
+    def _send_writes(self, pending: list[p.Write], gathered: list[p.Write]) -> None:
         """Hand the held WRITEs to ``write_batch_now``, answer and account those it
-        did; the rest join ``gathered`` in order. Empties ``pending``."""
+        did; the rest join ``gathered``, which then go to the general path in
+        order. Empties both lists."""
+        done = 0
+        if pending:
+            done = self._write_pending(pending)
+            gathered.extend(pending[done:])
+            pending.clear()
+        if gathered:
+            self._dispatch_writes(gathered[:])  # (the handler keeps its own list)
+            gathered.clear()
+
+    def _write_pending(self, pending: list[p.Write]) -> int:
+        """``write_batch_now`` of the held WRITEs; answer and account those it did,
+        and say how many."""
         served = self.served
         assert served is not None
         done = served.image.write_batch_now([(e.offset, e.data) for e in pending])
@@ -519,8 +524,7 @@ class _Connection(asyncio.Protocol):
             self._account(done, 0, written, 0)
             if self._out_bytes >= _OUT_BATCH:
                 self._flush_out()
-        gathered.extend(pending[done:])
-        pending.clear()
+        return done
 
     def _account(self, requests: int, bytes_read: int, bytes_written: int, errors: int) -> None:
         """The one place the export's statistics change, for the fast paths (a batch

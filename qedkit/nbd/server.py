@@ -79,6 +79,14 @@ _POOL_MIN = MIN_SIZE  # reads this large get a pooled page-aligned buffer (nbd.b
 # and costs ~50 us here, more than serving a cached 4 KiB read. A batch is sent as
 # soon as it holds this much.
 _OUT_BATCH = 256 * 1024
+# Receiving (see _Connection.get_buffer): what one recv may read into the connection's
+# own buffer, and, while large WRITEs stream in, the smaller first read of each (its
+# header and the start of its payload) before the rest goes straight into the
+# payload's buffer. A payload's rest that is shorter than _DIRECT_MIN is not worth a
+# recv of its own: it comes with the next requests through the connection's buffer.
+_RECV_SIZE = 256 * 1024
+_RECV_SMALL = 4096
+_DIRECT_MIN = 64 * 1024
 # Without a gathering writelines (asyncio's joins its buffers), small batches are
 # joined into one send and larger ones written buffer by buffer.
 _JOIN_MAX = 64 * 1024
@@ -142,14 +150,17 @@ class ServedImage:
 # ---- one connection ---------------------------------------------------------------------
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer, ident: int) -> None:
         self.server = server
         self.ident = ident
         self.conn = p.ServerConnection(
             [s.export(multi_conn=server.max_connections > 1) for s in server.images],
             tls=server.tls_mode,
+            payload_buffer=server.payload_buffer,
         )
+        self._recv = memoryview(bytearray(_RECV_SIZE))
+        self._direct = False  # the last get_buffer gave the payload's own window
         self.transport: asyncio.Transport | None = None
         self._poller = server.poller  # None unless --busy-poll
         self._fd = -1  # the socket's, registered with the poller
@@ -198,6 +209,35 @@ class _Connection(asyncio.Protocol):
             self.conn.start_shutdown()
         self.server._arrive(self)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the transport reads the next bytes into. The rest of a large WRITE
+        payload is read straight into the payload's own (pooled, page-aligned)
+        buffer, the buffer it is written to the image from: no copy out of a
+        receive buffer, no fresh 256 KiB allocation per recv. Everything else goes
+        to the connection's buffer and on to ``data_received``; after a direct read
+        that buffer is offered small (the next large WRITE's header and a little of
+        its payload), so that most of that payload is read directly too."""
+        window = self.conn.receive_window()
+        if window is not None and len(window) >= _DIRECT_MIN:
+            self._direct = True
+            return window
+        if self._direct:
+            self._direct = False
+            return self._recv[:_RECV_SMALL]
+        return self._recv
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._direct:
+            # events keep views of their chunk: it must not change, so it is copied
+            self.data_received(self._recv[:nbytes].tobytes())
+            return
+        if not self.conn.received_into_window(nbytes):
+            return
+        if self.served is not None and not self._reading_paused and not self.closing:
+            self._fast_lane(b"")  # the completed WRITE, served at once
+        else:
+            self._pump()
+
     def data_received(self, data: bytes) -> None:
         if self.waiting:  # parsed once admitted; a client has no reason to send much
             with contextlib.suppress(p.LocalProtocolError):
@@ -228,7 +268,7 @@ class _Connection(asyncio.Protocol):
         the bytes taken; the rest is for the general path."""
         conn = self.conn
         events, used = conn.receive_requests(data, MAX_INFLIGHT - conn.inflight, _OUT_BATCH)
-        if not used:
+        if not used and not events:  # (no data: the payload received in its window)
             return 0
         try:
             self._serve_now(events)
@@ -930,7 +970,8 @@ class NbdServer:
         self.ssl_context = ssl_context
         self.tls_mode = p.TlsMode.REQUIRED if ssl_context is not None else p.TlsMode.DISABLED
         self.connections: dict[int, _Connection] = {}
-        self.buffers = BufferPool()  # for large READ replies, shared by the connections
+        # Large READ replies and WRITE payloads, shared by the connections.
+        self.buffers = BufferPool()
         self._slots_taken = 0
         self._waiting: collections.deque[_Connection] = collections.deque()
         self.stopping = False
@@ -946,6 +987,13 @@ class NbdServer:
         # inside the loop; off (None) unless asked for.
         self._busy_poll_ns = busy_poll_ns
         self._poller: BusyPoller | None = None
+
+    def payload_buffer(self, size: int) -> memoryview:
+        """A WRITE payload's own buffer: pooled when large (``nbd.buffers``), a fresh
+        bytearray when small (malloc's, cheap)."""
+        if size >= _POOL_MIN:
+            return self.buffers.get(size)
+        return memoryview(bytearray(size))
 
     @property
     def poller(self) -> BusyPoller | None:

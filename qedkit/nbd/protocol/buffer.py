@@ -9,8 +9,10 @@ header off the buffer; a header's handler may then schedule one collector:
 * :class:`Skip` discards bytes unbuffered (option data too long to keep, a refused
   WRITE payload);
 * :class:`Payload` fills a WRITE payload: copied out once when it is already whole in
-  the buffer, else filled piece by piece into its own buffer, straight from
-  ``receive_data`` when nothing else is buffered (:meth:`Input.feed`).
+  the buffer, else filled piece by piece into its own buffer (``Input.allocate``'s,
+  a bytearray by default), straight from ``receive_data`` when nothing else is
+  buffered (:meth:`Input.feed`), or received into it by the glue itself
+  (:meth:`Input.window`, :meth:`Payload.received`).
 
 A collector's ``advance`` returns the event its message makes, ``NEED_DATA``, or None
 (nothing to report: parse on); end of file inside a message is a RemoteProtocolError.
@@ -134,23 +136,44 @@ class Skip:
         return NEED_DATA
 
 
+Allocate: TypeAlias = Callable[[int], memoryview]
+
+
+def _bytearray(size: int) -> memoryview:
+    return memoryview(bytearray(size))
+
+
 class Payload:
     """Mid-message read: a WRITE payload. When it is already whole in the receive
     buffer it is copied out once; otherwise it is filled piece by piece into its own
-    buffer (directly from ``receive_data`` when nothing else is buffered)."""
+    buffer (from ``allocate``: directly from ``receive_data`` when nothing else is
+    buffered, or received into by the glue, see :meth:`received`)."""
 
-    __slots__ = ("_data", "_filled", "done", "size")
+    __slots__ = ("_allocate", "_data", "_filled", "done", "size")
 
-    def __init__(self, size: int, done: Callable[[memoryview], Event | None]) -> None:
+    def __init__(
+        self,
+        size: int,
+        done: Callable[[memoryview], Event | None],
+        allocate: Allocate = _bytearray,
+    ) -> None:
         self.size = size
         self.done = done
-        self._data: bytearray | None = None
+        self._allocate = allocate
+        self._data: memoryview | None = None
         self._filled = 0
 
     def _target(self) -> memoryview:
         if self._data is None:
-            self._data = bytearray(self.size)
-        return memoryview(self._data)[self._filled :]
+            self._data = self._allocate(self.size)
+        return self._data[self._filled :]
+
+    def received(self, count: int) -> None:
+        """``count`` bytes were written into the start of ``_target()`` by the glue
+        (``Input.window``)."""
+        if not 0 < count <= self.size - self._filled:
+            raise ValueError(f"{count} bytes received into a window of {self.missing()}")
+        self._filled += count
 
     def absorb(self, view: memoryview) -> memoryview:
         count = min(len(view), self.size - self._filled)
@@ -168,8 +191,8 @@ class Payload:
         return self._event()
 
     def _event(self) -> Event | None:
-        data = self._data if self._data is not None else bytearray()
-        return self.done(memoryview(data).toreadonly())
+        data = self._data if self._data is not None else memoryview(b"")
+        return self.done(data.toreadonly())
 
     def advance(self, source: Input) -> Event | None:
         buffer = source.buffer
@@ -194,12 +217,22 @@ Pending: TypeAlias = Collect | Skip | Payload
 class Input:
     """One connection's input: unparsed bytes, end of file, the message in progress."""
 
-    __slots__ = ("buffer", "eof", "pending")
+    __slots__ = ("allocate", "buffer", "eof", "pending")
 
-    def __init__(self) -> None:
+    def __init__(self, allocate: Allocate = _bytearray) -> None:
         self.buffer = ReceiveBuffer()
         self.pending: Pending | None = None
         self.eof = False
+        self.allocate = allocate  # a payload's own buffer of the given size
+
+    def window(self) -> memoryview | None:
+        """Where the next bytes from the client may be received directly, with no
+        copy: the unfilled rest of the WRITE payload in progress, when nothing is
+        buffered before it (else None). Report them with ``pending.received``."""
+        pending = self.pending
+        if type(pending) is not Payload or len(self.buffer) or self.eof:
+            return None
+        return pending._target()
 
     def feed(self, view: memoryview) -> None:
         """Take bytes read from the client (not the end of file): a payload or a skip

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from .buffer import Input, byte_view
+from .buffer import Allocate, Input, Payload, byte_view
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import (
     CONNECTION_CLOSED,
@@ -50,9 +50,15 @@ class ServerConnection:
     start by sending ``data_to_send()``.
     """
 
-    def __init__(self, exports: Iterable[Export], *, tls: TlsMode = TlsMode.DISABLED) -> None:
+    def __init__(
+        self,
+        exports: Iterable[Export],
+        *,
+        tls: TlsMode = TlsMode.DISABLED,
+        payload_buffer: Allocate | None = None,
+    ) -> None:
         self._machine = ConnectionState()
-        self._input = Input()
+        self._input = Input() if payload_buffer is None else Input(payload_buffer)
         self._table = InFlightTable()
         self._negotiation = Negotiation(
             exports, tls, self._machine, self._input, enter=self._enter_transmission
@@ -158,6 +164,27 @@ class ServerConnection:
         refusal, a violation, a header cut in two), which the general path then
         handles."""
         return self._transmission.receive_requests(data, limit, read_bytes)
+
+    def receive_window(self) -> memoryview | None:
+        """Zero-copy receive: where the glue may read the next bytes from the client
+        itself (``recv_into``) instead of handing them to :meth:`receive_data`: the
+        unfilled rest of a WRITE payload in progress, in the buffer it will be handed
+        over in (``payload_buffer``'s, when the constructor was given one), when
+        nothing is buffered before it; None otherwise. Report what was read with
+        :meth:`received_into_window`."""
+        if self._machine.state is not State.TRANSMISSION:
+            return None
+        return self._input.window()
+
+    def received_into_window(self, count: int) -> bool:
+        """``count`` bytes (> 0) were read into the start of :meth:`receive_window`.
+        Returns True once the payload is whole: its Write then comes from
+        :meth:`next_event`, or from :meth:`receive_requests` called with no data."""
+        pending = self._input.pending
+        if type(pending) is not Payload:
+            raise LocalProtocolError("received_into_window() without a receive_window()")
+        pending.received(count)
+        return not pending.missing()
 
     def next_event(self) -> Event:
         """The next event, or NEED_DATA / PAUSED. Raises RemoteProtocolError when the

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from .buffer import Input, Payload, Skip
+from .buffer import Allocate, Input, Payload, Skip
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import (
     BlockStatus,
@@ -423,7 +423,7 @@ class Transmission:
                 if len(buffer) >= length:  # the payload is here already
                     data = memoryview(buffer.take(length))
                     return Write(cookie=cookie, offset=offset, length=length, fua=False, data=data)
-                self._source.pending = _lane_payload(cookie, offset, length)
+                self._source.pending = _lane_payload(cookie, offset, length, self._source.allocate)
                 return None
         return self._checked_request(magic, flags, command, cookie, offset, length)
 
@@ -467,7 +467,7 @@ class Transmission:
                     cookie=cookie, offset=offset, length=length, fua=_fua(flags), data=data
                 )
 
-            self._source.pending = Payload(length, written)
+            self._source.pending = Payload(length, written, self._source.allocate)
             return None
         build = COMMAND_RULES[command].build
         if build is None:  # pragma: no cover - only WRITE, handled above
@@ -531,7 +531,7 @@ class Transmission:
             if end > size:  # the payload goes on in the next chunks
                 if view is None:
                     view = memoryview(data)
-                collector = _lane_payload(cookie, offset, length)
+                collector = _lane_payload(cookie, offset, length, source.allocate)
                 collector.absorb(view[start:])
                 source.pending = collector
                 pos = size
@@ -546,10 +546,10 @@ class Transmission:
         return events, pos
 
 
-def _lane_payload(cookie: int, offset: int, length: int) -> Payload:
+def _lane_payload(cookie: int, offset: int, length: int, allocate: Allocate) -> Payload:
     """The collector of an accepted flagless WRITE's payload."""
 
     def written(data: memoryview) -> Event:
         return Write(cookie=cookie, offset=offset, length=length, fua=False, data=data)
 
-    return Payload(length, written)
+    return Payload(length, written, allocate)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from qedkit.nbd import (
     NEED_DATA,
@@ -181,9 +181,10 @@ def connect(
     *,
     tls: TlsMode = TlsMode.DISABLED,
     flags: int = C_FIXED_NEWSTYLE | C_NO_ZEROES,
+    payload_buffer: Callable[[int], memoryview] | None = None,
 ) -> ServerConnection:
     """A connection past the greeting and the client flags."""
-    conn = ServerConnection(exports, tls=tls)
+    conn = ServerConnection(exports, tls=tls, payload_buffer=payload_buffer)
     greeting = conn.data_to_send()
     assert greeting == struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3)
     assert feed(conn, client_flags(flags)) == []
@@ -196,11 +197,12 @@ def transmission(
     structured: bool = False,
     contexts: Sequence[str] = (),
     name: str | None = None,
+    payload_buffer: Callable[[int], memoryview] | None = None,
 ) -> ServerConnection:
     """A connection in the transmission phase (via NBD_OPT_GO)."""
     if isinstance(exports, Export):
         exports = [exports]
-    conn = connect(exports)
+    conn = connect(exports, payload_buffer=payload_buffer)
     name = exports[0].name if name is None else name
     data = b""
     if structured:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 from nbd_wire import (
@@ -40,6 +41,7 @@ from qedkit.nbd import (
     Export,
     Flush,
     InvalidRequest,
+    LocalProtocolError,
     MetaContext,
     Read,
     RemoteProtocolError,
@@ -701,3 +703,84 @@ def test_fast_lane_equals_the_general_path_at_every_split(seed: int) -> None:
         except RemoteProtocolError as exc:
             outcomes.append((events, conn.inflight, str(exc)))
     assert outcomes[0] == outcomes[1]
+
+
+# ---- zero-copy receive (receive_window) ---------------------------------------------------
+
+
+def windowed_feed(conn: ServerConnection, message: bytes, rng: random.Random) -> list[Event]:
+    """What the server's buffered protocol does: while a payload waits with nothing
+    buffered before it, read (a random part of) its rest straight into its window;
+    otherwise read a random chunk through the fast lane and the general path."""
+    events: list[Event] = []
+    pos = 0
+    while pos < len(message):
+        window = conn.receive_window()
+        if window is not None and rng.random() < 0.8:
+            count = min(len(message) - pos, rng.randrange(1, len(window) + 1))
+            window[:count] = message[pos : pos + count]
+            pos += count
+            if conn.received_into_window(count):
+                if rng.random() < 0.5:
+                    taken, used = conn.receive_requests(b"", 64, MiB)
+                    assert used == 0 and len(taken) == 1
+                    events += taken
+                else:
+                    events += drain(conn)
+            continue
+        end = min(len(message), pos + rng.randrange(1, 3000))
+        events += fast_feed(conn, message[pos:end])
+        pos = end
+    return events
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_payloads_received_into_their_window_equal_the_general_path(seed: int) -> None:
+    rng = random.Random(seed)
+    big = request(CMD_WRITE, cookie=20, offset=8192, payload=rng.randbytes(70000))
+    flagged = request(CMD_WRITE, cookie=21, offset=0, flags=FLAG_FUA, payload=rng.randbytes(9000))
+    choices = [*LANE_REQUESTS, big, flagged]
+    message = b"".join(rng.choice(choices) for _ in range(rng.randrange(1, 20)))
+    windowed = windowed_feed(full_with(lambda size: memoryview(bytearray(size))), message, rng)
+    assert windowed == feed(full(), message)
+
+
+def full_with(allocate: Callable[[int], memoryview]) -> ServerConnection:
+    return transmission(FULL, structured=True, contexts=BOTH, payload_buffer=allocate)
+
+
+def test_a_payload_read_into_its_window_is_handed_over_in_that_buffer() -> None:
+    buffers: list[memoryview] = []
+
+    def allocate(size: int) -> memoryview:
+        buffers.append(memoryview(bytearray(size)))
+        return buffers[-1]
+
+    conn = full_with(allocate)
+    data = random.Random(3).randbytes(100_000)
+    message = request(CMD_WRITE, cookie=1, offset=0, payload=data)
+    assert conn.receive_window() is None  # nothing pending: read into the connection's buffer
+    assert conn.receive_requests(message[:1000], 64, MiB) == ([], 1000)
+    window = conn.receive_window()
+    assert window is not None and len(window) == len(data) - (1000 - 28)
+    window[:] = message[1000:]
+    assert conn.received_into_window(len(window))
+    (event,) = drain(conn)
+    assert isinstance(event, Write) and event.data == data and event.data.readonly
+    assert [len(b) for b in buffers] == [len(data)]
+    assert event.data.obj is buffers[0].obj  # no copy: the allocated buffer itself
+
+
+def test_the_window_is_the_payloads_rest_and_nothing_else() -> None:
+    conn = full()
+    header = request(CMD_WRITE, cookie=1, offset=0, length=8)
+    conn.receive_data(header + b"abcd")
+    assert drain(conn) == []
+    assert conn.receive_window() is not None  # the payload's rest
+    with pytest.raises(ValueError, match="window of 4"):
+        conn.received_into_window(5)
+    other = full()
+    other.receive_data(request(CMD_READ, length=4)[:10])  # a header in pieces: no payload
+    assert other.receive_window() is None
+    with pytest.raises(LocalProtocolError):
+        other.received_into_window(1)

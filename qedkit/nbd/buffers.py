@@ -1,4 +1,4 @@
-"""Reused page-aligned buffers for large READ replies.
+"""Reused page-aligned buffers for large READ replies and WRITE payloads.
 
 Theory of operation
 -------------------
@@ -27,6 +27,10 @@ looked at, the pool of nbdcopy's two connections grew to its limit).
 When all it looked at are in use, a new buffer is made while the pool is under its
 byte limit, and past it a fresh buffer is given that the pool does not keep (the
 cost of a fresh buffer, never a wait).
+
+Large WRITE payloads are received into these buffers too (the server's
+``payload_buffer``): the same cost of a fresh one, the same rule for reuse (the
+Write event's data, and anything the engine keeps of it, are views of the buffer).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import collections
 import mmap
 import sys
 
-MIN_SIZE = 64 * 1024  # smaller replies are cheap to allocate (malloc, no faults)
+MIN_SIZE = 64 * 1024  # smaller buffers are cheap to allocate (malloc, no faults)
 DEFAULT_LIMIT = 32 * 1024 * 1024  # bytes kept: 2 connections x 64 x 256 KiB in flight
 # A pooled buffer nobody uses is referred to by its queue, the local name in
 # _free_buffer() and getrefcount's argument.

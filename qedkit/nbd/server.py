@@ -49,6 +49,7 @@ import os
 import socket
 import ssl
 import stat
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -79,14 +80,18 @@ _POOL_MIN = MIN_SIZE  # reads this large get a pooled page-aligned buffer (nbd.b
 # and costs ~50 us here, more than serving a cached 4 KiB read. A batch is sent as
 # soon as it holds this much.
 _OUT_BATCH = 256 * 1024
-# Receiving (see _Connection.get_buffer): what one recv may read into the connection's
-# own buffer, and, while large WRITEs stream in, the smaller first read of each (its
-# header and the start of its payload) before the rest goes straight into the
-# payload's buffer. A payload's rest that is shorter than _DIRECT_MIN is not worth a
-# recv of its own: it comes with the next requests through the connection's buffer.
+# Receiving (see receive_target): what one recv may read into the connection's own
+# buffer; the smallest rest of a payload worth a recv straight into its buffer; the
+# payloads that are read that way as a rule (their start with their header, then the
+# rest); and what is read beyond a short rest of one of those or after a direct read
+# (the next header and the start of its payload).
 _RECV_SIZE = 256 * 1024
+_DIRECT_MIN = 32 * 1024
+_LARGE = 64 * 1024
 _RECV_SMALL = 4096
-_DIRECT_MIN = 64 * 1024
+# The receive buffer is free when only the connection and getrefcount's argument
+# refer to it (a view of it holds a reference through its buffer export).
+_RECV_FREE_REFS = 2
 # Without a gathering writelines (asyncio's joins its buffers), small batches are
 # joined into one send and larger ones written buffer by buffer.
 _JOIN_MAX = 64 * 1024
@@ -147,6 +152,33 @@ class ServedImage:
         )
 
 
+def receive_target(
+    conn: p.ServerConnection, recv: memoryview, after_direct: bool
+) -> tuple[memoryview, bool]:
+    """Where the next recv of a connection goes, and whether that is straight into a
+    WRITE payload's own buffer (``receive_window``).
+
+    The rest of a payload (``_DIRECT_MIN`` or more) is read directly into the buffer
+    it is written to the image from: no fresh 256 KiB ``bytes`` per recv, no copy out
+    of it. Anything else goes to the connection's buffer ``recv``, and is copied out
+    before parsing: as much as the socket holds, unless a direct read came just
+    before or a short rest of a large payload (``_LARGE``) waits. Then only that
+    rest, the next request header and a little more are read, so that the next large
+    payload's rest is read directly too; a full-size read there would end inside the
+    next payload, leave it a short rest again, and keep a stream of large WRITEs off
+    the direct path. Small payloads never shorten a read: with 4 KiB WRITEs that
+    would read about one request per recv."""
+    window = conn.receive_window()
+    if window is not None:
+        if len(window) >= _DIRECT_MIN:
+            return window, True
+        if conn.payload_length() >= _LARGE:
+            return recv[: len(window) + _RECV_SMALL], False
+    elif after_direct:
+        return recv[:_RECV_SMALL], False
+    return recv, False
+
+
 # ---- one connection ---------------------------------------------------------------------
 
 
@@ -159,7 +191,9 @@ class _Connection(asyncio.BufferedProtocol):
             tls=server.tls_mode,
             payload_buffer=server.payload_buffer,
         )
-        self._recv = memoryview(bytearray(_RECV_SIZE))
+        # The connection's receive buffer; replaced when a view of it outlives its
+        # chunk (see get_buffer).
+        self._recv = bytearray(_RECV_SIZE)
         self._direct = False  # the last get_buffer gave the payload's own window
         self.transport: asyncio.Transport | None = None
         self._poller = server.poller  # None unless --busy-poll
@@ -210,26 +244,22 @@ class _Connection(asyncio.BufferedProtocol):
         self.server._arrive(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        """Where the transport reads the next bytes into. The rest of a large WRITE
-        payload is read straight into the payload's own (pooled, page-aligned)
-        buffer, the buffer it is written to the image from: no copy out of a
-        receive buffer, no fresh 256 KiB allocation per recv. Everything else goes
-        to the connection's buffer and on to ``data_received``; after a direct read
-        that buffer is offered small (the next large WRITE's header and a little of
-        its payload), so that most of that payload is read directly too."""
-        window = self.conn.receive_window()
-        if window is not None and len(window) >= _DIRECT_MIN:
-            self._direct = True
-            return window
-        if self._direct:
-            self._direct = False
-            return self._recv[:_RECV_SMALL]
-        return self._recv
+        """Where the transport reads the next bytes into (``receive_target``).
+
+        A chunk read into the connection's buffer is parsed in place: a WRITE's data
+        is a view of it, which a write that waits (a task) keeps. Every view of the
+        chunk holds one reference to the buffer, so while its reference count says a
+        view is still alive the next chunk goes to a fresh buffer (the old one lives
+        on as long as those views); most chunks are served before the next read and
+        the one buffer is reused, uncopied."""
+        if sys.getrefcount(self._recv) > _RECV_FREE_REFS:
+            self._recv = bytearray(_RECV_SIZE)
+        target, self._direct = receive_target(self.conn, memoryview(self._recv), self._direct)
+        return target
 
     def buffer_updated(self, nbytes: int) -> None:
         if not self._direct:
-            # events keep views of their chunk: it must not change, so it is copied
-            self.data_received(self._recv[:nbytes].tobytes())
+            self._chunk_received(memoryview(self._recv)[:nbytes])
             return
         if not self.conn.received_into_window(nbytes):
             return
@@ -238,7 +268,7 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             self._pump()
 
-    def data_received(self, data: bytes) -> None:
+    def _chunk_received(self, data: memoryview) -> None:
         if self.waiting:  # parsed once admitted; a client has no reason to send much
             with contextlib.suppress(p.LocalProtocolError):
                 self.conn.receive_data(data)
@@ -247,14 +277,12 @@ class _Connection(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
                 self._held_paused = True
             return
-        rest: p.Buffer = data
+        rest = data
         if self.served is not None and not self._reading_paused and not self.closing:
-            if type(data) is not bytes:  # events keep views of it: it must not change
-                data = bytes(data)
             used = self._fast_lane(data)
             if used == len(data):
                 return
-            rest = memoryview(data)[used:]
+            rest = data[used:]
         try:
             self.conn.receive_data(rest)
         except p.LocalProtocolError as exc:  # bytes while TLS is pending
@@ -262,7 +290,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self._pump()
 
-    def _fast_lane(self, data: bytes) -> int:
+    def _fast_lane(self, data: p.Buffer) -> int:
         """Serve the READs and WRITEs that ``data`` begins with (the steady state):
         parsed in place, no buffering, no copies of payloads, no parser loop. Returns
         the bytes taken; the rest is for the general path."""

@@ -147,7 +147,7 @@ class ServerConnection:
         source.feed(view)
 
     def receive_requests(
-        self, data: bytes, limit: int, read_bytes: int
+        self, data: Buffer, limit: int, read_bytes: int
     ) -> tuple[list[Read | Write], int]:
         """Fast lane for the steady state: parse, in place, the flagless READ and WRITE
         requests that ``data`` (bytes just read from the client) begins with, when
@@ -175,6 +175,12 @@ class ServerConnection:
         if self._machine.state is not State.TRANSMISSION:
             return None
         return self._input.window()
+
+    def payload_length(self) -> int:
+        """The whole length of the WRITE payload :meth:`receive_window` is part of
+        (0 when there is no window)."""
+        pending = self._input.pending
+        return pending.size if type(pending) is Payload else 0
 
     def received_into_window(self, count: int) -> bool:
         """``count`` bytes (> 0) were read into the start of :meth:`receive_window`.

@@ -62,6 +62,7 @@ from .wire import (
     REQUEST_MAGIC,
     REQUEST_SIZE,
     U64_MAX,
+    Buffer,
     Cmd,
     CmdFlag,
     Errno,
@@ -475,7 +476,7 @@ class Transmission:
         return build(self, cookie, offset, length, flags)
 
     def receive_requests(
-        self, data: bytes, limit: int, read_bytes: int
+        self, data: Buffer, limit: int, read_bytes: int
     ) -> tuple[list[Read | Write], int]:
         """The fast lane; see ``ServerConnection.receive_requests``."""
         events: list[Read | Write] = []

@@ -160,14 +160,14 @@ def receive_target(
 
     The rest of a payload (``_DIRECT_MIN`` or more) is read directly into the buffer
     it is written to the image from: no fresh 256 KiB ``bytes`` per recv, no copy out
-    of it. Anything else goes to the connection's buffer ``recv``, and is copied out
-    before parsing: as much as the socket holds, unless a direct read came just
-    before or a short rest of a large payload (``_LARGE``) waits. Then only that
-    rest, the next request header and a little more are read, so that the next large
-    payload's rest is read directly too; a full-size read there would end inside the
-    next payload, leave it a short rest again, and keep a stream of large WRITEs off
-    the direct path. Small payloads never shorten a read: with 4 KiB WRITEs that
-    would read about one request per recv."""
+    of it. Anything else goes to the connection's buffer ``recv``, parsed in place
+    (see ``_Connection.get_buffer``): as much as the socket holds, unless a direct
+    read came just before or a short rest of a large payload (``_LARGE``) waits.
+    Then only that rest, the next request header and a little more are read, so that
+    the next large payload's rest is read directly too; a full-size read there would
+    end inside the next payload, leave it a short rest again, and keep a stream of
+    large WRITEs off the direct path. Small payloads never shorten a read: with
+    4 KiB WRITEs that would read about one request per recv."""
     window = conn.receive_window()
     if window is not None:
         if len(window) >= _DIRECT_MIN:

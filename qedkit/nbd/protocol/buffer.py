@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Final, TypeAlias
 
-from .errors import RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError
 from .events import NEED_DATA, Event
 from .wire import Buffer
 
@@ -172,7 +172,7 @@ class Payload:
         """``count`` bytes were written into the start of ``_target()`` by the glue
         (``Input.window``)."""
         if not 0 < count <= self.size - self._filled:
-            raise ValueError(f"{count} bytes received into a window of {self.missing()}")
+            raise LocalProtocolError(f"{count} bytes received into a window of {self.missing()}")
         self._filled += count
 
     def absorb(self, view: memoryview) -> memoryview:

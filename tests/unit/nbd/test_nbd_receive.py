@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from nbd_wire import CMD_READ, CMD_WRITE, MiB, drain, feed, request, transmission
+from nbd_wire import CMD_READ, CMD_WRITE, MiB, drain, fast_feed, feed, request, transmission
 
 from qedkit.nbd import Event, Export, ServerConnection
 from qedkit.nbd.server import receive_target
@@ -41,12 +41,7 @@ def receive(message: bytes, rng: random.Random, short: float) -> tuple[list[Even
             if conn.received_into_window(count):
                 events += drain(conn)
             continue
-        chunk = target[:count].tobytes()
-        taken, used = conn.receive_requests(chunk, 64, MiB)
-        events += taken
-        if used < len(chunk):
-            conn.receive_data(chunk[used:])
-        events += drain(conn)
+        events += fast_feed(conn, target[:count].tobytes())
     return events, direct_bytes
 
 

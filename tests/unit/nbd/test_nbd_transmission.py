@@ -26,6 +26,7 @@ from nbd_wire import (
     FLAG_REQ_ONE,
     MiB,
     drain,
+    fast_feed,
     feed,
     request,
     splits,
@@ -492,21 +493,6 @@ def test_eof_between_requests_is_a_clean_close() -> None:
 # ---- the fast lane (receive_requests) -----------------------------------------------------
 
 
-def fast_feed(
-    conn: ServerConnection, *chunks: bytes, limit: int = 64, read_bytes: int = MiB
-) -> list[Event]:
-    """What the server does with each chunk: the fast lane first, the rest (if any)
-    through receive_data and next_event."""
-    events: list[Event] = []
-    for chunk in chunks:
-        taken, used = conn.receive_requests(chunk, limit, read_bytes)
-        events += taken
-        if used < len(chunk):
-            conn.receive_data(chunk[used:])
-        events += drain(conn)
-    return events
-
-
 @pytest.mark.parametrize(
     "message",
     [
@@ -777,7 +763,7 @@ def test_the_window_is_the_payloads_rest_and_nothing_else() -> None:
     conn.receive_data(header + b"abcd")
     assert drain(conn) == []
     assert conn.receive_window() is not None  # the payload's rest
-    with pytest.raises(ValueError, match="window of 4"):
+    with pytest.raises(LocalProtocolError, match="window of 4"):
         conn.received_into_window(5)
     other = full()
     other.receive_data(request(CMD_READ, length=4)[:10])  # a header in pieces: no payload
